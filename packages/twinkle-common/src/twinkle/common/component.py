@@ -1,0 +1,38 @@
+"""What the launcher hands to each component's Serve deployment: everything it needs to start, as data.
+
+Ray pickles this into the replica, so it is a plain msgspec struct; the component reads its own ``args``
+back into its typed config struct.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .workers import WorkerSpec
+
+
+class ComponentSpec(msgspec.Struct, frozen=True):
+    app_name: str
+    route_prefix: str
+    import_path: str  # server | model | sampler | processor
+    server_type: str  # twinkle | tinker
+    args: dict[str, Any]  # the application's validated ``args``, as plain data
+    workers: list[WorkerSpec] = []
+    checkpoint_dir: str = ""
+    state_db: str = ""
+    # For the central server: the other applications it fronts.
+    peers: list["PeerApp"] = []
+    http_host: str = "127.0.0.1"
+
+
+class PeerApp(msgspec.Struct, frozen=True):
+    """A model/sampler/processor application as the central server sees it."""
+
+    app_name: str
+    deployment_name: str
+    import_path: str
+    route_prefix: str
+    model_name: str | None = None  # served base-model name (model and sampler apps)
+    model_id: str | None = None

@@ -1,0 +1,78 @@
+"""What every component's Litestar app shares: error mapping, the health/info routes, OpenAPI.
+
+Errors: a ``UserError`` becomes its 4xx with ``{"detail": message, "field": ...}``; a validation error of a
+request body becomes 400 naming the field; anything else becomes a 500 with a correlation id, and the
+traceback goes to the server log only — never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Awaitable, Callable
+
+from litestar import Litestar, Request, Response, get
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from .wire import UserError
+
+log = logging.getLogger("twinkle")
+
+
+def _user_error(_: Request, exc: UserError) -> Response:
+    body: dict[str, Any] = {"detail": str(exc)}
+    if exc.field:
+        body["field"] = exc.field
+    return Response(body, status_code=exc.status)
+
+
+def _validation_error(_: Request, exc: ValidationException) -> Response:
+    body: dict[str, Any] = {"detail": exc.detail or "invalid request"}
+    if exc.extra:
+        body["errors"] = exc.extra
+    return Response(body, status_code=400)
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response:
+    body: dict[str, Any] = {"detail": exc.detail or "error"}
+    return Response(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    cid = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s %s", cid, request.method, request.url.path, exc_info=exc)
+    return Response({"detail": f"internal server error (correlation id {cid})"},
+                    status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+EXCEPTION_HANDLERS = {
+    UserError: _user_error,
+    ValidationException: _validation_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}
+
+
+def health_routes(health: Callable[[], Awaitable[dict]], info: Callable[[], Awaitable[Any]]) -> list:
+    """``GET /healthz`` (cheap liveness plus the component's own check) and ``GET /info``."""
+
+    @get("/healthz", sync_to_thread=False)
+    async def healthz() -> dict:
+        return await health()
+
+    @get("/info", sync_to_thread=False)
+    async def info_route() -> Any:
+        return await info()
+
+    return [healthz, info_route]
+
+
+def create_app(title: str, version: str, route_handlers: list, **kwargs: Any) -> Litestar:
+    return Litestar(
+        route_handlers=route_handlers,
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(title=title, version=version, path="/docs"),
+        **kwargs,
+    )

@@ -1,0 +1,61 @@
+"""Binding a component's deployment class to Ray Serve with the options from the YAML.
+
+Every component (server, model, sampler, processor) is one Ray Serve application: one deployment class whose
+replica hosts the component's Litestar app (``__serve_build_asgi_app__``) and answers Serve-handle calls from
+the central server. This module holds what they share.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .component import ComponentSpec
+from .workers import FORWARDED_ENV, InProcessWorker, RayWorker, WorkerSpec, start_ray_workers
+
+# A replica is an orchestrator: it needs no whole CPU, and on a 2-core laptop four whole-CPU replicas would
+# never all be scheduled. The YAML can say otherwise per deployment.
+DEFAULT_REPLICA_CPUS = 0.1
+
+
+def bind_component(cls: type, spec: ComponentSpec, deployment: Any | None, default_name: str):
+    """Return the Serve ``Application`` for one component."""
+    from ray import serve
+
+    options: dict[str, Any] = deployment.serve_options() if deployment is not None else {}
+    name = getattr(deployment, "name", None) or default_name
+    actor_options = dict(options.pop("ray_actor_options", None) or {})
+    actor_options.setdefault("num_cpus", DEFAULT_REPLICA_CPUS)
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env_vars.update(runtime_env.get("env_vars") or {})  # the YAML wins
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    if runtime_env:
+        actor_options["runtime_env"] = runtime_env
+    if not options.get("autoscaling_config") and "num_replicas" not in options:
+        options["num_replicas"] = 1
+    return serve.deployment(cls).options(name=name, ray_actor_options=actor_options, **options).bind(spec)
+
+
+def start_workers(spec: ComponentSpec, target: str, args_for) -> list[InProcessWorker | RayWorker]:
+    """Start the component's workers as planned: one CPU worker runs in this process, anything else
+    (GPU workers, data-parallel groups) runs as pinned Ray actors."""
+    workers = spec.workers or [WorkerSpec(app=spec.app_name, rank=0, world_size=1)]
+    if len(workers) == 1 and workers[0].cuda_visible_devices is None:
+        only = workers[0]
+        set_torch_threads(only.threads)
+        args, kwargs = args_for(only)
+        return [InProcessWorker(target, only.rank, args, kwargs)]
+    return start_ray_workers(target, list(workers), args_for)
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """Ray sets OMP_NUM_THREADS to a replica's CPU request (0.1 -> 1 thread); use the cores we planned."""
+    n = threads or int(os.environ.get("TWINKLE_TORCH_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(n)

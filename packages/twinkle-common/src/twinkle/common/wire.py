@@ -1,0 +1,171 @@
+"""Typed messages that cross process boundaries inside a Twinkle deployment.
+
+Services call each other through Ray Serve handles with these msgspec structs (pickled by Ray), and the
+native HTTP routes encode the same structs as JSON. Protocol front-ends (Tinker, Twinkle) translate their
+own wire formats into these; engines never see HTTP.
+
+Conventions (the Tinker ones, so both protocols share one engine):
+- a ``Datum``'s ``model_input`` position *i* predicts ``loss_fn_inputs["target_tokens"][i]``;
+  every per-token loss input has the same length as ``model_input``;
+- every metric key is ``name:reduction`` (``loss:sum``), reductions ``sum|mean|min|max``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+DType = Literal["int64", "float32"]
+
+
+class TensorData(msgspec.Struct, frozen=True):
+    """A dense tensor: row-major flattened ``data`` plus ``shape`` (1-D when ``shape`` is None)."""
+
+    data: list[float] | list[int]
+    dtype: DType = "float32"
+    shape: list[int] | None = None
+
+    def resolved_shape(self) -> list[int]:
+        return list(self.shape) if self.shape is not None else [len(self.data)]
+
+
+class Datum(msgspec.Struct, frozen=True):
+    model_input: list[int]
+    loss_fn_inputs: dict[str, TensorData] = {}
+
+
+class LoraConfig(msgspec.Struct, frozen=True):
+    """LoRA settings of one training run. ``alpha`` defaults to 32 (what Tinker-compatible peers use)."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    dropout: float = 0.0
+
+
+class AdamParams(msgspec.Struct, frozen=True):
+    """Per-call AdamW settings. ``weight_decay`` is decoupled; ``grad_clip_norm`` 0 means no clipping."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class ForwardBackwardInput(msgspec.Struct, frozen=True):
+    data: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict[str, float | str] | None = None
+
+
+class ForwardBackwardOutput(msgspec.Struct):
+    """One entry per input datum in ``loss_fn_outputs`` (at least ``logprobs``, float32, length N)."""
+
+    loss_fn_outputs: list[dict[str, TensorData]]
+    metrics: dict[str, float]
+    loss_fn_output_type: str = "ArrayRecord"
+
+
+class OptimStepOutput(msgspec.Struct):
+    metrics: dict[str, float] = {}
+
+
+class CheckpointInfo(msgspec.Struct):
+    """What a save wrote: the directory (server side) and its size; the caller owns the URI."""
+
+    path: str
+    size_bytes: int
+    step: int = 0
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    """``temperature`` 0 is greedy. ``stop``: None = stop at EOS; a string or list of strings; a list of
+    token ids; ``[]`` = ignore EOS and generate exactly ``max_tokens``."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+
+
+class SampleRequest(msgspec.Struct, frozen=True):
+    prompt: list[int]
+    sampling_params: SamplingParams = SamplingParams()
+    num_samples: int = 1
+    prompt_logprobs: bool = False
+    # Directory of a sampler checkpoint (PEFT adapter) on the shared checkpoint filesystem; None = base model.
+    adapter_path: str | None = None
+
+
+class SampledSequence(msgspec.Struct):
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: Literal["stop", "length"]
+
+
+class SampleOutput(msgspec.Struct):
+    sequences: list[SampledSequence]
+    # One per prompt token; the first is None (nothing predicts it).
+    prompt_logprobs: list[float | None] | None = None
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+class UserError(ValueError):
+    """The request was wrong (bad shape, unknown loss, unknown run...). Maps to HTTP 4xx / category "user".
+
+    ``field`` names where the mistake is, e.g. ``data[3].loss_fn_inputs.weights``.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, status: int = 400) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.message = message
+        self.field = field
+        self.status = status
+
+    def __reduce__(self):
+        # Keep ``field`` and ``status`` when the error crosses a process boundary (Ray pickles it).
+        return (_rebuild_user_error, (type(self), self.message, self.field, self.status))
+
+
+class NotFoundError(UserError):
+    def __init__(self, message: str, *, field: str | None = None, status: int = 404) -> None:
+        super().__init__(message, field=field, status=status)
+
+
+def _rebuild_user_error(cls, message, field, status):
+    return cls(message, field=field, status=status)
+
+
+# --- service descriptions -----------------------------------------------------------------------------
+
+
+class RunInfo(msgspec.Struct):
+    """A training run (one LoRA adapter) as the Model service knows it."""
+
+    run_id: str
+    lora: LoraConfig
+    step: int = 0
+    resident: bool = True  # False while offloaded after ``adapter_timeout`` of idleness
+
+
+class ModelInfo(msgspec.Struct):
+    model_name: str  # served name, e.g. "Qwen/Qwen2.5-7B-Instruct" or "tiny-qwen2"
+    model_id: str  # as configured, e.g. "ms://Qwen/Qwen2.5-7B-Instruct"
+    backend: str  # "transformers" | "megatron"
+    max_context_length: int
+    vocab_size: int
+    dp_size: int = 1
+    runs: int = 0

@@ -1,0 +1,72 @@
+"""Joining a Ray cluster, or starting an embedded one when there is none.
+
+Rule: ``RAY_ADDRESS`` (or ``--address``) names a cluster -> join it. Otherwise, if this machine runs a Ray
+cluster started with ``ray start`` -> join it. Otherwise start an embedded single-node Ray inside this
+process; it lives as long as the launcher does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+from twinkle.common.workers import FORWARDED_ENV
+
+log = logging.getLogger("twinkle.server")
+
+
+class RayConnection:
+    def __init__(self, *, embedded: bool, address: str | None) -> None:
+        self.embedded = embedded
+        self.address = address
+
+    def describe(self) -> str:
+        return "embedded local Ray" if self.embedded else f"Ray cluster at {self.address or 'auto'}"
+
+
+def _existing_cluster_address() -> str | None:
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address()
+    except Exception:  # noqa: BLE001 - private API; absence just means "no local cluster"
+        return None
+
+
+def _job_runtime_env() -> dict:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {"env_vars": env} if env else {}
+
+
+def connect(namespace: str, *, address: str | None = None, log_level: str = "INFO") -> RayConnection:
+    import ray
+
+    if ray.is_initialized():
+        return RayConnection(embedded=False, address=None)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    common = dict(namespace=namespace, runtime_env=_job_runtime_env(), logging_level=log_level, log_to_driver=True)
+    target = address or _existing_cluster_address()
+    if target:
+        try:
+            ray.init(address=target, **common)
+            log.info("joined the Ray cluster at %s", target)
+            return RayConnection(embedded=False, address=target)
+        except (ConnectionError, RuntimeError) as e:
+            if address or os.environ.get("RAY_ADDRESS"):
+                raise
+            log.info("no live Ray cluster at %s (%s); starting an embedded one", target, e)
+    ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1, **common)
+    log.info("started an embedded local Ray (%s CPUs)", os.cpu_count())
+    return RayConnection(embedded=True, address=None)
+
+
+def start_detached_head(log_level: str = "INFO") -> str:
+    """For ``--no-wait`` without a cluster: a ``ray start --head`` that outlives this process."""
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--include-dashboard=false",
+           "--disable-usage-stats"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return "auto"

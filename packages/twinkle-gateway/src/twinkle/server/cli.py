@@ -1,0 +1,122 @@
+"""The ``twinkle-server`` / ``python -m twinkle.server`` command line.
+
+    python -m twinkle.server --config server.yaml [-t twinkle|tinker] [--namespace N] [--no-wait] [--log-level L]
+    twinkle-server check-config server.yaml
+    twinkle-server print-config server.yaml [--format yaml|json] [-t tinker]
+    twinkle-server plan server.yaml [--topology cluster.yaml]     # placement table; live cluster if no file
+    twinkle-server stop                                             # shut down Serve apps on the running cluster
+
+Exit codes: 0 ok, 2 invalid config or placement, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from twinkle.common.config import ConfigError, dump_config, load_config
+from twinkle.common.placement import PlacementError
+
+_SUBCOMMANDS = ("launch", "check-config", "print-config", "plan", "stop")
+
+
+def _launch_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Deploy a Twinkle server from a YAML config onto Ray.")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.add_argument("-t", "--server-type", choices=["twinkle", "tinker"], help="override server_type from the config")
+    p.add_argument("--namespace", help="Ray namespace (default: the config's ray_namespace or twinkle_cluster)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, "
+                                     "or an embedded Ray)")
+    p.add_argument("--no-wait", action="store_true", help="deploy and return (daemon mode)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config_pos", nargs="?", metavar="CONFIG", help="YAML config file")
+    p.add_argument("-c", "--config", help="YAML config file")
+    p.add_argument("-t", "--server-type", choices=["twinkle", "tinker"])
+
+
+def _load(args: argparse.Namespace):
+    path = args.config or args.config_pos
+    if not path:
+        raise SystemExit("a config file is required (positional or --config)")
+    cfg = load_config(path)
+    return cfg.with_server_type(args.server_type) if args.server_type else cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "twinkle-server"
+    command = argv[0] if argv and argv[0] in _SUBCOMMANDS else "launch"
+    if argv and argv[0] in _SUBCOMMANDS:
+        argv = argv[1:]
+    try:
+        if command == "launch":
+            args = _launch_parser(prog).parse_args(argv)
+            from .launcher import launch_server
+
+            launch_server(config_path=args.config, server_type=args.server_type, namespace=args.namespace,
+                          wait=not args.no_wait, log_level=args.log_level, address=args.address)
+            return 0
+        p = argparse.ArgumentParser(prog=f"{prog} {command}")
+        if command == "stop":
+            p.add_argument("--address", default="auto")
+            args = p.parse_args(argv)
+            return _stop(args.address)
+        _config_arg(p)
+        if command == "print-config":
+            p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+        if command == "plan":
+            p.add_argument("--topology", help="YAML/JSON topology file for a dry run (default: the live cluster)")
+            p.add_argument("--json", action="store_true", help="print the plan as JSON")
+        args = p.parse_args(argv)
+        cfg = _load(args)
+        if command == "check-config":
+            print(f"{args.config or args.config_pos}: OK ({cfg.server_type}, {len(cfg.applications)} applications)")
+        elif command == "print-config":
+            sys.stdout.write(dump_config(cfg, args.format))
+        elif command == "plan":
+            plan = _plan(cfg, args.topology)
+            print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
+        return 0
+    except (ConfigError, PlacementError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _plan(cfg, topology_path: str | None):
+    from twinkle.common.env import device_count_per_physical_node
+    from twinkle.common.placement import plan_for_config
+    from twinkle.common.topology import load_topology, read_ray_topology
+
+    if topology_path:
+        return plan_for_config(cfg, load_topology(topology_path), device_count_per_physical_node())
+    import ray
+
+    ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
+    try:
+        return plan_for_config(cfg, read_ray_topology(), device_count_per_physical_node())
+    finally:
+        ray.shutdown()
+
+
+def _stop(address: str) -> int:
+    import ray
+    from ray import serve
+
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    print("Twinkle applications stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

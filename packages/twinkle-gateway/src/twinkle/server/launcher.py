@@ -1,0 +1,245 @@
+"""``launch_server``: from one YAML file to running Ray Serve applications.
+
+The sequence, and why in this order:
+
+1. load and validate the config (a mistake is reported with its YAML line before anything starts);
+2. check the auth settings against the bind address (no open server on a public interface);
+3. join the Ray cluster, or start an embedded one;
+4. read the live topology and compute the placement plan (a rank no node has, or two applications on one
+   GPU, fails here, before any actor exists);
+5. start Serve with ``http_options`` / ``proxy_location`` and deploy every application at once
+   (``serve.run_many``): replicas start in parallel, which is most of the start-up time;
+6. block until SIGINT/SIGTERM, then shut Serve (and an embedded Ray) down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from twinkle.common.component import ComponentSpec, PeerApp
+from twinkle.common.config import ServerConfig, load_config
+from twinkle.common.env import device_count_per_physical_node
+from twinkle.common.models import served_model_name
+from twinkle.common.placement import PlacementPlan, plan_for_config
+from twinkle.common.workers import WorkerSpec, load_object
+
+log = logging.getLogger("twinkle.server")
+
+DEFAULT_NAMESPACE = "twinkle_cluster"
+
+# import_path -> (the builder of its Serve application, its default deployment name)
+_COMPONENTS = {
+    "server": ("twinkle.server.deployment:build_application", None),
+    "model": ("twinkle.model.deployment:build_application", "ModelManagement"),
+    "sampler": ("twinkle.sampler.deployment:build_application", "SamplerManagement"),
+    "processor": ("twinkle.processor.deployment:build_application", "ProcessorManagement"),
+}
+_SERVER_DEPLOYMENT = {"twinkle": "TwinkleServer", "tinker": "TinkerCompatServer"}
+
+
+class LaunchedServer:
+    """What ``launch_server(wait=False)`` returns: enough to find and stop what it started."""
+
+    def __init__(self, config: ServerConfig, plan: PlacementPlan, embedded: bool, started_s: float) -> None:
+        self.config = config
+        self.plan = plan
+        self.embedded = embedded
+        self.started_s = started_s
+
+    @property
+    def base_url(self) -> str:
+        host = self.config.http_options.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return f"http://{host}:{self.config.http_options.port}"
+
+    def shutdown(self) -> None:
+        shutdown(embedded=self.embedded)
+
+
+def launch_server(
+    config_path: str | os.PathLike | None = None,
+    *,
+    config: ServerConfig | None = None,
+    server_type: str | None = None,
+    namespace: str | None = None,
+    wait: bool = True,
+    log_level: str = "INFO",
+    address: str | None = None,
+) -> LaunchedServer:
+    """Deploy the server described by the YAML at ``config_path`` (or ``config``).
+
+    With ``wait=True`` (the default) this blocks until SIGINT/SIGTERM and then shuts everything down.
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.monotonic()
+    if config is None:
+        if config_path is None:
+            raise ValueError("launch_server needs config_path or config")
+        config = load_config(config_path)
+    if server_type:
+        config = config.with_server_type(server_type)
+    _check_auth(config)
+    settings = resolve_storage(config)
+
+    from . import _ray_runtime
+
+    if not wait and address is None and not _ray_runtime._existing_cluster_address():
+        # An embedded Ray dies with this process; --no-wait needs one that outlives it.
+        address = _ray_runtime.start_detached_head(log_level)
+    conn = _ray_runtime.connect(namespace or config.ray_namespace or DEFAULT_NAMESPACE, address=address,
+                                log_level=log_level)
+    try:
+        plan = _plan(config)
+        log.info("placement plan:\n%s", plan.format_table())
+        _deploy(config, plan, settings)
+    except BaseException:
+        shutdown(embedded=conn.embedded)
+        raise
+    server = LaunchedServer(config, plan, conn.embedded, time.monotonic() - t0)
+    log.info("Twinkle (%s) is up at %s after %.1f s (%s)", config.server_type, server.base_url,
+             server.started_s, conn.describe())
+    for app in config.applications:
+        log.info("  %-10s %-40s %s%s", app.import_path, app.name, server.base_url, app.route_prefix)
+    if wait:
+        _wait_for_signal()
+        log.info("shutting down")
+        server.shutdown()
+    return server
+
+
+def resolve_storage(config: ServerConfig) -> dict[str, str]:
+    """Absolute checkpoint dir and state DB, resolved once here so every process agrees (a relative
+    default resolved per process is how upstream lost checkpoints)."""
+    root = config.checkpoint_dir or os.environ.get("TWINKLE_CHECKPOINT_DIR") or ".twinkle/checkpoints"
+    checkpoint_dir = str(Path(root).expanduser().resolve())
+    state_db = config.state_db or os.environ.get("TWINKLE_STATE_DB") or str(Path(checkpoint_dir).parent / "state.sqlite")
+    state_db = str(Path(state_db).expanduser().resolve())
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(state_db), exist_ok=True)
+    return {"checkpoint_dir": checkpoint_dir, "state_db": state_db}
+
+
+def _check_auth(config: ServerConfig) -> None:
+    try:
+        from .auth import check_auth_settings
+    except ImportError:  # the auth module arrives with the Tinker server
+        return
+    check_auth_settings(config.http_options.host, _server_args(config).get("api_keys") or [])
+
+
+def _server_args(config: ServerConfig) -> dict[str, Any]:
+    for app in config.applications:
+        if app.import_path == "server":
+            return _plain(app.args)
+    return {}
+
+
+def _plain(args: Any) -> dict[str, Any]:
+    import msgspec
+
+    return msgspec.to_builtins(args) if args is not None else {}
+
+
+def _plan(config: ServerConfig) -> PlacementPlan:
+    from twinkle.common.topology import read_ray_topology
+
+    return plan_for_config(config, read_ray_topology(), device_count_per_physical_node())
+
+
+def worker_specs(plan: PlacementPlan, app_name: str) -> list[WorkerSpec]:
+    placements = plan.by_app(app_name)
+    specs = []
+    for p in placements:
+        gpu = p.is_gpu
+        specs.append(
+            WorkerSpec(
+                app=app_name,
+                rank=p.worker_index,
+                world_size=len(placements),
+                node_id=p.node_id,
+                node_ip=p.node_ip,
+                cuda_visible_devices=p.visible_devices if gpu else None,
+                num_gpus=1.0 if gpu else 0.0,
+                num_cpus=0.0 if gpu else 0.0,
+                threads=None if gpu else max(1, (os.cpu_count() or 1) // max(1, len(placements))),
+            )
+        )
+    return specs
+
+
+def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str]) -> list[ComponentSpec]:
+    peers = []
+    for app in config.applications:
+        if app.import_path == "server":
+            continue
+        args = _plain(app.args)
+        model_id = args.get("model_id")
+        deployment = app.deployments[0].name if app.deployments else _COMPONENTS[app.import_path][1]
+        peers.append(PeerApp(app_name=app.name, deployment_name=deployment, import_path=app.import_path,
+                             route_prefix=app.route_prefix, model_name=served_model_name(model_id) if model_id else None,
+                             model_id=model_id))
+    specs = []
+    for app in config.applications:
+        specs.append(
+            ComponentSpec(
+                app_name=app.name,
+                route_prefix=app.route_prefix,
+                import_path=app.import_path,
+                server_type=config.server_type,
+                args=_plain(app.args),
+                workers=worker_specs(plan, app.name),
+                checkpoint_dir=settings["checkpoint_dir"],
+                state_db=settings["state_db"],
+                peers=peers if app.import_path == "server" else [],
+                http_host=config.http_options.host,
+            )
+        )
+    return specs
+
+
+def _deploy(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str]) -> None:
+    from ray import serve
+
+    http = _plain(config.http_options)
+    serve.start(http_options=http, proxy_location=config.proxy_location)
+    targets = []
+    for app, spec in zip(config.applications, component_specs(config, plan, settings)):
+        builder_path, default_name = _COMPONENTS[app.import_path]
+        default_name = default_name or _SERVER_DEPLOYMENT[config.server_type]
+        deployment = app.deployments[0] if app.deployments else None
+        target = load_object(builder_path)(spec, deployment, default_name)
+        targets.append(serve.RunTarget(target=target, name=app.name, route_prefix=app.route_prefix))
+    serve.run_many(targets, wait_for_applications_running=True)
+
+
+def shutdown(*, embedded: bool) -> None:
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.shutdown()
+    except Exception as e:  # noqa: BLE001 - best effort on the way out
+        log.warning("serve.shutdown failed: %s", e)
+    if embedded:
+        ray.shutdown()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def _handler(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _handler)
+    while not stop.is_set():
+        stop.wait(1.0)
