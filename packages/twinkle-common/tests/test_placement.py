@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 from msgspec.structs import replace
-
 from twinkle.common.placement import (
     ComponentRequest,
     PlacementError,
@@ -22,7 +21,9 @@ from twinkle.common.topology import RayNode, Topology, load_topology
 DATA = Path(__file__).parent / "data"
 
 
-def gpu(app: str, ranks, *, nproc: int | None = None, world: int | None = None, path: str = "model") -> ComponentRequest:
+def gpu(
+    app: str, ranks, *, nproc: int | None = None, world: int | None = None, path: str = "model"
+) -> ComponentRequest:
     ranks = list(ranks)
     return ComponentRequest(app, path, "cuda", ranks, nproc or len(ranks), len(ranks) if world is None else world)
 
@@ -93,7 +94,16 @@ def test_seed_three_node_cluster_with_the_ranks_example():
     table = plan.format_table().splitlines()
     assert table[0].split() == ["app", "worker", "rank", "machine", "ray", "node", "device", "CUDA_VISIBLE_DEVICES"]
     assert table[2].split() == ["models-Qwen2.5-7B-Instruct", "0", "0", "0", "head-gpu", "(10.28.252.9)", "cuda:0", "0"]
-    assert table[7].split() == ["sampler-Qwen2.5-7B-Instruct", "1", "5", "0", "worker-g", "(10.28.252.9)", "cuda:5", "5"]
+    assert table[7].split() == [
+        "sampler-Qwen2.5-7B-Instruct",
+        "1",
+        "5",
+        "0",
+        "worker-g",
+        "(10.28.252.9)",
+        "cuda:5",
+        "5",
+    ]
     assert table[8].split() == ["processor", "0", "-", "0", "worker-c", "(10.28.252.9)", "cpu", "slot", "0", "-"]
     # columns are aligned: every row's device column starts at the same offset
     offset = table[0].index("device")
@@ -251,7 +261,10 @@ def test_rank_on_a_dead_node_and_on_a_missing_node():
     dead = Topology(nodes=tuple(replace(n, alive=n.node_id != "worker-gpu4-7") for n in seed.nodes))
     with pytest.raises(PlacementError) as err:
         plan_placement([gpu("sampler", [5])], dead, 8)
-    assert "rank 5 (GPU 5 of machine 0, 10.28.252.9) belongs to Ray node worker-g (10.28.252.9), which is not alive" in str(err.value)
+    assert (
+        "rank 5 (GPU 5 of machine 0, 10.28.252.9) belongs to Ray node worker-g (10.28.252.9), which is not alive"
+        in str(err.value)
+    )
     assert "0-3 exist" in str(err.value)
 
     missing = Topology(nodes=tuple(n for n in seed.nodes if n.node_id != "worker-gpu4-7"))
@@ -295,8 +308,13 @@ def test_duplicate_ranks_in_one_application():
 
 def test_mesh_size_must_match_the_ranks():
     with pytest.raises(PlacementError) as err:
-        plan_placement([gpu("sampler", [4, 5], world=4, path="sampler")], load_topology(DATA / "topology-3node.yaml"), 8)
-    assert "application 'sampler': device_mesh size 4 (dp_size*tp_size*pp_size) does not match its 2 rank(s) [4, 5]" in str(err.value)
+        plan_placement(
+            [gpu("sampler", [4, 5], world=4, path="sampler")], load_topology(DATA / "topology-3node.yaml"), 8
+        )
+    assert (
+        "application 'sampler': device_mesh size 4 (the product of its parallel sizes) does not match its 2 "
+        "rank(s) [4, 5]" in str(err.value)
+    )
 
 
 def test_nproc_per_node_must_divide_the_ranks():
@@ -341,7 +359,11 @@ def test_cpu_workers_spread_ncpu_per_node_and_share_slots_across_apps():
     )
     plan = plan_placement([cpu("p1", 5, 2), cpu("p2")], topology, 8)
     assert [(w.node_id, w.cpu_slot) for w in plan.by_app("p1")] == [
-        ("cpu-a", 0), ("cpu-a", 1), ("cpu-b", 0), ("cpu-b", 1), ("head", 0),
+        ("cpu-a", 0),
+        ("cpu-a", 1),
+        ("cpu-b", 0),
+        ("cpu-b", 1),
+        ("head", 0),
     ]
     assert [(w.node_id, w.cpu_slot) for w in plan.by_app("p2")] == [("cpu-a", 2)]
     assert plan.notes == ("Ray node cpu-a (10.0.0.2) hosts 3 CPU workers but has 2 CPUs",)
@@ -376,15 +398,25 @@ def test_app_on_cpu_device_type_and_app_without_device_group_are_cpu_workers():
 
 
 def test_requests_from_config_reads_mesh_product_when_there_is_no_world_size_property():
-    cfg = {"applications": [{"name": "m", "import_path": "model", "args": {
-        "device_group": {"ranks": [0, 1, 2, 3], "device_type": "cuda"},
-        "device_mesh": {"dp_size": 2, "tp_size": 2},
-    }}]}
+    cfg = {
+        "applications": [
+            {
+                "name": "m",
+                "import_path": "model",
+                "args": {
+                    "device_group": {"ranks": [0, 1, 2, 3], "device_type": "cuda"},
+                    "device_mesh": {"dp_size": 1, "tp_size": 2, "cp_size": 2},
+                },
+            }
+        ]
+    }
     assert requests_from_config(cfg) == [ComponentRequest("m", "model", "cuda", (0, 1, 2, 3), 1, 4, None)]
 
 
 def test_npu_workers_get_the_ascend_variable():
-    plan = plan_placement([ComponentRequest("m", "model", "npu", [1])], load_topology(DATA / "topology-1node-4gpu.json"), 4)
+    plan = plan_placement(
+        [ComponentRequest("m", "model", "npu", [1])], load_topology(DATA / "topology-1node-4gpu.json"), 4
+    )
     assert plan.workers[0].env == {"ASCEND_RT_VISIBLE_DEVICES": "1"}
     assert plan.workers[0].device_label == "npu:1"
     assert "ASCEND_RT_VISIBLE_DEVICES" in plan.format_table().splitlines()[0]
@@ -403,3 +435,69 @@ def test_device_count_from_env():
         device_count_from_env({"DEVICE_COUNT_PER_PHYSICAL_NODE": "eight"})
     with pytest.raises(PlacementError, match="positive"):
         device_count_from_env({"DEVICE_COUNT_PER_PHYSICAL_NODE": "0"})
+
+
+def test_d_inferred_when_the_only_other_machine_is_cpu_only():
+    """A CPU-only head box is numbered after the GPU machines, so rank 0 stays on the GPUs and D is inferable."""
+    topology = Topology(
+        nodes=(
+            RayNode("cpu-head", "10.0.0.1", is_head=True, num_cpus=8),
+            RayNode("gpu-box", "10.0.0.2", num_cpus=64, num_gpus=8),
+        )
+    )
+    plan = plan_placement([gpu("model", [0, 7], nproc=1), cpu("processor")], topology, None)
+    assert [(w.node_id, w.machine_index, w.visible_devices) for w in plan.by_app("model")] == [
+        ("gpu-box", 0, "0"),
+        ("gpu-box", 0, "7"),
+    ]
+    assert [(w.node_id, w.machine_index) for w in plan.by_app("processor")] == [("cpu-head", 1)]
+    assert plan.device_count_per_physical_node == 8
+
+
+def test_rank_beyond_an_inferred_device_count_says_it_was_inferred():
+    with pytest.raises(PlacementError) as err:
+        plan_placement([gpu("model", [4])], load_topology(DATA / "topology-1node-4gpu.json"), None)
+    assert (
+        "rank 4 would be GPU 0 of machine 1 (DEVICE_COUNT_PER_PHYSICAL_NODE=4 inferred), but only 1 machine(s) have "
+        "GPUs; ranks that exist: 0-3"
+    ) in str(err.value)
+
+
+# --- the shipped YAML files, through the real config loader -------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _load(relative: str):
+    from twinkle.common.config import load_config
+
+    return load_config(REPO / relative)
+
+
+def test_seed_ranks_example_file_on_the_seed_cluster():
+    plan = plan_for_config(_load("deploy/examples/ranks.yaml"), load_topology(DATA / "topology-3node.yaml"), 8)
+    assert placed(plan, "models-Qwen2.5-7B-Instruct") == [("head-gpu0-3", str(i)) for i in range(4)]
+    assert placed(plan, "sampler-Qwen2.5-7B-Instruct") == [("worker-gpu4-7", "4"), ("worker-gpu4-7", "5")]
+    assert [(w.node_id, w.cpu_slot) for w in plan.by_app("processor")] == [("worker-cpu", k) for k in range(4)]
+
+
+def test_seed_tinker_example_shares_gpu_0_only_when_allowed():
+    """The seed's tinker example gives the model [0, 1] and a vLLM sampler [0] at gpu_memory_utilization 0.5."""
+    cfg = _load("deploy/examples/tinker.yaml")
+    topology = load_topology(DATA / "topology-3node.yaml")
+    with pytest.raises(PlacementError, match="both claim physical GPU rank.s. 0; .*allow_shared_gpus"):
+        plan_for_config(cfg, topology, 8)
+    plan = plan_for_config(cfg, topology, 8, allow_shared_gpus=True)
+    model, sampler = plan.by_app("models-Qwen2.5-0.5B-Instruct"), plan.by_app("sampler-Qwen2.5-0.5B-Instruct")
+    assert [(w.visible_devices, w.gpu_fraction) for w in model] == [("0", 0.5), ("1", 1.0)]
+    assert [(w.node_id, w.visible_devices, w.gpu_fraction) for w in sampler] == [("head-gpu0-3", "0", 0.5)]
+    assert plan.gpus_by_node() == {"head-gpu0-3": [0, 1]}
+    assert "cuda:0 (0.5 shared)" in plan.format_table()
+    assert any("share physical GPU rank(s) 0" in note for note in plan.notes)
+
+
+def test_cpu_local_config_on_a_cpu_only_box():
+    topology = Topology(nodes=(RayNode("local", "127.0.0.1", is_head=True, num_cpus=4),))
+    plan = plan_for_config(_load("deploy/local.yaml"), topology, None)
+    assert plan.workers and all(not w.is_gpu and w.node_id == "local" for w in plan.workers)
+    assert plan.device_count_per_physical_node is None

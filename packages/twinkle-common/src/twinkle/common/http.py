@@ -69,6 +69,21 @@ def health_routes(health: Callable[[], Awaitable[dict]], info: Callable[[], Awai
     return [healthz, info_route]
 
 
+def distribution_version(distribution: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare source checkout
+        return "0.0.0"
+
+
+def component_app(title: str, distribution: str, component: Any, routes: list = ()) -> Litestar:
+    """A component's app: its health/info routes (``component.health()``/``info()``) plus its own routes."""
+    handlers = health_routes(component.health, component.info) + list(routes)
+    return create_app(title, distribution_version(distribution), handlers)
+
+
 def create_app(title: str, version: str, route_handlers: list, **kwargs: Any) -> Litestar:
     return Litestar(
         route_handlers=route_handlers,

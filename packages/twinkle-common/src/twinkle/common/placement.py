@@ -6,7 +6,7 @@ a pure function over a :class:`~twinkle.common.topology.Topology`, so that it ca
 without Ray (``twinkle-server plan --topology file.yaml``). Upstream Twinkle resolves ranks inside each
 replica against "logical nodes" and lets Ray pick the devices, so two deployments can land on the same GPU and a
 mesh that does not fit fails deep inside a backend; here every conflict is an error that names the application,
-the GPU and the fix.
+the GPU and the fix. Two applications may share a GPU only when the caller says so (``allow_shared_gpus``).
 
 Machine order (the rule that maps a rank to a host)
 ---------------------------------------------------
@@ -25,7 +25,7 @@ notes. With several GPU machines a missing ``D`` is an error, because a rank can
 Worker counts
 -------------
 - GPU groups (``model``/``sampler`` with ``device_type`` cuda or npu): one worker per rank. ``nproc_per_node``
-  must divide the number of ranks and the mesh size (dp*tp*pp) must equal it.
+  must divide the number of ranks and the mesh size (dp*tp*pp*cp, the config's ``world_size``) must equal it.
 - CPU groups (``processor``, any ``device_type: cpu``, or an app without ``device_group``): ``world_size`` or
   ``ncpu_proc_per_node`` or 1 workers, ``ncpu_proc_per_node`` of them per Ray node (all on one node when it is
   unset). Nodes are taken in this order: alive nodes without GPUs, then the head, then the other GPU nodes.
@@ -38,10 +38,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
-
-import msgspec
 
 from twinkle.common.topology import Machine, RayNode, Topology
 
@@ -80,7 +78,7 @@ class ComponentRequest:
     """What one application asks for, independent of the config classes that describe it.
 
     ``ranks`` are physical GPU ranks (ignored for CPU groups); ``world_size`` is the device mesh size
-    (dp*tp*pp) or None when the application has no mesh.
+    (the config's ``device_mesh.world_size``) or None when the application has no mesh.
     """
 
     app_name: str
@@ -106,8 +104,9 @@ class WorkerPlacement:
     """Where one worker of one application runs.
 
     GPU workers carry ``rank`` (the physical rank from the YAML), ``device`` (the physical device id on the
-    machine, which becomes ``CUDA_VISIBLE_DEVICES``) and ``node_gpu_index`` (the device's position in the Ray
-    node's GPU list, i.e. Ray's own GPU number). CPU workers carry ``cpu_slot``.
+    machine, which becomes ``CUDA_VISIBLE_DEVICES``), ``node_gpu_index`` (the device's position in the Ray
+    node's GPU list, i.e. Ray's own GPU number) and ``gpu_fraction`` (the ``num_gpus`` to ask Ray for: 1, or
+    1/k when k workers share the GPU). CPU workers carry ``cpu_slot``.
     """
 
     app_name: str
@@ -120,6 +119,11 @@ class WorkerPlacement:
     device: int | None = None
     node_gpu_index: int | None = None
     cpu_slot: int | None = None
+    gpu_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is not None and self.gpu_fraction is None:
+            object.__setattr__(self, "gpu_fraction", 1.0)
 
     @property
     def is_gpu(self) -> bool:
@@ -143,7 +147,10 @@ class WorkerPlacement:
 
     @property
     def device_label(self) -> str:
-        return f"{self.device_type}:{self.device}" if self.is_gpu else f"cpu slot {self.cpu_slot}"
+        if not self.is_gpu:
+            return f"cpu slot {self.cpu_slot}"
+        share = "" if self.gpu_fraction == 1.0 else f" ({self.gpu_fraction:.2g} shared)"
+        return f"{self.device_type}:{self.device}{share}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +164,7 @@ class WorkerPlacement:
             "device": self.device,
             "node_gpu_index": self.node_gpu_index,
             "cpu_slot": self.cpu_slot,
+            "gpu_fraction": self.gpu_fraction,
             "env": self.env,
         }
 
@@ -182,11 +190,11 @@ class PlacementPlan:
         return found
 
     def gpus_by_node(self) -> dict[str, list[int]]:
-        """Ray node id -> physical device ids planned on it: how many GPUs to reserve on which node."""
+        """Ray node id -> the distinct physical device ids planned on it: how many GPUs to reserve where."""
         result: dict[str, list[int]] = {}
         for worker in self.workers:
-            if worker.is_gpu:
-                result.setdefault(worker.node_id, []).append(worker.device)  # type: ignore[arg-type]
+            if worker.is_gpu and worker.device not in result.setdefault(worker.node_id, []):
+                result[worker.node_id].append(worker.device)  # type: ignore[arg-type]
         return result
 
     def format_table(self, *, include_notes: bool = True) -> str:
@@ -208,7 +216,7 @@ class PlacementPlan:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
         def line(cells: Sequence[str]) -> str:
-            return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+            return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
 
         out = [line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)]
         if include_notes and self.notes:
@@ -219,9 +227,7 @@ class PlacementPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "device_count_per_physical_node": self.device_count_per_physical_node,
-            "machines": [
-                {"index": m.index, "ip": m.ip, "nodes": [n.node_id for n in m.nodes]} for m in self.machines
-            ],
+            "machines": [{"index": m.index, "ip": m.ip, "nodes": [n.node_id for n in m.nodes]} for m in self.machines],
             "workers": [w.to_dict() for w in self.workers],
             "notes": list(self.notes),
         }
@@ -245,7 +251,7 @@ def _mesh_size(mesh: Any) -> int | None:
     size = _get(mesh, "world_size")
     if size is not None:
         return int(size)
-    return math.prod(int(_get(mesh, key) or 1) for key in ("dp_size", "tp_size", "pp_size"))
+    return math.prod(int(_get(mesh, key) or 1) for key in ("dp_size", "tp_size", "pp_size", "cp_size"))
 
 
 def _ranks(value: Any) -> tuple[int, ...]:
@@ -286,8 +292,12 @@ def requests_from_config(cfg: Any) -> list[ComponentRequest]:
     return requests
 
 
-def plan_for_config(cfg: Any, topology: Topology, device_count_per_physical_node: int | None) -> PlacementPlan:
-    return plan_placement(requests_from_config(cfg), topology, device_count_per_physical_node)
+def plan_for_config(
+    cfg: Any, topology: Topology, device_count_per_physical_node: int | None, *, allow_shared_gpus: bool = False
+) -> PlacementPlan:
+    return plan_placement(
+        requests_from_config(cfg), topology, device_count_per_physical_node, allow_shared_gpus=allow_shared_gpus
+    )
 
 
 def device_count_from_env(environ: Mapping[str, str] | None = None) -> int | None:
@@ -346,13 +356,14 @@ def _validate_gpu_request(req: ComponentRequest) -> list[str]:
         )
     if req.world_size is not None and req.world_size != n:
         problems.append(
-            f"{app}: device_mesh size {req.world_size} (dp_size*tp_size*pp_size) does not match its {n} rank(s) "
-            f"{list(req.ranks)}; make the mesh product equal the number of ranks"
+            f"{app}: device_mesh size {req.world_size} (the product of its parallel sizes) does not match its {n} "
+            f"rank(s) {list(req.ranks)}; one worker runs per GPU rank, so make the product equal the number of ranks"
         )
     return problems
 
 
-def _overlaps(requests: Sequence[ComponentRequest]) -> list[str]:
+def _overlaps(requests: Sequence[ComponentRequest]) -> dict[tuple[str, str], list[int]]:
+    """(first app, second app) -> the physical ranks both claim."""
     owner: dict[int, str] = {}
     clashes: dict[tuple[str, str], list[int]] = {}
     for req in requests:
@@ -360,44 +371,44 @@ def _overlaps(requests: Sequence[ComponentRequest]) -> list[str]:
             first = owner.setdefault(rank, req.app_name)
             if first != req.app_name:
                 clashes.setdefault((first, req.app_name), []).append(rank)
-    return [
-        f"applications {a!r} and {b!r} both claim physical GPU rank(s) {_ranges(ranks)}; "
-        "each GPU belongs to one application, give them disjoint ranks"
-        for (a, b), ranks in clashes.items()
-    ]
+    return clashes
 
 
 def _device_count(
-    requests: Sequence[ComponentRequest], gpu_machines: Sequence[Machine], given: int | None
-) -> tuple[int | None, list[str], list[str]]:
-    """The D to use, plus (problems, notes)."""
+    requests: Sequence[ComponentRequest], gpu_machines: Sequence[Machine], given: int | None, notes: list[str]
+) -> int:
+    """The D to use (an inferred one is added to ``notes``); PlacementError when it cannot be known."""
     if given is not None:
         if given <= 0:
-            return None, [f"{DEVICE_COUNT_ENV}={given} must be a positive number of GPUs per machine"], []
-        return given, [], []
+            raise PlacementError([f"{DEVICE_COUNT_ENV}={given} must be a positive number of GPUs per machine"])
+        return given
     if len(gpu_machines) > 1:
         apps = ", ".join(repr(r.app_name) for r in requests)
         ips = ", ".join(f"{m.index}: {m.ip}" for m in gpu_machines)
-        return None, [
-            f"{DEVICE_COUNT_ENV} is not set, but {apps} use physical GPU ranks and {len(gpu_machines)} machines "
-            f"have GPUs ({ips}), so a rank cannot be mapped to a machine; set it to the number of GPUs in each "
-            f"machine, e.g. export {DEVICE_COUNT_ENV}=8"
-        ], []
+        raise PlacementError(
+            [
+                f"{DEVICE_COUNT_ENV} is not set, but {apps} use physical GPU ranks and {len(gpu_machines)} "
+                f"machines have GPUs ({ips}), so a rank cannot be mapped to a machine; set it to the number of "
+                f"GPUs in each machine, e.g. export {DEVICE_COUNT_ENV}=8"
+            ]
+        )
     machine = gpu_machines[0]
     inferred = max(gpu for node in machine.nodes for gpu in node.gpu_ids) + 1
-    return inferred, [], [
+    notes.append(
         f"{DEVICE_COUNT_ENV} is not set; inferred {inferred} from the only GPU machine {machine.ip} "
         "(highest device id + 1). Set it explicitly before adding machines."
-    ]
+    )
+    return inferred
 
 
 class _RankResolver:
     """Maps physical ranks to (machine, node, device), reporting each machine's setup problems once."""
 
-    def __init__(self, machines: Sequence[Machine], device_count: int) -> None:
+    def __init__(self, machines: Sequence[Machine], device_count: int, inferred: bool) -> None:
         self._machines = [m for m in machines if m.has_gpus]
         self._d = device_count
-        self._checked: dict[int, list[str]] = {}
+        self._d_text = f"{DEVICE_COUNT_ENV}={device_count}" + (" inferred" if inferred else "")
+        self._checked: set[int] = set()
 
     def available(self) -> list[int]:
         return [
@@ -427,14 +438,14 @@ class _RankResolver:
                 f"machine {machine.index} ({machine.ip}) has GPU id(s) {_ranges(too_high)} but "
                 f"{DEVICE_COUNT_ENV}={self._d}; set it to the number of GPUs in each machine"
             )
-        self._checked[machine.index] = problems
+        self._checked.add(machine.index)
         return problems
 
     def resolve(self, rank: int) -> tuple[Machine, RayNode, int] | list[str]:
         machine_index, device = divmod(rank, self._d)
         if machine_index >= len(self._machines):
             return [
-                f"rank {rank} would be GPU {device} of machine {machine_index} ({DEVICE_COUNT_ENV}={self._d}), "
+                f"rank {rank} would be GPU {device} of machine {machine_index} ({self._d_text}), "
                 f"but only {len(self._machines)} machine(s) have GPUs; ranks that exist: {_ranges(self.available())}"
             ]
         machine = self._machines[machine_index]
@@ -452,7 +463,9 @@ class _RankResolver:
                 f"other ranks ({_ranges(self.available())} exist)"
             )
         else:
-            held = ", ".join(f"{_describe(n)}: GPUs {_ranges(n.gpu_ids)}" for n in machine.nodes if n.alive and n.gpu_ids)
+            held = ", ".join(
+                f"{_describe(n)}: GPUs {_ranges(n.gpu_ids)}" for n in machine.nodes if n.alive and n.gpu_ids
+            )
             problems.append(
                 f"{where}: no alive Ray node there owns that GPU ({held or 'no GPU nodes alive'}); start one with "
                 f"CUDA_VISIBLE_DEVICES including {device}, or choose other ranks ({_ranges(self.available())} exist)"
@@ -461,22 +474,23 @@ class _RankResolver:
 
 
 def _place_gpu(
-    requests: Sequence[ComponentRequest], topology: Topology, given_d: int | None
-) -> tuple[list[WorkerPlacement], list[str], list[str], int | None]:
-    """GPU workers, problems, notes and the D used."""
+    requests: Sequence[ComponentRequest], topology: Topology, given_d: int | None, notes: list[str]
+) -> tuple[list[WorkerPlacement], list[str], int | None]:
+    """GPU workers, the per-rank problems and the D used; cluster-wide problems raise at once."""
     if not requests:
-        return [], [], [], given_d
+        return [], [], given_d
     if topology.total_gpus == 0:
-        return [], [
-            f"application {r.app_name!r} asks for {r.device_type} ranks {list(r.ranks)} but no alive Ray node has "
-            "GPUs; start Ray with --num-gpus (or set device_type: cpu)"
-            for r in requests
-        ], [], given_d
+        raise PlacementError(
+            [
+                f"application {r.app_name!r} asks for {r.device_type} ranks {list(r.ranks)} but no alive Ray node "
+                "has GPUs; start Ray with --num-gpus (or set device_type: cpu)"
+                for r in requests
+            ]
+        )
     machines = topology.machines()
-    d, problems, notes = _device_count(requests, [m for m in machines if m.has_gpus], given_d)
-    if d is None:
-        return [], problems, notes, None
-    resolver = _RankResolver(machines, d)
+    d = _device_count(requests, [m for m in machines if m.has_gpus], given_d, notes)
+    problems: list[str] = []
+    resolver = _RankResolver(machines, d, inferred=given_d is None)
     workers = []
     for req in requests:
         for index, rank in enumerate(req.ranks):
@@ -498,7 +512,7 @@ def _place_gpu(
                     node_gpu_index=node.gpu_ids.index(device),
                 )
             )
-    return workers, problems, notes, d
+    return workers, problems, d
 
 
 def _cpu_candidates(topology: Topology) -> list[tuple[Machine, RayNode]]:
@@ -549,12 +563,31 @@ def _place_cpu(
     return workers, problems, notes
 
 
+def _with_gpu_fractions(workers: Sequence[WorkerPlacement]) -> list[WorkerPlacement]:
+    """Give the k workers that share one physical GPU a 1/k share each, so Ray's GPU count still adds up."""
+    sharers: dict[tuple[str, int | None], int] = {}
+    for worker in workers:
+        key = (worker.node_id, worker.device)
+        sharers[key] = sharers.get(key, 0) + 1
+    return [
+        replace(w, gpu_fraction=1.0 / sharers[(w.node_id, w.device)]) if sharers[(w.node_id, w.device)] > 1 else w
+        for w in workers
+    ]
+
+
 def plan_placement(
-    requests: Sequence[ComponentRequest], topology: Topology, device_count_per_physical_node: int | None
+    requests: Sequence[ComponentRequest],
+    topology: Topology,
+    device_count_per_physical_node: int | None,
+    *,
+    allow_shared_gpus: bool = False,
 ) -> PlacementPlan:
     """Place every worker of every request, or raise :class:`PlacementError` listing every problem found.
 
-    Pure: reads nothing but its arguments (pass :func:`device_count_from_env` for the environment's D).
+    Two applications on one physical GPU are an error unless ``allow_shared_gpus``: then they share it and
+    each of its workers gets ``gpu_fraction`` 1/k of it (the seed's tinker example puts a vLLM sampler with
+    ``gpu_memory_utilization: 0.5`` on rank 0 of the model). Pure: reads nothing but its arguments (pass
+    :func:`device_count_from_env` for the environment's D).
     """
     problems: list[str] = []
     names = [r.app_name for r in requests]
@@ -564,17 +597,28 @@ def plan_placement(
     cpu_requests = [r for r in requests if not r.uses_gpus]
     for req in gpu_requests:
         problems.extend(_validate_gpu_request(req))
-    problems.extend(_overlaps(gpu_requests))
+    notes: list[str] = []
+    for (a, b), ranks in _overlaps(gpu_requests).items():
+        if allow_shared_gpus:
+            notes.append(
+                f"applications {a!r} and {b!r} share physical GPU rank(s) {_ranges(ranks)} (allow_shared_gpus)"
+            )
+        else:
+            problems.append(
+                f"applications {a!r} and {b!r} both claim physical GPU rank(s) {_ranges(ranks)}; each GPU belongs "
+                "to one application: give them disjoint ranks, or plan with allow_shared_gpus if they are meant "
+                "to share the memory (e.g. a vLLM sampler with gpu_memory_utilization < 1)"
+            )
     if problems:
         raise PlacementError(problems)
 
-    gpu_workers, gpu_problems, notes, d = _place_gpu(gpu_requests, topology, device_count_per_physical_node)
+    gpu_workers, gpu_problems, d = _place_gpu(gpu_requests, topology, device_count_per_physical_node, notes)
     cpu_workers, cpu_problems, cpu_notes = _place_cpu(cpu_requests, topology)
     problems = gpu_problems + cpu_problems
     if problems:
         raise PlacementError(problems)
     by_app = {name: i for i, name in enumerate(names)}
-    workers = sorted(gpu_workers + cpu_workers, key=lambda w: (by_app[w.app_name], w.worker_index))
+    workers = sorted(_with_gpu_fractions(gpu_workers) + cpu_workers, key=lambda w: (by_app[w.app_name], w.worker_index))
     return PlacementPlan(
         workers=tuple(workers),
         notes=tuple(notes + cpu_notes),

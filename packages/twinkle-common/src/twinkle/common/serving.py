@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from .component import ComponentSpec
-from .workers import FORWARDED_ENV, InProcessWorker, RayWorker, WorkerSpec, start_ray_workers
+from .workers import FORWARDED_ENV, InProcessWorker, RayWorker, WorkerSpec, set_torch_threads, start_ray_workers
 
 # A replica is an orchestrator: it needs no whole CPU, and on a 2-core laptop four whole-CPU replicas would
 # never all be scheduled. The YAML can say otherwise per deployment.
@@ -42,20 +42,18 @@ def start_workers(spec: ComponentSpec, target: str, args_for) -> list[InProcessW
     """Start the component's workers as planned: one CPU worker runs in this process, anything else
     (GPU workers, data-parallel groups) runs as pinned Ray actors."""
     workers = spec.workers or [WorkerSpec(app=spec.app_name, rank=0, world_size=1)]
-    if len(workers) == 1 and workers[0].cuda_visible_devices is None:
+    if len(workers) == 1 and workers[0].cuda_visible_devices is None and _on_this_node(workers[0].node_id):
         only = workers[0]
-        set_torch_threads(only.threads)
+        # Ray sets OMP_NUM_THREADS to a replica's CPU request (0.1 -> 1 thread); use the cores we planned.
+        set_torch_threads(only.threads or os.cpu_count() or 1)
         args, kwargs = args_for(only)
         return [InProcessWorker(target, only.rank, args, kwargs)]
     return start_ray_workers(target, list(workers), args_for)
 
 
-def set_torch_threads(threads: int | None) -> None:
-    """Ray sets OMP_NUM_THREADS to a replica's CPU request (0.1 -> 1 thread); use the cores we planned."""
-    n = threads or int(os.environ.get("TWINKLE_TORCH_THREADS", "0") or 0) or (os.cpu_count() or 1)
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(n)
+def _on_this_node(node_id: str | None) -> bool:
+    if node_id is None:
+        return True
+    import ray
+
+    return not ray.is_initialized() or ray.get_runtime_context().get_node_id() == node_id

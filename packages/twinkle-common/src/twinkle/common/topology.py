@@ -252,7 +252,9 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
     try:
         data = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise TopologyError(f"{file}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
+        raise TopologyError(
+            f"{file}: not valid {'JSON' if file.suffix.lower() == '.json' else 'YAML'}: {exc}"
+        ) from None
     try:
         return topology_from_dict(data)
     except TopologyError as exc:
@@ -335,4 +337,3 @@ def _gather_probes(ray: Any, pending: Mapping[str, Any], timeout_s: float) -> di
             "check that those raylets are healthy (ray status) and can start workers"
         )
     return {node_id: ray.get(ref) for node_id, ref in pending.items()}
-

@@ -22,7 +22,7 @@ DType = Literal["int64", "float32"]
 class TensorData(msgspec.Struct, frozen=True):
     """A dense tensor: row-major flattened ``data`` plus ``shape`` (1-D when ``shape`` is None)."""
 
-    data: list[float] | list[int]
+    data: list[int | float]
     dtype: DType = "float32"
     shape: list[int] | None = None
 

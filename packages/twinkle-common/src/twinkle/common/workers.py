@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import os
 import socket
 from typing import Any
@@ -60,17 +61,31 @@ def describe_process(rank: int) -> dict[str, Any]:
     }
 
 
+async def _invoke(target: Any, method: str, args: tuple, kwargs: dict) -> Any:
+    """Await an async method in place; run a sync one (compute) in a thread so the loop stays free."""
+    fn = getattr(target, method)
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
 class _WorkerHost:
-    """The body of a worker actor: builds the target object in the worker process and calls its methods."""
+    """The body of a worker actor: builds the target object in the worker process and calls its methods.
+
+    An asyncio actor, so ``describe()`` answers while a long call runs and async targets (a sampler's
+    batching loop) keep their event loop."""
 
     def __init__(self, target: str, rank: int, args: tuple, kwargs: dict) -> None:
         self._rank = rank
+        threads = os.environ.get("TWINKLE_TORCH_THREADS")
+        if threads:
+            set_torch_threads(int(threads))
         self._target = load_object(target)(*args, **kwargs)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._target, method)(*args, **kwargs)
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await _invoke(self._target, method, args, kwargs)
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         import ray
 
         info = describe_process(self._rank)
@@ -86,7 +101,7 @@ class InProcessWorker:
         self.target = load_object(target)(*args, **kwargs)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.target, method), *args, **kwargs)
+        return await _invoke(self.target, method, args, kwargs)
 
     async def describe(self) -> dict[str, Any]:
         info = describe_process(self._rank)
@@ -141,13 +156,21 @@ def start_ray_workers(target: str, specs: list[WorkerSpec], args_for: Any) -> li
             "num_gpus": spec.num_gpus,
             "runtime_env": {"env_vars": worker_env(spec)},
             "name": f"twinkle:{spec.app}:worker{spec.rank}",
-            "max_concurrency": 4,  # describe()/health while a long call runs
         }
         if spec.node_id:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(spec.node_id, soft=False)
         actor = host_cls.options(**options).remote(target, spec.rank, args, kwargs)
         workers.append(RayWorker(actor, spec))
     return workers
+
+
+def set_torch_threads(n: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(n)
 
 
 def free_port_on_node(node_id: str | None) -> tuple[str, int]:

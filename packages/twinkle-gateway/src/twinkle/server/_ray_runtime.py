@@ -59,6 +59,9 @@ def connect(namespace: str, *, address: str | None = None, log_level: str = "INF
             if address or os.environ.get("RAY_ADDRESS"):
                 raise
             log.info("no live Ray cluster at %s (%s); starting an embedded one", target, e)
+    # A prestarted idle worker costs ~80 MB and every Twinkle actor starts its own process anyway.
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1, **common)
     log.info("started an embedded local Ray (%s CPUs)", os.cpu_count())
     return RayConnection(embedded=True, address=None)

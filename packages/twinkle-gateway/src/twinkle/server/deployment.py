@@ -7,22 +7,14 @@ Serve deployment handles (no HTTP hop back through the proxy), resolved lazily b
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
 from litestar import Litestar
 from ray import serve
 
 from twinkle.common.component import ComponentSpec
-from twinkle.common.http import create_app, health_routes
+from twinkle.common.http import component_app, distribution_version
 from twinkle.common.serving import bind_component
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("twinkle-gateway")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
-        return "0.0.0"
 
 
 @serve.ingress()
@@ -38,7 +30,7 @@ class CentralServer:
     async def info(self) -> dict[str, Any]:
         return {
             "server_type": self.spec.server_type,
-            "version": _version(),
+            "version": distribution_version("twinkle-gateway"),
             "applications": [
                 {"name": p.app_name, "kind": p.import_path, "route_prefix": p.route_prefix, "model": p.model_name}
                 for p in self.spec.peers
@@ -48,7 +40,7 @@ class CentralServer:
     def __serve_build_asgi_app__(self) -> Litestar:
         if self.spec.server_type == "tinker":
             return build_tinker_app(self.spec)
-        return create_app("Twinkle server", _version(), health_routes(self.health, self.info))
+        return component_app("Twinkle server", "twinkle-gateway", self)
 
 
 def peer_handle(spec: ComponentSpec, app_name: str):

@@ -84,6 +84,7 @@ def launch_server(
         config = load_config(config_path)
     if server_type:
         config = config.with_server_type(server_type)
+    config.check_deployable()
     _check_auth(config)
     settings = resolve_storage(config)
 
@@ -141,9 +142,9 @@ def _server_args(config: ServerConfig) -> dict[str, Any]:
 
 
 def _plain(args: Any) -> dict[str, Any]:
-    import msgspec
+    from twinkle.common.config.schema import plain_data
 
-    return msgspec.to_builtins(args) if args is not None else {}
+    return plain_data(args) if args is not None else {}
 
 
 def _plan(config: ServerConfig) -> PlacementPlan:
@@ -153,6 +154,8 @@ def _plan(config: ServerConfig) -> PlacementPlan:
 
 
 def worker_specs(plan: PlacementPlan, app_name: str) -> list[WorkerSpec]:
+    if app_name not in plan.apps:
+        return []  # the central server has no workers of its own
     placements = plan.by_app(app_name)
     specs = []
     for p in placements:
@@ -206,8 +209,7 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
 def _deploy(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str]) -> None:
     from ray import serve
 
-    http = _plain(config.http_options)
-    serve.start(http_options=http, proxy_location=config.proxy_location)
+    serve.start(http_options=config.http_options.serve_options(), proxy_location=config.proxy_location)
     targets = []
     for app, spec in zip(config.applications, component_specs(config, plan, settings)):
         builder_path, default_name = _COMPONENTS[app.import_path]

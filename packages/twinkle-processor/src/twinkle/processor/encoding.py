@@ -48,8 +48,8 @@ class EncodeOptions(msgspec.Struct, frozen=True):
 
 
 class RowSource(NamedTuple):
-    """One row to encode: a dict (``rows``) or a JSONL line still as text, so that JSON parsing happens in
-    the worker that encodes it, in parallel."""
+    """One row to encode: an item of ``rows``, or a JSONL line still as text (``line`` set), so that JSON
+    parsing happens in the worker that encodes it, in parallel."""
 
     index: int
     line: int | None
@@ -110,7 +110,7 @@ def _nonblank_lines(text: str) -> Iterator[tuple[int, str]]:
 
 def _parse(source: RowSource) -> dict:
     raw = source.raw
-    if isinstance(raw, str):
+    if source.line is not None:  # a JSONL line; a string in ``rows`` is just a bad row
         try:
             raw = msgspec.json.decode(raw)
         except msgspec.DecodeError as e:
@@ -181,9 +181,8 @@ def _validate_prompt_completion(row: dict) -> tuple[str, str]:
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), type(value).__name__
-    )
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
 
 
 # --- chat templates ------------------------------------------------------------------------------------

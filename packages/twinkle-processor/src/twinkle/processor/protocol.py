@@ -82,7 +82,9 @@ class EncodeRequest(msgspec.Struct, frozen=True):
     ``max_rows_per_request`` and says where to continue in ``EncodeResponse.next_offset``.
     """
 
-    rows: list[dict[str, Any]] | None = None
+    # ``list[Any]``, not ``list[dict]``: a row that is not an object is reported like any other bad row
+    # (with its index, and skippable), instead of failing the whole body's decoding.
+    rows: list[Any] | None = None
     jsonl: str | None = None
     format: RowFormat = "auto"
     max_length: int | None = None

@@ -14,8 +14,13 @@ GIL serializes it), so threads do not scale; processes do. The pool is a stdlib 
 - a process that dies (killed, out of memory) breaks a ``ProcessPoolExecutor`` for good; the pool is
   replaced and the batch retried once, so one crash costs one slow request rather than the service.
 
+Like every spawn-started pool, the children re-import the parent's ``__main__`` module, so it must be
+import-safe (guarded by ``if __name__ == "__main__":``); Ray's worker entry point, pytest and
+``python -m twinkle.server`` are. The processes are not Ray actors: the deployment should ask Ray for the
+CPUs they use.
+
 With one worker there is no process pool: encoding runs in a thread of the service's own process with the
-service's tokenizer, which saves a process (~200 MB with transformers imported) and a pickling hop per
+service's tokenizer, which saves a process (a few hundred MB: transformers imports torch) and a pickling hop per
 shard. Shards are still submitted one at a time, so a small ``tokenize`` call waits for at most one shard of
 a large encode, not all of it. Calls on the in-process tokenizer are serialized by a lock: a Hugging Face
 fast tokenizer is a Rust object that raises "Already borrowed" if two threads use it while one changes its

@@ -9,6 +9,7 @@ from twinkle.common.config.errors import ConfigError
 from twinkle.common.config.schema import (
     ARGS_BY_IMPORT_PATH,
     DEFAULT_DEPLOYMENT_NAMES,
+    DEFAULT_SERVER_DEPLOYMENT_NAMES,
     AdapterConfig,
     AppArgs,
     Application,
@@ -24,11 +25,13 @@ from twinkle.common.config.schema import (
     SamplerArgs,
     ServerArgs,
     ServerConfig,
+    default_deployment_name,
 )
 
 __all__ = [
     "ARGS_BY_IMPORT_PATH",
     "DEFAULT_DEPLOYMENT_NAMES",
+    "DEFAULT_SERVER_DEPLOYMENT_NAMES",
     "AdapterConfig",
     "AppArgs",
     "Application",
@@ -45,6 +48,7 @@ __all__ = [
     "SamplerArgs",
     "ServerArgs",
     "ServerConfig",
+    "default_deployment_name",
     "dump_config",
     "load_config",
     "load_config_text",

@@ -147,7 +147,8 @@ class _YamlDocument:
         if isinstance(node, yaml.ScalarNode):
             return loader.construct_object(node)
         if id(node) in active:
-            self._problems.append(ConfigError("an alias refers to its own anchor (recursive YAML)", path=format_path(parts)))
+            message = "an alias refers to its own anchor (recursive YAML)"
+            self._problems.append(ConfigError(message, path=format_path(parts)))
             return None
         active = active | {id(node)}
         if isinstance(node, yaml.SequenceNode):
@@ -179,7 +180,8 @@ class _YamlDocument:
             key = loader.construct_object(key_node)
             line = key_node.start_mark.line + 1
             if key in first_lines:
-                error = ConfigError(f"duplicate key (first given on line {first_lines[key]})", path=format_path((*parts, key)))
+                message = f"duplicate key (first given on line {first_lines[key]})"
+                error = ConfigError(message, path=format_path((*parts, key)))
                 self._problems.append(error.relocated(line=line))
             else:
                 first_lines[key] = line
@@ -213,7 +215,10 @@ _ConfigDumper.add_representer(list, _represent_list)
 
 
 def _prepare_applications(data: dict) -> list[ConfigError]:
-    """Copy each application's ``import_path`` into its ``args`` (the union tag); empty args/deployments mean defaults."""
+    """Copy each application's ``import_path`` into its ``args`` (the union tag).
+
+    Also turns an empty ``deployments:`` into "omitted"; an empty ``args:`` becomes ``{}`` here.
+    """
     applications = data.get("applications")
     if not isinstance(applications, list):
         return []
@@ -237,9 +242,8 @@ def _prepare_applications(data: dict) -> list[ConfigError]:
             application["args"] = {_TAG_FIELD: import_path}
         elif isinstance(args, dict):
             if _TAG_FIELD in args:
-                problems.append(
-                    ConfigError("unknown key; import_path belongs to the application, not to its args", path=f"{at}.args.{_TAG_FIELD}")
-                )
+                message = "unknown key; import_path belongs to the application, not to its args"
+                problems.append(ConfigError(message, path=f"{at}.args.{_TAG_FIELD}"))
                 continue
             args[_TAG_FIELD] = import_path
     return problems
@@ -436,7 +440,8 @@ def _friendly(message: str, parts: Path, data: dict) -> ConfigError:
             f"expected {_yaml_type(match['expected'])}, got {_describe_value(value)}{hint}", path=path
         )
     if match := _EXPECTED_BOUND.match(message):
-        return ConfigError(f"expected {_yaml_type(match['expected'])} {match['bound']}, got {_describe_value(value)}", path=path)
+        expected = f"{_yaml_type(match['expected'])} {match['bound']}"
+        return ConfigError(f"expected {expected}, got {_describe_value(value)}", path=path)
     if _BAD_CHOICE.match(message):
         schema = _schema_at(data, parts)
         if isinstance(schema, mi.LiteralType):

@@ -320,7 +320,8 @@ class _PlacedArgs(_Strict):
             raise _fail(
                 "device_mesh",
                 f"the mesh has {mesh.world_size} workers ({_mesh_formula(mesh)}) but device_group "
-                f"{group.name!r} has {len(group.ranks)} ranks {group.ranks}; the mesh needs exactly one rank per worker",
+                f"{group.name!r} has {len(group.ranks)} ranks {group.ranks}; "
+                "the mesh needs exactly one rank per worker",
             )
         if group.is_gpu and len(group.ranks) % self.nproc_per_node:
             raise _fail(
@@ -395,11 +396,12 @@ class ModelArgs(_PlacedArgs, tag_field="import_path", tag="model"):
     device_mesh: DeviceMesh | None = None
 
     def __post_init__(self) -> None:
+        backend_key = "backend" if self.use_megatron is None else "use_megatron"  # the key the user wrote
         force_setattr(self, "backend", self._resolved_backend())
         force_setattr(self, "use_megatron", None)
         self._resolve_placement()
         if self.backend == "megatron" and self.device_type == "cpu":
-            raise _fail("backend", "megatron-core cannot run a model on cpu; use backend: transformers")
+            raise _fail(backend_key, "megatron-core cannot run a model on cpu; use backend: transformers")
 
     def _resolved_backend(self) -> Literal["transformers", "megatron"]:
         if self.use_megatron is None:
@@ -469,13 +471,21 @@ ARGS_BY_IMPORT_PATH: dict[str, type[AppArgs]] = {
     "processor": ProcessorArgs,
 }
 
-#: The deployment name used when an application gives no ``deployments:``.
+#: The deployment name used when an application gives no ``deployments:`` (the seed's names).
 DEFAULT_DEPLOYMENT_NAMES: dict[str, str] = {
-    "server": "Gateway",
     "model": "ModelManagement",
     "sampler": "SamplerManagement",
     "processor": "ProcessorManagement",
 }
+#: The server application's default deployment name depends on the protocol it speaks.
+DEFAULT_SERVER_DEPLOYMENT_NAMES: dict[str, str] = {"twinkle": "TwinkleServer", "tinker": "TinkerCompatServer"}
+
+
+def default_deployment_name(import_path: str, server_type: str = "twinkle") -> str:
+    """The deployment name an application without ``deployments:`` gets (seed names: ``TwinkleServer``…)."""
+    if import_path == "server":
+        return DEFAULT_SERVER_DEPLOYMENT_NAMES[server_type]
+    return DEFAULT_DEPLOYMENT_NAMES[import_path]
 
 
 # ------------------------------------------------------------------------------------- applications
@@ -500,7 +510,8 @@ class Application(_Strict):
     args: AppArgs | None = None
     """Validated against the struct of ``import_path``; empty means that struct's defaults."""
     deployments: list[Deployment] = []
-    """Exactly one deployment; omitted means a default one (Serve's defaults for every option)."""
+    """Exactly one deployment; omitted means one named by :func:`default_deployment_name`, Serve's defaults
+    for every option (filled in by :class:`ServerConfig`, which knows the protocol)."""
 
     def __post_init__(self) -> None:
         _check_route_prefix(self.route_prefix)
@@ -508,16 +519,17 @@ class Application(_Strict):
         if self.args is None:
             force_setattr(self, "args", args_type())
         elif not isinstance(self.args, args_type):
-            raise _fail("args", f"import_path {self.import_path} takes {args_type.__name__}, got {type(self.args).__name__}")
-        if not self.deployments:
-            force_setattr(self, "deployments", [Deployment(name=DEFAULT_DEPLOYMENT_NAMES[self.import_path])])
-        elif len(self.deployments) > 1:
+            given = type(self.args).__name__
+            raise _fail("args", f"import_path {self.import_path} takes {args_type.__name__}, got {given}")
+        if len(self.deployments) > 1:
             raise _fail("deployments[1]", "an application has exactly one deployment")
 
     @property
     def deployment(self) -> Deployment:
-        """The application's deployment."""
-        return self.deployments[0]
+        """The application's deployment (a default one when none is given, see :class:`ServerConfig`)."""
+        if self.deployments:
+            return self.deployments[0]
+        return Deployment(name=default_deployment_name(self.import_path))
 
 
 # ------------------------------------------------------------------------------------------- top level
@@ -541,6 +553,14 @@ class ServerConfig(_Strict):
         problems = self._application_problems()
         if problems:
             raise ConfigError.collect(problems)
+        force_setattr(self, "applications", [self._with_deployment(app) for app in self.applications])
+
+    def _with_deployment(self, app: Application) -> Application:
+        """``app`` with its default deployment filled in when it gave none."""
+        if app.deployments:
+            return app
+        default = Deployment(name=default_deployment_name(app.import_path, self.server_type))
+        return msgspec.structs.replace(app, deployments=[default])
 
     def _application_problems(self) -> list[ConfigError]:
         problems: list[ConfigError] = []
@@ -562,9 +582,8 @@ class ServerConfig(_Strict):
             first_by_prefix.setdefault(app.route_prefix, index)
             if app.import_path == "server":
                 if server_index is not None:
-                    problems.append(
-                        _fail(f"{at}.import_path", f"a second server application (the first is applications[{server_index}])")
-                    )
+                    message = f"a second server application (the first is applications[{server_index}])"
+                    problems.append(_fail(f"{at}.import_path", message))
                 server_index = index if server_index is None else server_index
             if app.import_path == "processor" and self.server_type == "tinker":
                 problems.append(
@@ -580,7 +599,9 @@ class ServerConfig(_Strict):
         """This config under another protocol (CLI ``-t``), checked again (tinker rejects processors)."""
         if server_type not in ("twinkle", "tinker"):
             raise _fail("server_type", f'must be twinkle or tinker, got "{server_type}"')
-        return msgspec.structs.replace(self, server_type=server_type)
+        # The constructor, not structs.replace: replace runs __post_init__ only from msgspec 0.21 on.
+        fields = {name: getattr(self, name) for name in self.__struct_fields__}
+        return ServerConfig(**{**fields, "server_type": server_type})
 
     def applications_of(self, import_path: ImportPath) -> list[Application]:
         """The applications of one kind, in file order."""

@@ -234,19 +234,33 @@ _STOP_REASON = {"stop": 0, "length": 1}
 
 
 class DecodedForwardBackward:
-    """A forward/backward submission, decoded from protobuf into our wire types."""
+    """A forward/backward submission. The header (model, seq_id) is decoded at once; the data only by
+    ``input()``, so that a request whose data is wrong can still be attributed to its ``seq_id``."""
 
-    __slots__ = ("model_id", "seq_id", "forward_only", "input")
+    __slots__ = ("model_id", "seq_id", "forward_only", "_msg")
 
-    def __init__(self, model_id: str, seq_id: int, forward_only: bool, input: ForwardBackwardInput) -> None:
-        self.model_id = model_id
-        self.seq_id = seq_id
-        self.forward_only = forward_only
-        self.input = input
+    def __init__(self, msg: Any) -> None:
+        self._msg = msg
+        self.model_id: str = msg.model_id
+        self.seq_id: int = int(msg.seq_id)
+        self.forward_only: bool = bool(msg.forward_only)
+
+    def input(self) -> ForwardBackwardInput:
+        msg = self._msg
+        config: dict[str, float | str] | None = None
+        if msg.loss_fn_config_v2:
+            config = {}
+            for key, value in msg.loss_fn_config_v2.items():
+                kind = value.WhichOneof("value")
+                config[key] = value.text if kind == "text" else float(value.number)
+        elif msg.loss_fn_config:
+            config = {key: float(value) for key, value in msg.loss_fn_config.items()}
+        data = [_datum_from_proto(d, f"data[{i}]") for i, d in enumerate(msg.data)]
+        return ForwardBackwardInput(data=data, loss_fn=msg.loss_fn or "cross_entropy", loss_fn_config=config)
 
 
 def parse_forward_backward(body: bytes) -> DecodedForwardBackward:
-    """Decode a ``ForwardBackwardRequest``; raise ``UserError`` naming the field that is wrong."""
+    """Decode a ``ForwardBackwardRequest``; raise ``UserError`` if it is not one."""
     msg = ForwardBackwardRequestPb()
     try:
         msg.ParseFromString(body)
@@ -254,21 +268,7 @@ def parse_forward_backward(body: bytes) -> DecodedForwardBackward:
         raise UserError(f"body is not a valid tinker_public.ForwardBackwardRequest protobuf message ({e})") from None
     if not msg.model_id:
         raise UserError("is required", field="model_id")
-    config: dict[str, float | str] | None = None
-    if msg.loss_fn_config_v2:
-        config = {}
-        for key, value in msg.loss_fn_config_v2.items():
-            kind = value.WhichOneof("value")
-            config[key] = value.text if kind == "text" else float(value.number)
-    elif msg.loss_fn_config:
-        config = {key: float(value) for key, value in msg.loss_fn_config.items()}
-    data = [_datum_from_proto(d, f"data[{i}]") for i, d in enumerate(msg.data)]
-    return DecodedForwardBackward(
-        model_id=msg.model_id,
-        seq_id=int(msg.seq_id),
-        forward_only=bool(msg.forward_only),
-        input=ForwardBackwardInput(data=data, loss_fn=msg.loss_fn or "cross_entropy", loss_fn_config=config),
-    )
+    return DecodedForwardBackward(msg)
 
 
 def _datum_from_proto(d: Any, where: str) -> Datum:

@@ -128,6 +128,13 @@ class ModelIdRequest(_Req):
     model_id: str
 
 
+class TrainingHeader(_Req):
+    """The part of every numbered training request that identifies it."""
+
+    model_id: str
+    seq_id: int | None = None
+
+
 class ForwardBackwardJsonRequest(_Req):
     """Pre-0.25 JSON ``forward_backward``."""
 

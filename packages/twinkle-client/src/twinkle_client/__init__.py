@@ -1,0 +1,1 @@
+"""Twinkle client SDK."""

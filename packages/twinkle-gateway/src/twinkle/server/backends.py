@@ -1,0 +1,187 @@
+"""Ports through which the central app reaches the Model and Sampler services.
+
+The gateway never talks HTTP to them (upstream's double hop through the Serve proxy cost ~10 ms per hop and
+re-encoded every tensor as JSON). It calls the services' async methods with the msgspec structs of
+``twinkle.common.wire``:
+
+- ``LocalPort(service)`` calls a service object living in this process (tests, single-process runs);
+- ``HandlePort(handle)`` calls a Ray Serve ``DeploymentHandle`` (``await handle.<method>.remote(...)``). The
+  handle may also be given as a zero-argument factory, resolved on first use, so the app can be built
+  before its peer deployments exist.
+
+Both raise the services' own ``UserError``/``NotFoundError`` (Ray wraps remote exceptions; the wrapper is
+removed here so the caller sees the service's error with its ``field`` and ``status``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from twinkle.common.wire import (
+    AdamParams,
+    CheckpointInfo,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoraConfig,
+    ModelInfo,
+    OptimStepOutput,
+    RunInfo,
+    SampleOutput,
+    SampleRequest,
+    UserError,
+)
+
+
+@runtime_checkable
+class ModelPort(Protocol):
+    """The async API of ``twinkle.model.service.ModelService``."""
+
+    async def create_run(self, run_id: str, owner: str, lora: LoraConfig) -> RunInfo: ...
+
+    async def forward_backward(self, run_id: str, owner: str, seq_id: int | None, inp: ForwardBackwardInput,
+                               forward_only: bool = False) -> ForwardBackwardOutput: ...
+
+    async def optim_step(self, run_id: str, owner: str, seq_id: int | None, params: AdamParams) -> OptimStepOutput: ...
+
+    async def save_state(self, run_id: str, owner: str, seq_id: int | None, path: str,
+                         include_optimizer: bool = True) -> CheckpointInfo: ...
+
+    async def save_sampler_weights(self, run_id: str, owner: str, seq_id: int | None, path: str) -> CheckpointInfo: ...
+
+    async def load_state(self, run_id: str, owner: str, seq_id: int | None, path: str, include_optimizer: bool,
+                         create: bool = False) -> RunInfo: ...
+
+    async def delete_run(self, run_id: str, owner: str) -> Any: ...
+
+    async def run_info(self, run_id: str, owner: str) -> RunInfo: ...
+
+    async def list_runs(self, owner: str) -> Any: ...
+
+    async def info(self) -> ModelInfo: ...
+
+    async def health(self) -> dict: ...
+
+
+@runtime_checkable
+class SamplerPort(Protocol):
+    """The async API of ``twinkle.sampler.service.SamplerService``."""
+
+    async def sample(self, req: SampleRequest) -> SampleOutput: ...
+
+    async def info(self) -> Any: ...
+
+    async def health(self) -> dict: ...
+
+
+class _Port:
+    """Forwards each port method to ``_call(name, *args, **kwargs)``."""
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def create_run(self, run_id: str, owner: str, lora: LoraConfig) -> RunInfo:
+        return await self._call("create_run", run_id, owner, lora)
+
+    async def forward_backward(self, run_id: str, owner: str, seq_id: int | None, inp: ForwardBackwardInput,
+                               forward_only: bool = False) -> ForwardBackwardOutput:
+        return await self._call("forward_backward", run_id, owner, seq_id, inp, forward_only=forward_only)
+
+    async def optim_step(self, run_id: str, owner: str, seq_id: int | None, params: AdamParams) -> OptimStepOutput:
+        return await self._call("optim_step", run_id, owner, seq_id, params)
+
+    async def save_state(self, run_id: str, owner: str, seq_id: int | None, path: str,
+                         include_optimizer: bool = True) -> CheckpointInfo:
+        return await self._call("save_state", run_id, owner, seq_id, path, include_optimizer=include_optimizer)
+
+    async def save_sampler_weights(self, run_id: str, owner: str, seq_id: int | None, path: str) -> CheckpointInfo:
+        return await self._call("save_sampler_weights", run_id, owner, seq_id, path)
+
+    async def load_state(self, run_id: str, owner: str, seq_id: int | None, path: str, include_optimizer: bool,
+                         create: bool = False) -> RunInfo:
+        return await self._call("load_state", run_id, owner, seq_id, path, include_optimizer, create=create)
+
+    async def delete_run(self, run_id: str, owner: str) -> Any:
+        return await self._call("delete_run", run_id, owner)
+
+    async def run_info(self, run_id: str, owner: str) -> RunInfo:
+        return await self._call("run_info", run_id, owner)
+
+    async def list_runs(self, owner: str) -> Any:
+        return await self._call("list_runs", owner)
+
+    async def info(self) -> Any:
+        return await self._call("info")
+
+    async def health(self) -> dict:
+        return await self._call("health")
+
+    async def sample(self, req: SampleRequest) -> SampleOutput:
+        return await self._call("sample", req)
+
+
+class LocalPort(_Port):
+    """A service object in this process. Sync methods (if any) are run as-is; async ones awaited."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        out = getattr(self.service, name)(*args, **kwargs)
+        if inspect.isawaitable(out):
+            out = await out
+        return out
+
+    def __repr__(self) -> str:
+        return f"LocalPort({type(self.service).__name__})"
+
+
+class HandlePort(_Port):
+    """A Ray Serve deployment, through a ``DeploymentHandle`` or a factory returning one."""
+
+    def __init__(self, handle: Any) -> None:
+        if _is_handle(handle):
+            self._handle, self._factory = handle, None
+        elif callable(handle):
+            self._handle, self._factory = None, handle
+        else:
+            raise TypeError(f"HandlePort needs a DeploymentHandle or a factory of one, got {type(handle).__name__}")
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            assert self._factory is not None
+            self._handle = self._factory()
+        return self._handle
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self.handle, name).remote(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - unwrap Ray's wrapper around a service error
+            cause = _service_error(e)
+            if cause is not None:
+                raise cause from None
+            raise
+
+
+def _is_handle(obj: Any) -> bool:
+    try:
+        from ray.serve.handle import DeploymentHandle
+    except ImportError:  # pragma: no cover - ray is a dependency of the gateway
+        return False
+    return isinstance(obj, DeploymentHandle)
+
+
+def _service_error(e: BaseException) -> UserError | None:
+    """The ``UserError`` a Ray task error wraps, if any (``RayTaskError.cause``, possibly nested)."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 5:
+        if isinstance(cur, UserError) and type(cur).__module__.startswith("twinkle."):
+            return cur
+        cur = getattr(cur, "cause", None) or cur.__cause__
+        seen += 1
+    return None
+
+
+PortFactory = Callable[[], Any]

@@ -1,0 +1,24 @@
+"""Durable server state (sessions, training runs, checkpoints, sampling sessions, futures, API keys),
+shared by the Tinker-compatible app and the native Twinkle server."""
+
+from .records import (
+    ApiKeyRecord,
+    CheckpointRecord,
+    FutureRecord,
+    Page,
+    RunRecord,
+    SamplerRecord,
+    SessionRecord,
+)
+from .store import Store
+
+__all__ = [
+    "ApiKeyRecord",
+    "CheckpointRecord",
+    "FutureRecord",
+    "Page",
+    "RunRecord",
+    "SamplerRecord",
+    "SessionRecord",
+    "Store",
+]

@@ -1,0 +1,200 @@
+"""Durable futures: every long call is written to the store, answered with a ``request_id`` at once, and run
+as an asyncio task whose outcome is written back; ``retrieve_future`` long-polls for it.
+
+Why this shape:
+
+- **Write before answering.** The request row exists before the client learns its id, so a restarted
+  server can always answer for it. Rows left ``pending`` by a dead process are failed at startup with a
+  ``server`` error ("server restarted while the request was running"): the SDK raises instead of polling
+  forever (upstream's lost futures made it poll forever).
+- **Dedupe on (model_id, seq_id).** The SDK retries a submission with a *new* idempotency key, and resends a
+  sample with the same ``seq_id`` after backpressure, so the sequence number is the identity. A repeat gets
+  the first request's id (in memory while the first submission is still being written, then by the store's
+  unique index, which also holds across restarts).
+- **Long-poll on an event, not the database.** Each running request has an ``asyncio.Event``; a poll waits on
+  it for up to ``long_poll_s`` (below the SDK's 45 s read timeout) and then says "try again". Finished
+  records stay in a small LRU so an already-finished poll costs no database read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from typing import Any, Awaitable, Callable
+
+from twinkle.common.wire import UserError
+
+from ..state import FutureRecord, Store
+
+log = logging.getLogger("twinkle.server.tinker")
+
+RESTARTED = "server restarted while the request was running; submit it again"
+SHUTDOWN = "server shut down while the request was running; submit it again"
+
+Work = Callable[[], Awaitable[bytes]]
+
+
+def new_request_id() -> str:
+    return "req-" + secrets.token_hex(12)
+
+
+class Futures:
+    def __init__(self, store: Store, *, long_poll_s: float = 25.0, cache_size: int = 4096,
+                 foreign_poll_s: float = 0.25) -> None:
+        self.store = store
+        self.long_poll_s = long_poll_s
+        self._foreign_poll_s = foreign_poll_s
+        self._running: dict[str, tuple[FutureRecord, asyncio.Event, asyncio.Task]] = {}
+        self._submitting: dict[tuple[str, int], asyncio.Future] = {}
+        self._done: collections.OrderedDict[str, FutureRecord] = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._closing = False
+
+    async def recover(self) -> int:
+        """Fail what a previous process left pending. Call once, before serving."""
+        n = await self.store.fail_pending(RESTARTED)
+        if n:
+            log.warning("failed %d request(s) left pending by a previous server process", n)
+        return n
+
+    # ------------------------------------------------------------------------------- submit
+
+    async def submit(self, *, owner: str, kind: str, work: Work, model_id: str | None = None,
+                     seq_id: int | None = None, meta: dict[str, Any] | None = None,
+                     touch_run: str | None = None) -> FutureRecord:
+        """Record the request, start ``work`` and return its record (or the first record of a duplicate)."""
+        if self._closing:
+            raise UserError("the server is shutting down", status=503)
+        key = (model_id, seq_id) if (model_id is not None and seq_id is not None) else None
+        if key is not None and key in self._submitting:
+            return await asyncio.shield(self._submitting[key])
+        record = FutureRecord(request_id=new_request_id(), owner=owner, kind=kind, created=time.time(),
+                              model_id=model_id, seq_id=seq_id, meta=meta)
+        slot: asyncio.Future | None = None
+        if key is not None:
+            slot = asyncio.get_running_loop().create_future()
+            self._submitting[key] = slot
+        try:
+            stored = await self.store.insert_future(record, touch_run=touch_run)
+            if stored.request_id == record.request_id:
+                event = asyncio.Event()
+                task = asyncio.create_task(self._execute(record, event, work), name=f"future {record.request_id}")
+                self._running[record.request_id] = (record, event, task)
+            if slot is not None:
+                slot.set_result(stored)
+            return stored
+        except BaseException as e:
+            if slot is not None and not slot.done():
+                slot.set_exception(e)
+                slot.exception()  # retrieved: a concurrent duplicate re-raises it, nobody else must
+            raise
+        finally:
+            if key is not None:
+                self._submitting.pop(key, None)
+
+    async def find(self, model_id: str, seq_id: int) -> FutureRecord | None:
+        """The request already submitted as ``seq_id`` of ``model_id``, if any."""
+        slot = self._submitting.get((model_id, seq_id))
+        if slot is not None:
+            return await asyncio.shield(slot)
+        return await self.store.find_future(model_id, seq_id)
+
+    async def _execute(self, record: FutureRecord, event: asyncio.Event, work: Work) -> None:
+        status, result, error, category = "done", None, None, None
+        try:
+            result = await work()
+        except UserError as e:
+            status, error, category = "failed", str(e), "user"
+        except asyncio.CancelledError:
+            status, error, category = "failed", SHUTDOWN, "server"
+        except Exception as e:  # noqa: BLE001 - every failure must end the future
+            cid = secrets.token_hex(6)
+            log.error("request %s (%s) failed, correlation id %s", record.request_id, record.kind, cid, exc_info=e)
+            status, error, category = "failed", f"internal server error (correlation id {cid})", "server"
+        now = time.time()
+        done = FutureRecord(
+            request_id=record.request_id, owner=record.owner, kind=record.kind, created=record.created,
+            model_id=record.model_id, seq_id=record.seq_id, status=status, result=result, error=error,
+            category=category, meta=record.meta, finished=now,
+        )
+        try:
+            await self.store.finish_future(record.request_id, status=status, result=result, error=error,
+                                           category=category, now=now)
+        except Exception:  # noqa: BLE001 - the client still gets its answer from memory
+            log.exception("could not record the outcome of %s", record.request_id)
+        finally:
+            self._remember(done)
+            self._running.pop(record.request_id, None)
+            event.set()
+
+    def _remember(self, record: FutureRecord) -> None:
+        self._done[record.request_id] = record
+        self._done.move_to_end(record.request_id)
+        while len(self._done) > self._cache_size:
+            self._done.popitem(last=False)
+
+    # ------------------------------------------------------------------------------- retrieve
+
+    async def wait(self, request_id: str, owner: str, timeout: float | None = None) -> FutureRecord | None:
+        """The finished record, or a pending one if ``timeout`` passed first. ``None``: no such request of
+        ``owner`` (another principal's id is indistinguishable from an unknown one)."""
+        timeout = self.long_poll_s if timeout is None else timeout
+        running = self._running.get(request_id)
+        if running is not None:
+            record, event, _task = running
+            if record.owner != owner:
+                return None
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                return record
+            return self._fetched(self._done.get(request_id) or await self.store.get_future(request_id))
+        record = self._done.get(request_id)
+        if record is None:
+            record = await self.store.get_future(request_id)
+            if record is None or record.owner != owner:
+                return None
+            if record.terminal:
+                self._remember(record)
+            else:
+                record = await self._poll_foreign(request_id, timeout) or record
+        if record.owner != owner:
+            return None
+        return self._fetched(record)
+
+    async def _poll_foreign(self, request_id: str, timeout: float) -> FutureRecord | None:
+        """A request pending in the store but not running here (another gateway replica runs it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self._foreign_poll_s)
+            if request_id in self._done:
+                return self._done[request_id]
+            record = await self.store.get_future(request_id)
+            if record is not None and record.terminal:
+                self._remember(record)
+                return record
+        return None
+
+    def _fetched(self, record: FutureRecord | None) -> FutureRecord | None:
+        if record is not None and record.terminal and record.fetched is None:
+            record.fetched = time.time()
+            self.store.mark_fetched_background(record.request_id, record.fetched)
+        return record
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def close(self) -> None:
+        """Cancel running work; each cancelled request is recorded as failed (``server``)."""
+        self._closing = True
+        tasks = [task for _r, _e, task in list(self._running.values())]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

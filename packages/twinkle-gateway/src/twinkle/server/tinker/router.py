@@ -1,0 +1,429 @@
+"""Litestar handlers of the Tinker API and the app factory.
+
+Handlers are thin: decode, call ``TinkerService``, encode. Paths are relative to the app; the deployment
+serves it at ``route_prefix: /api/v1`` (Litestar strips the ASGI ``root_path``), and tests mount it under
+``/api/v1`` with ``path_prefix``.
+
+``create_tinker_app`` returns a *fresh* app each call: Ray Serve builds the app inside the replica from a
+builder function, because a Litestar instance cannot be pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from typing import Any, AsyncIterator
+
+import msgspec
+from litestar import Litestar, Request, Response, Router, delete, get, post, put
+from litestar.datastructures import State
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.middleware import ASGIMiddleware, DefineMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from twinkle.common.wire import UserError
+
+from ..auth import ApiKeyMiddleware, KeyRing, Principal, check_auth_settings
+from ..backends import ModelPort, SamplerPort
+from ..state import Store
+from . import protocol as P
+from .errors import EXCEPTION_HANDLERS, validation_detail
+from .proto import parse_forward_backward
+from .serving import TinkerService, input_from_json
+from .settings import TinkerSettings
+
+log = logging.getLogger("twinkle.server.tinker")
+
+_PROTO = "application/x-protobuf"
+_THREAD_PARSE_BYTES = 1 << 20  # bigger forward/backward bodies are decoded off the event loop
+
+
+def _svc(request: Request) -> TinkerService:
+    return request.app.state.service
+
+
+def _owner(request: Request) -> str:
+    user: Principal = request.user
+    return user.id
+
+
+def _decode(body: bytes, type_: type) -> Any:
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as e:
+        raise UserError(f"invalid request: {validation_detail(e)}") from None
+    except msgspec.DecodeError as e:
+        raise UserError(f"the body is not valid JSON ({e})") from None
+
+
+# ===================================================================================== handshake & sessions
+
+
+@post("/client/config", status_code=200)
+async def client_config(request: Request) -> dict[str, Any]:
+    return TinkerService.client_config()
+
+
+@post("/client/dynamic_config", status_code=200)
+async def dynamic_config(request: Request) -> dict[str, Any]:
+    return TinkerService.dynamic_config()
+
+
+@post("/create_session", status_code=200)
+async def create_session(request: Request, data: P.CreateSessionRequest) -> P.CreateSessionResponse:
+    return await _svc(request).create_session(_owner(request), data)
+
+
+@post("/session_heartbeat", status_code=200)
+async def session_heartbeat(request: Request, data: P.SessionHeartbeatRequest) -> dict[str, str]:
+    return await _svc(request).heartbeat(_owner(request), data.session_id)
+
+
+@post("/sessions/{session_id:str}/finish", status_code=200)
+async def finish_session(request: Request, session_id: str) -> dict[str, Any]:
+    body = await request.body()
+    req = _decode(body, P.FinishSessionRequest) if body.strip() else P.FinishSessionRequest()
+    reason = req.reason.type if req.reason is not None else None
+    await _svc(request).finish_session(_owner(request), session_id, reason)
+    return {}
+
+
+@post("/telemetry", status_code=200)
+async def telemetry(request: Request) -> dict[str, str]:
+    return {"status": "accepted"}
+
+
+@get("/healthz", opt={"exclude_from_auth": True})
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/get_server_capabilities")
+async def get_server_capabilities(request: Request) -> P.ServerCapabilitiesResponse:
+    return await _svc(request).capabilities()
+
+
+@get("/sessions")
+async def list_sessions(request: Request, limit: int | None = None, offset: int | None = None,
+                        access_scope: str | None = None) -> P.ListSessionsResponse:
+    return await _svc(request).list_sessions(_owner(request), limit, offset)
+
+
+@get("/sessions/{session_id:str}")
+async def get_session(request: Request, session_id: str, access_scope: str | None = None) -> P.GetSessionResponse:
+    return await _svc(request).get_session(_owner(request), session_id)
+
+
+# ===================================================================================== training
+
+
+@post("/create_model", status_code=200)
+async def create_model(request: Request, data: P.CreateModelRequest) -> P.UntypedFuture:
+    return await _svc(request).create_model(_owner(request), data)
+
+
+@post("/get_info", status_code=200)
+async def get_info(request: Request, data: P.ModelIdRequest) -> P.GetInfoResponse:
+    return await _svc(request).get_info(_owner(request), data.model_id)
+
+
+@post("/unload_model", status_code=200)
+async def unload_model(request: Request, data: P.ModelIdRequest) -> P.UntypedFuture:
+    return await _svc(request).unload_model(_owner(request), data.model_id)
+
+
+@post("/forward_backward", status_code=200)
+async def forward_backward(request: Request) -> P.UntypedFuture:
+    """Protobuf since SDK 0.25 (``forward_only`` inside); JSON before."""
+    body = await request.body()
+    svc, owner = _svc(request), _owner(request)
+    if _PROTO in (request.headers.get("content-type") or ""):
+        decoded = parse_forward_backward(body)
+        make_input = decoded.input
+        if len(body) > _THREAD_PARSE_BYTES:  # decode big batches off the event loop
+            inp = await asyncio.to_thread(_try, decoded.input)
+            make_input = inp if callable(inp) else (lambda: inp)
+        return await svc.forward_backward(owner, decoded.model_id, decoded.seq_id, make_input,
+                                          forward_only=decoded.forward_only)
+    req = await _decode_training(svc, owner, body, P.ForwardBackwardJsonRequest)
+    return await svc.forward_backward(owner, req.model_id, req.seq_id,
+                                      lambda: input_from_json(req.forward_backward_input), forward_only=False)
+
+
+@post("/forward", status_code=200)
+async def forward(request: Request) -> P.UntypedFuture:
+    """Pre-0.25 SDKs: forward pass only, JSON."""
+    svc, owner = _svc(request), _owner(request)
+    req = await _decode_training(svc, owner, await request.body(), P.ForwardJsonRequest)
+    return await svc.forward_backward(owner, req.model_id, req.seq_id, lambda: input_from_json(req.forward_input),
+                                      forward_only=True)
+
+
+@post("/optim_step", status_code=200)
+async def optim_step(request: Request) -> P.UntypedFuture:
+    svc, owner = _svc(request), _owner(request)
+    return await svc.optim_step(owner, await _decode_training(svc, owner, await request.body(), P.OptimStepRequest))
+
+
+@post("/save_weights", status_code=200)
+async def save_weights(request: Request) -> P.UntypedFuture:
+    svc, owner = _svc(request), _owner(request)
+    return await svc.save_weights(owner, await _decode_training(svc, owner, await request.body(),
+                                                                P.SaveWeightsRequest))
+
+
+@post("/save_weights_for_sampler", status_code=200)
+async def save_weights_for_sampler(request: Request) -> P.UntypedFuture:
+    svc, owner = _svc(request), _owner(request)
+    req = await _decode_training(svc, owner, await request.body(), P.SaveWeightsForSamplerRequest)
+    return await svc.save_weights_for_sampler(owner, req)
+
+
+@post("/load_weights", status_code=200)
+async def load_weights(request: Request) -> P.UntypedFuture:
+    svc, owner = _svc(request), _owner(request)
+    return await svc.load_weights(owner, await _decode_training(svc, owner, await request.body(),
+                                                                P.LoadWeightsRequest))
+
+
+def _try(fn: Any) -> Any:
+    """Run ``fn``; on a ``UserError`` return a callable that re-raises it (so the caller can attribute it)."""
+    try:
+        return fn()
+    except UserError as e:
+        def again() -> Any:
+            raise e
+        return again
+
+
+async def _decode_training(svc: TinkerService, owner: str, body: bytes, type_: type) -> Any:
+    """Decode a numbered training request. If the body is malformed but names its run and ``seq_id``, that
+    number is released at the Model service before the 400 goes out, so the run does not stall."""
+    try:
+        return _decode(body, type_)
+    except UserError:
+        try:
+            header = msgspec.json.decode(body, type=P.TrainingHeader)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            header = None
+        if header is not None:
+            await svc.reject_seq(owner, header.model_id, header.seq_id)
+        raise
+
+
+# ===================================================================================== sampling
+
+
+@post("/create_sampling_session", status_code=200)
+async def create_sampling_session(request: Request, data: P.CreateSamplingSessionRequest
+                                  ) -> P.CreateSamplingSessionResponse:
+    return await _svc(request).create_sampling_session(_owner(request), data)
+
+
+@get("/samplers/{sampler_id:str}")
+async def get_sampler(request: Request, sampler_id: str) -> P.GetSamplerResponse:
+    return await _svc(request).get_sampler(_owner(request), sampler_id)
+
+
+@post("/asample", status_code=200)
+async def asample(request: Request, data: P.SampleRequestIn) -> P.UntypedFuture:
+    return await _svc(request).sample(_owner(request), data)
+
+
+# ===================================================================================== futures
+
+
+@post("/retrieve_future", status_code=200)
+async def retrieve_future(request: Request, data: P.FutureRetrieveRequest) -> Response:
+    proto_ok = _PROTO in (request.headers.get("accept") or "")
+    body, media_type = await _svc(request).retrieve(_owner(request), data.request_id, proto_ok=proto_ok)
+    return Response(content=body, media_type=media_type, status_code=200)
+
+
+# ===================================================================================== REST
+
+
+@get("/training_runs")
+async def list_training_runs(request: Request, limit: int | None = None, offset: int | None = None,
+                             access_scope: str | None = None) -> P.TrainingRunsResponse:
+    return await _svc(request).list_training_runs(_owner(request), limit, offset)
+
+
+@get("/training_runs/{run_id:str}")
+async def get_training_run(request: Request, run_id: str, access_scope: str | None = None) -> P.TrainingRunOut:
+    return await _svc(request).get_training_run(_owner(request), run_id)
+
+
+@get("/training_runs/{run_id:str}/checkpoints")
+async def list_checkpoints(request: Request, run_id: str) -> P.CheckpointsListResponse:
+    return await _svc(request).list_checkpoints(_owner(request), run_id)
+
+
+def _split_action(rest: str, actions: tuple[str, ...]) -> tuple[str, str | None]:
+    """``/weights/ckpt-1`` → ("weights/ckpt-1", None); ``/weights/ckpt-1/publish`` → (…, "publish")."""
+    parts = rest.strip("/").split("/")
+    if len(parts) == 3 and parts[2] in actions:
+        return "/".join(parts[:2]), parts[2]
+    return "/".join(parts), None
+
+
+@delete("/training_runs/{run_id:str}/checkpoints/{rest:path}", status_code=204)
+async def delete_checkpoint(request: Request, run_id: str, rest: str) -> None:
+    checkpoint_id, action = _split_action(rest, ("publish",))
+    if action == "publish":
+        await _svc(request).set_published(_owner(request), run_id, checkpoint_id, False)
+    else:
+        await _svc(request).delete_checkpoint(_owner(request), run_id, checkpoint_id)
+
+
+@post("/training_runs/{run_id:str}/checkpoints/{rest:path}", status_code=204)
+async def checkpoint_action(request: Request, run_id: str, rest: str) -> None:
+    checkpoint_id, action = _split_action(rest, ("publish",))
+    if action != "publish":
+        raise UserError(f"unknown checkpoint action; POST …/checkpoints/{checkpoint_id}/publish publishes it",
+                        status=404)
+    await _svc(request).set_published(_owner(request), run_id, checkpoint_id, True)
+
+
+@put("/training_runs/{run_id:str}/checkpoints/{rest:path}", status_code=204)
+async def checkpoint_ttl(request: Request, run_id: str, rest: str) -> None:
+    checkpoint_id, action = _split_action(rest, ("ttl",))
+    if action != "ttl":
+        raise UserError(f"unknown checkpoint action; PUT …/checkpoints/{checkpoint_id}/ttl sets its expiry",
+                        status=404)
+    body = await request.body()
+    req = _decode(body, P.TtlRequest) if body.strip() else P.TtlRequest()
+    await _svc(request).set_ttl(_owner(request), run_id, checkpoint_id, req.ttl_seconds)
+
+
+@get("/checkpoints")
+async def list_user_checkpoints(request: Request, limit: int | None = None, offset: int | None = None
+                                ) -> P.CheckpointsListResponse:
+    return await _svc(request).list_user_checkpoints(_owner(request), limit, offset)
+
+
+@post("/weights_info", status_code=200)
+async def weights_info(request: Request, data: P.WeightsInfoRequest) -> P.WeightsInfoResponse:
+    return await _svc(request).weights_info(_owner(request), data.tinker_path)
+
+
+ROUTES = [
+    client_config, dynamic_config, create_session, session_heartbeat, finish_session, telemetry, healthz,
+    get_server_capabilities, list_sessions, get_session, create_model, get_info, unload_model, forward_backward,
+    forward, optim_step, save_weights, save_weights_for_sampler, load_weights, create_sampling_session,
+    get_sampler, asample, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
+    delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info,
+]
+
+
+# ===================================================================================== request bodies
+
+
+class ZstdRequestMiddleware(ASGIMiddleware):
+    """Accept ``Content-Encoding: zstd`` request bodies (the SDK compresses forward/backward when the server
+    config asks for it, and any client may). Decompression is bounded by ``max_body_bytes`` so a small
+    compressed bomb cannot exhaust memory; the app's own body limit then applies to the plain body."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self.max_body_bytes = max_body_bytes
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        encoding = next((v for k, v in scope.get("headers", ()) if k == b"content-encoding"), None)
+        if encoding is None or encoding.strip().lower() != b"zstd":
+            await next_app(scope, receive, send)
+            return
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
+        state: dict[str, Any] = {"done": False}
+        limit = self.max_body_bytes
+
+        async def receive_plain() -> Message:
+            if state["done"]:
+                return await receive()
+            compressed = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+                compressed += message.get("body", b"")
+                if len(compressed) > limit:
+                    raise RequestEntityTooLarge()
+                if not message.get("more_body", False):
+                    break
+            state["done"] = True
+            plain = await asyncio.to_thread(_unzstd, bytes(compressed), limit)
+            return {"type": "http.request", "body": plain, "more_body": False}
+
+        await next_app(scope, receive_plain, send)
+
+
+def _unzstd(data: bytes, limit: int) -> bytes:
+    import zstandard
+
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+            out = reader.read(limit + 1)
+    except zstandard.ZstdError as e:
+        raise UserError(f"the body is not valid zstd ({e})") from None
+    if len(out) > limit:
+        raise RequestEntityTooLarge()
+    return out
+
+
+# ===================================================================================== the app
+
+
+def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], samplers: dict[str, SamplerPort],
+                      *, path_prefix: str = "", debug: bool = False) -> Litestar:
+    """A fresh Tinker-compatible app over the given Model and Sampler ports (keyed by served model name).
+
+    The store is opened, unfinished requests of a previous process are failed, and the sweeper starts when
+    the app's lifespan starts; everything is closed when it ends.
+    """
+    keys = check_auth_settings(settings.host, settings.api_keys)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        store = await Store.open(settings.state_path)
+        service = TinkerService(settings, store, models, samplers)
+        sweeper: asyncio.Task | None = None
+        try:
+            await service.futures.recover()
+            app.state.keyring = await KeyRing.load(store, keys, host=settings.host)
+            app.state.service = service
+            sweeper = asyncio.create_task(_sweep_forever(service, settings.sweep_interval_s), name="tinker sweeper")
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+            await service.close()
+            await store.close()
+            app.state.keyring = None
+
+    handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
+    return Litestar(
+        route_handlers=handlers,
+        middleware=[ZstdRequestMiddleware(settings.max_body_bytes), DefineMiddleware(ApiKeyMiddleware)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[lifespan],
+        state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None}),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=None,
+        debug=debug,
+    )
+
+
+async def _sweep_forever(service: TinkerService, interval: float) -> None:
+    while True:
+        try:
+            counts = await service.sweep()
+            if any(counts.values()):
+                log.info("cleanup: %s", counts)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the sweeper must survive a bad pass
+            log.exception("cleanup pass failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,520 @@
+"""The Tinker app over HTTP (Litestar's test client) with the real Model and Sampler services in-process.
+
+Covers the wire details the SDK depends on (status codes, JSON vs protobuf results, futures, dedupe, errors,
+durability) with raw requests, so each rule is checked on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+
+import msgspec
+import numpy as np
+import pytest
+
+tinker = pytest.importorskip("tinker")
+zstandard = pytest.importorskip("zstandard")
+
+from litestar.testing import TestClient  # noqa: E402
+from tinker import types  # noqa: E402
+from tinker.proto.request_conv import forward_backward_request_to_proto  # noqa: E402
+from tinker.proto.response_conv import (  # noqa: E402
+    deserialize_forward_backward_output,
+    deserialize_sample_response,
+)
+
+from twinkle.common.models import TINY_MODEL_ID, served_model_name  # noqa: E402
+from twinkle.server.auth import principal_id  # noqa: E402
+from twinkle.server.backends import LocalPort  # noqa: E402
+from twinkle.server.state import FutureRecord, Store  # noqa: E402
+from twinkle.server.tinker import TinkerSettings, create_tinker_app  # noqa: E402
+
+MODEL = served_model_name(TINY_MODEL_ID)
+A, B = "tml-rest-alice", "tml-rest-bob"
+PROTO = "application/x-protobuf"
+TOKENS = [101, 202, 303, 404, 505, 606, 707, 808]
+
+
+@pytest.fixture(scope="module")
+def services():
+    from twinkle.model.service import ModelService
+    from twinkle.sampler.service import SamplerService
+
+    model = ModelService(TINY_MODEL_ID, gap_timeout_s=60.0)
+    sampler = SamplerService(TINY_MODEL_ID)
+    yield model, sampler
+    with contextlib.suppress(Exception):
+        asyncio.run(model.close())
+    with contextlib.suppress(Exception):
+        asyncio.run(sampler.close())
+
+
+def _app(services, tmp_path, **settings):
+    model, sampler = services
+    settings.setdefault("checkpoint_dir", str(tmp_path / "ckpt"))
+    settings.setdefault("state_db", str(tmp_path / "state.sqlite"))
+    return create_tinker_app(TinkerSettings(**settings), {MODEL: LocalPort(model)}, {MODEL: LocalPort(sampler)},
+                             path_prefix="/api/v1")
+
+
+class Api:
+    """Raw HTTP calls as one API key."""
+
+    def __init__(self, client: TestClient, key: str) -> None:
+        self.client, self.key = client, key
+
+    def post(self, path, json=None, **kw):
+        headers = {"X-API-Key": self.key, **kw.pop("headers", {})}
+        return self.client.post(f"/api/v1/{path}", json=json, headers=headers, **kw)
+
+    def get(self, path, **kw):
+        return self.client.get(f"/api/v1/{path}", headers={"X-API-Key": self.key}, **kw)
+
+    def delete(self, path):
+        return self.client.delete(f"/api/v1/{path}", headers={"X-API-Key": self.key})
+
+    def put(self, path, json):
+        return self.client.put(f"/api/v1/{path}", json=json, headers={"X-API-Key": self.key})
+
+    def ok(self, path, json=None, **kw):
+        r = self.post(path, json, **kw)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def result(self, request_id, proto=False, timeout=60.0):
+        headers = {"Accept": PROTO} if proto else {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.post("retrieve_future", {"request_id": request_id, "allow_metadata_only": True},
+                          headers=headers)
+            assert r.status_code == 200, r.text
+            if r.headers["content-type"].startswith(PROTO):
+                return r.content
+            body = r.json()
+            if body.get("type") != "try_again":
+                return body
+        raise TimeoutError(request_id)
+
+    def session(self):
+        return self.ok("create_session", {"tags": [], "user_metadata": {}, "sdk_version": "test",
+                                          "type": "create_session"})["session_id"]
+
+    def model(self, session_id, seq=0, rank=4):
+        fut = self.ok("create_model", {"session_id": session_id, "model_seq_id": seq, "base_model": MODEL,
+                                       "lora_config": {"rank": rank}, "type": "create_model"})
+        assert isinstance(fut["request_id"], str)
+        res = self.result(fut["request_id"])
+        assert res == {"type": "create_model", "model_id": f"{session_id}:train:{seq}"}, res
+        return res["model_id"]
+
+    def fwdbwd(self, model_id, seq_id, data=None, loss_fn="cross_entropy", forward_only=False, config=None):
+        req = types.ForwardBackwardRequest(
+            forward_backward_input=types.ForwardBackwardInput(data=data or [_datum()], loss_fn=loss_fn,
+                                                              loss_fn_config=config),
+            model_id=model_id, seq_id=seq_id)
+        msg = forward_backward_request_to_proto(req)
+        msg.forward_only = forward_only
+        return self.post("forward_backward", content=msg.SerializeToString(), headers={"Content-Type": PROTO})
+
+    def optim(self, model_id, seq_id, lr=1e-3):
+        return self.ok("optim_step", {"model_id": model_id, "seq_id": seq_id, "type": "optim_step",
+                                      "adam_params": {"learning_rate": lr}})
+
+
+def _datum(tokens=TOKENS, weights=None):
+    n = len(tokens) - 1
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights or [1.0] * n})
+
+
+@pytest.fixture
+def app_client(services, tmp_path):
+    with TestClient(_app(services, tmp_path)) as client:
+        yield client
+
+
+@pytest.fixture
+def alice(app_client):
+    return Api(app_client, A)
+
+
+@pytest.fixture
+def bob(app_client):
+    return Api(app_client, B)
+
+
+# ------------------------------------------------------------------------------------------ handshake
+
+
+def test_handshake_and_session_lifecycle(alice, bob):
+    assert alice.ok("client/config", {"sdk_version": "0.38.0"})["proto_compress_fwdbwd"] is False
+    assert alice.ok("client/dynamic_config", {"sdk_version": "0.38.0"})["refresh_interval_sec"] == 300
+    sid = alice.session()
+    assert alice.ok("session_heartbeat", {"session_id": sid, "type": "session_heartbeat"}) == {
+        "type": "session_heartbeat"}
+    assert bob.post("session_heartbeat", {"session_id": sid}).status_code == 404
+    assert alice.ok("telemetry", {"events": [{"event": "SESSION_START"}], "platform": "x"}) == {"status": "accepted"}
+    assert alice.get("get_server_capabilities").json() == {"supported_models": [
+        {"model_name": MODEL, "max_context_length": 2048, "trainable": True, "sampleable": True}]}
+    assert bob.post(f"sessions/{sid}/finish", {"reason": {"type": "success"}}).status_code == 404
+    assert alice.ok(f"sessions/{sid}/finish", {"reason": {"type": "success"}, "detail": None}) == {}
+    r = alice.post("session_heartbeat", {"session_id": sid})
+    assert r.status_code == 410 and "finished" in r.json()["detail"]
+    assert alice.get("sessions").json() == {"sessions": [sid]}
+    assert bob.get("sessions").json() == {"sessions": []}
+    assert alice.get(f"sessions/{sid}").json()["training_run_ids"] == []
+    assert bob.get(f"sessions/{sid}").status_code == 404
+    # a finished session takes no new clients
+    r = alice.post("create_model", {"session_id": sid, "model_seq_id": 0, "base_model": MODEL})
+    assert r.status_code == 400 and "finished" in r.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_training_futures_proto_and_json(alice, bob):
+    sid = alice.session()
+    mid = alice.model(sid)
+    info = alice.ok("get_info", {"model_id": mid, "type": "get_info"})
+    assert info["model_data"]["model_name"] == MODEL and info["lora_rank"] == 4
+    assert bob.post("get_info", {"model_id": mid}).status_code == 404
+
+    fut = alice.fwdbwd(mid, 1).json()
+    assert fut["model_id"] == mid
+    out = deserialize_forward_backward_output(alice.result(fut["request_id"], proto=True))
+    assert len(out.loss_fn_outputs) == 1 and len(out.loss_fn_outputs[0]["logprobs"].data) == len(TOKENS) - 1
+    assert "loss:sum" in out.metrics
+    # the same result as JSON, for clients that do not accept protobuf (pre-0.18 SDKs)
+    as_json = alice.result(fut["request_id"])
+    assert np.allclose(as_json["loss_fn_outputs"][0]["logprobs"]["data"], out.loss_fn_outputs[0]["logprobs"].data)
+    assert as_json["metrics"]["loss:sum"] == pytest.approx(out.metrics["loss:sum"])
+    # another principal cannot read it; an unknown id is a terminal 404
+    assert bob.post("retrieve_future", {"request_id": fut["request_id"]}).status_code == 404
+    r = alice.post("retrieve_future", {"request_id": "req-nope"})
+    assert r.status_code == 404 and "req-nope" in r.json()["detail"]
+
+    opt = alice.optim(mid, 2)
+    assert set(alice.result(opt["request_id"])["metrics"]) >= {"learning_rate:mean"}
+
+
+def test_dedupe_and_out_of_order_chunks(alice):
+    mid = alice.model(alice.session())
+    # chunk 2 first, chunk 1 last (as the SDK sends them); then optim before any result is read
+    second = alice.fwdbwd(mid, 2).json()["request_id"]
+    first = alice.fwdbwd(mid, 1).json()["request_id"]
+    opt = alice.optim(mid, 3)["request_id"]
+    # a retried submission (new idempotency key, same seq_id) gets the first request id
+    assert alice.fwdbwd(mid, 1).json()["request_id"] == first
+    assert alice.optim(mid, 3)["request_id"] == opt
+    for rid in (first, second):
+        assert "loss:sum" in deserialize_forward_backward_output(alice.result(rid, proto=True)).metrics
+    assert alice.result(opt)["metrics"]["step:max"] == 1.0
+
+
+def test_user_errors_fail_the_future_and_leave_the_run_usable(alice):
+    mid = alice.model(alice.session())
+    bad_len = alice.fwdbwd(mid, 1, data=[_datum(weights=[1.0, 1.0])]).json()
+    failed = alice.result(bad_len["request_id"], proto=True)
+    assert failed["category"] == "user" and "weights" in failed["error"]
+    unknown = alice.fwdbwd(mid, 2, loss_fn="cross_entropy", config={"bogus": 1.0}).json()
+    assert alice.result(unknown["request_id"], proto=True)["category"] == "user"
+    t0 = time.monotonic()
+    ok = alice.fwdbwd(mid, 3).json()
+    assert "loss:sum" in deserialize_forward_backward_output(alice.result(ok["request_id"], proto=True)).metrics
+    assert time.monotonic() - t0 < 20
+
+
+def test_gateway_rejections_release_the_seq_id(alice):
+    """A request refused at submit (400) still consumes its seq_id, so the next one runs at once instead of
+    waiting for the Model service's gap timeout."""
+    mid = alice.model(alice.session())
+    r = alice.post("save_weights", {"model_id": mid, "path": "../escape", "seq_id": 1})
+    assert r.status_code == 400 and "invalid checkpoint name" in r.json()["detail"]
+    r = alice.post("optim_step", {"model_id": mid, "seq_id": 2, "adam_params": {"learning_rate": "fast"}})
+    assert r.status_code == 400 and "adam_params.learning_rate" in r.json()["detail"]
+    r = alice.post("optim_step", {"model_id": mid, "seq_id": 3, "optimizer_params": {"type": "dimuon"}})
+    assert r.status_code == 400 and "dimuon" in r.json()["detail"]
+    msg = forward_backward_request_to_proto(types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=[], loss_fn="cross_entropy"), model_id=mid, seq_id=4))
+    msg.data.add().model_input.add().image.data = b"png"
+    r = alice.post("forward_backward", content=msg.SerializeToString(), headers={"Content-Type": PROTO})
+    assert r.status_code == 400 and "image chunks" in r.json()["detail"]
+    t0 = time.monotonic()
+    fut = alice.fwdbwd(mid, 5).json()
+    assert "loss:sum" in deserialize_forward_backward_output(alice.result(fut["request_id"], proto=True)).metrics
+    assert time.monotonic() - t0 < 15  # the service's gap timeout is 60 s here
+
+
+@pytest.mark.parametrize("body, where", [
+    ({"session_id": 5, "model_seq_id": 0, "base_model": MODEL}, "session_id"),
+    ({"model_seq_id": 0, "base_model": MODEL}, "session_id"),
+    ({"session_id": "s", "model_seq_id": 0, "base_model": MODEL, "lora_config": {"rank": "big"}},
+     "lora_config.rank"),
+])
+def test_validation_errors_name_the_field(alice, body, where):
+    r = alice.post("create_model", body)
+    assert r.status_code == 400
+    assert where in r.json()["detail"] and "create_model" in r.json()["detail"]
+
+
+def test_bad_requests_get_clear_messages(alice):
+    sid = alice.session()
+    r = alice.post("create_model", {"session_id": sid, "model_seq_id": 0, "base_model": "Qwen/Qwen3-8B"})
+    assert r.status_code == 400 and "unknown base_model 'Qwen/Qwen3-8B'" in r.json()["detail"]
+    r = alice.post("create_model", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"]
+    r = alice.post("forward_backward", content=b"\x00garbage", headers={"Content-Type": PROTO})
+    assert r.status_code == 400 and "ForwardBackwardRequest" in r.json()["detail"]
+    r = alice.post("no_such_route", {})
+    assert r.status_code == 404 and "no such endpoint" in r.json()["detail"]
+    r = alice.post("load_weights", {"session_id": sid, "model_seq_id": 1, "path": "/etc/passwd", "optimizer": True})
+    assert r.status_code == 400 and "tinker://" in r.json()["detail"]
+    r = alice.post("load_weights", {"session_id": sid, "model_seq_id": 1, "optimizer": True,
+                                    "path": "tinker://x:train:0/weights/../../etc"})
+    assert r.status_code == 400
+    r = alice.post("load_weights", {"session_id": sid, "model_seq_id": 1, "optimizer": True,
+                                    "path": "tinker://x:train:0/weights/nope"})
+    assert r.status_code == 404 and "not found" in r.json()["detail"]
+
+
+def test_json_era_clients(alice):
+    """Pre-0.25 SDKs: JSON forward_backward, POST /forward, chunks without ``type``, explicit nulls."""
+    sid = alice.ok("create_session", {"tags": [], "user_metadata": None, "sdk_version": "0.3.0"})["session_id"]
+    fut = alice.ok("create_model", {"session_id": sid, "model_seq_id": 0, "base_model": MODEL,
+                                    "user_metadata": None, "lora_config": {"rank": 4, "seed": None}})
+    mid = alice.result(fut["request_id"])["model_id"]
+    datum = {"model_input": {"chunks": [{"tokens": TOKENS[:-1]}]},
+             "loss_fn_inputs": {"target_tokens": {"data": TOKENS[1:], "dtype": "int64", "shape": [7]},
+                                "weights": {"data": [1.0] * 7, "dtype": "float32"}}}
+    fb = alice.ok("forward_backward", {"forward_backward_input": {"data": [datum], "loss_fn": "cross_entropy",
+                                                                  "loss_fn_config": None},
+                                       "model_id": mid, "seq_id": 1})
+    out = alice.result(fb["request_id"])
+    assert len(out["loss_fn_outputs"][0]["logprobs"]["data"]) == 7 and "loss:sum" in out["metrics"]
+    fwd = alice.ok("forward", {"forward_input": {"data": [datum], "loss_fn": "cross_entropy"}, "model_id": mid,
+                               "seq_id": 2})
+    assert alice.result(fwd["request_id"])["loss_fn_outputs"][0]["logprobs"]["data"] == pytest.approx(
+        out["loss_fn_outputs"][0]["logprobs"]["data"])
+    opt = alice.ok("optim_step", {"adam_params": {"learning_rate": 0.0001}, "model_id": mid, "seq_id": 3})
+    assert "metrics" in alice.result(opt["request_id"])
+    ss = alice.ok("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 0,
+                                              "base_model": MODEL, "model_path": None})
+    smp = alice.ok("asample", {"num_samples": 1, "prompt": {"chunks": [{"tokens": TOKENS[:3]}]},
+                               "sampling_params": {"max_tokens": 4}, "sampling_session_id": ss["sampling_session_id"],
+                               "seq_id": 0, "prompt_logprobs": None, "topk_prompt_logprobs": 0})
+    res = alice.result(smp["request_id"])
+    assert res["type"] == "sample" and len(res["sequences"][0]["tokens"]) <= 4
+    assert res["sequences"][0]["stop_reason"] in ("stop", "length")
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def test_sampling_dedupe_ids_and_prompt_logprobs(alice, bob):
+    sid = alice.session()
+    ss = alice.ok("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 0,
+                                              "base_model": MODEL})["sampling_session_id"]
+    assert ss == f"{sid}:sample:0"
+    assert alice.get(f"samplers/{ss}").json() == {"sampler_id": ss, "base_model": MODEL, "model_path": None}
+    assert bob.get(f"samplers/{ss}").status_code == 404
+    body = {"num_samples": 3, "prompt": {"chunks": [{"tokens": TOKENS[:4], "type": "encoded_text"}]},
+            "sampling_params": {"max_tokens": 3, "temperature": 0.0, "top_k": -1, "top_p": 1.0},
+            "sampling_session_id": ss, "seq_id": 0, "prompt_logprobs": True, "topk_prompt_logprobs": 0,
+            "type": "sample"}
+    fut = alice.ok("asample", body)
+    ids = fut["sample_sequence_ids"]
+    assert len(ids) == 3 and len(set(ids)) == 3
+    again = alice.ok("asample", body)  # backpressure resubmit: same seq_id, same request, same ids
+    assert again == fut
+    assert bob.post("asample", body).status_code == 404
+    res = deserialize_sample_response(alice.result(fut["request_id"], proto=True))
+    assert len(res.sequences) == 3
+    assert all(s.logprobs is not None and len(s.logprobs) == len(s.tokens) for s in res.sequences)
+    assert res.sequences[0].tokens == res.sequences[1].tokens  # greedy
+    assert len(res.prompt_logprobs) == 4 and (res.prompt_logprobs[0] is None or math.isnan(res.prompt_logprobs[0]))
+    r = alice.post("asample", {**body, "seq_id": 1, "topk_prompt_logprobs": 2})
+    assert r.status_code == 400 and "topk_prompt_logprobs" in r.json()["detail"]
+    r = alice.post("asample", {**body, "seq_id": 2, "prompt": {"chunks": [{"type": "image", "data": "AA=="}]}})
+    assert r.status_code == 400 and "image chunks" in r.json()["detail"]
+    # prompt_logprobs_last_n: earlier positions are NaN
+    last = alice.ok("asample", {**body, "seq_id": 3, "num_samples": 1, "prompt_logprobs_last_n": 2})
+    lp = deserialize_sample_response(alice.result(last["request_id"], proto=True)).prompt_logprobs
+    assert [x is None or math.isnan(x) for x in lp] == [True, True, False, False]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoints_rest(alice, bob):
+    sid = alice.session()
+    mid = alice.model(sid)
+    saved = alice.ok("save_weights", {"model_id": mid, "path": "ck-1", "seq_id": 1, "type": "save_weights",
+                                      "user_metadata": {"step": "1"}})
+    uri = alice.result(saved["request_id"])["path"]
+    assert uri == f"tinker://{mid}/weights/ck-1"
+    again = alice.post("save_weights", {"model_id": mid, "path": "ck-1", "seq_id": 2})
+    assert again.status_code == 400 and "already exists" in again.json()["detail"]
+    samp = alice.ok("save_weights_for_sampler", {"model_id": mid, "path": "s-1", "seq_id": 3, "kind": "snapshot"})
+    s_uri = alice.result(samp["request_id"])["path"]
+    assert s_uri == f"tinker://{mid}/sampler_weights/s-1"
+    eph = alice.ok("save_weights_for_sampler", {"model_id": mid, "sampling_session_seq_id": 0, "seq_id": 4})
+    assert alice.result(eph["request_id"])["sampling_session_id"] == f"{sid}:sample:0"
+
+    listed = alice.get(f"training_runs/{mid}/checkpoints").json()
+    assert [c["checkpoint_id"] for c in listed["checkpoints"]] == ["weights/ck-1", "sampler_weights/s-1"]
+    ck = listed["checkpoints"][0]
+    assert ck["checkpoint_type"] == "training" and ck["size_bytes"] > 0 and ck["user_metadata"] == {"step": "1"}
+    assert ck["tinker_path"] == uri and ck["time"].endswith("Z")
+    assert bob.get(f"training_runs/{mid}/checkpoints").status_code == 404
+    run = alice.get(f"training_runs/{mid}").json()
+    assert run["model_owner"] == principal_id(A) and run["lora_rank"] == 4
+    assert run["last_checkpoint"]["checkpoint_id"] == "weights/ck-1"
+    assert run["last_sampler_checkpoint"]["checkpoint_id"] == "sampler_weights/s-1"
+    assert alice.ok("weights_info", {"tinker_path": uri}) == {
+        "base_model": MODEL, "is_lora": True, "lora_rank": 4, "train_unembed": True, "train_mlp": True,
+        "train_attn": True, "optimizer_config": {"type": "adamw"}}
+    assert bob.post("weights_info", {"tinker_path": uri}).status_code == 404
+    assert alice.get("checkpoints?limit=1").json()["cursor"] == {"offset": 0, "limit": 1, "total_count": 2}
+
+    # publish: another principal may now read (not delete) it
+    assert alice.post(f"training_runs/{mid}/checkpoints/weights/ck-1/publish").status_code == 204
+    assert bob.post("weights_info", {"tinker_path": uri}).status_code == 200
+    assert bob.delete(f"training_runs/{mid}/checkpoints/weights/ck-1").status_code == 404
+    assert alice.delete(f"training_runs/{mid}/checkpoints/weights/ck-1/publish").status_code == 204
+    assert bob.post("weights_info", {"tinker_path": uri}).status_code == 404
+
+    # delete (the checkpoint id holds a slash)
+    assert alice.delete(f"training_runs/{mid}/checkpoints/sampler_weights/s-1").status_code == 204
+    assert alice.delete(f"training_runs/{mid}/checkpoints/sampler_weights/s-1").status_code == 404
+    assert alice.delete(f"training_runs/{mid}/checkpoints/bogus/s-1").status_code == 400
+    assert [c["checkpoint_id"] for c in alice.get(f"training_runs/{mid}/checkpoints").json()["checkpoints"]] == [
+        "weights/ck-1"]
+
+
+def test_ttl_is_enforced_by_the_sweeper(services, tmp_path):
+    with TestClient(_app(services, tmp_path, sweep_interval_s=0.2)) as client:
+        alice = Api(client, A)
+        mid = alice.model(alice.session())
+        saved = alice.ok("save_weights", {"model_id": mid, "path": "short", "seq_id": 1})
+        uri = alice.result(saved["request_id"])["path"]
+        ckpt_dir = next((tmp_path / "ckpt").rglob("short"))
+        assert ckpt_dir.is_dir()
+        assert alice.put(f"training_runs/{mid}/checkpoints/weights/short/ttl", {"ttl_seconds": 0}).status_code == 400
+        assert alice.put(f"training_runs/{mid}/checkpoints/weights/short/ttl", {"ttl_seconds": 1}).status_code == 204
+        expires = alice.get(f"training_runs/{mid}/checkpoints").json()["checkpoints"][0]["expires_at"]
+        assert expires.endswith("Z")
+        deadline = time.monotonic() + 10
+        while ckpt_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not ckpt_dir.exists()
+        assert alice.get(f"training_runs/{mid}/checkpoints").json()["checkpoints"] == []
+        assert alice.post("weights_info", {"tinker_path": uri}).status_code == 404
+
+
+def test_training_runs_paging(alice, bob):
+    sid = alice.session()
+    ids = [alice.model(sid, seq=i) for i in range(3)]
+    page = alice.get("training_runs?limit=2&offset=0&access_scope=owned").json()
+    assert page["cursor"] == {"offset": 0, "limit": 2, "total_count": 3}
+    assert [r["training_run_id"] for r in page["training_runs"]] == ids[::-1][:2]
+    page = alice.get("training_runs?limit=2&offset=2").json()
+    assert [r["training_run_id"] for r in page["training_runs"]] == ids[:1]
+    assert bob.get("training_runs").json()["cursor"]["total_count"] == 0
+    assert bob.get(f"training_runs/{ids[0]}").status_code == 404
+    assert alice.get("training_runs?limit=0").status_code == 400
+    assert alice.get(f"sessions/{sid}").json()["training_run_ids"] == ids
+
+
+# ------------------------------------------------------------------------------------------ transport
+
+
+def test_zstd_bodies_and_size_limit(services, tmp_path):
+    with TestClient(_app(services, tmp_path, max_body_bytes=64 * 1024)) as client:
+        alice = Api(client, A)
+        mid = alice.model(alice.session())
+        msg = forward_backward_request_to_proto(types.ForwardBackwardRequest(
+            forward_backward_input=types.ForwardBackwardInput(data=[_datum()], loss_fn="cross_entropy"),
+            model_id=mid, seq_id=1))
+        body = zstandard.ZstdCompressor().compress(msg.SerializeToString())
+        r = alice.post("forward_backward", content=body, headers={"Content-Type": PROTO, "Content-Encoding": "zstd"})
+        assert r.status_code == 200, r.text
+        assert "loss:sum" in deserialize_forward_backward_output(alice.result(r.json()["request_id"], True)).metrics
+        big = {"model_id": mid, "seq_id": 2, "adam_params": {"learning_rate": 1e-4}, "pad": "x" * 100_000}
+        r = alice.post("optim_step", big)
+        assert r.status_code == 413 and "65536 bytes" in r.json()["detail"]
+        bomb = zstandard.ZstdCompressor().compress(b'{"model_id": "' + b"a" * 1_000_000 + b'"}')
+        assert len(bomb) < 64 * 1024
+        r = alice.post("optim_step", content=bomb, headers={"Content-Type": "application/json",
+                                                            "Content-Encoding": "zstd"})
+        assert r.status_code == 413
+        r = alice.post("optim_step", content=b"not zstd", headers={"Content-Type": "application/json",
+                                                                   "Content-Encoding": "zstd"})
+        assert r.status_code == 400 and "zstd" in r.json()["detail"]
+
+
+def test_long_poll_returns_try_again(services, tmp_path):
+    with TestClient(_app(services, tmp_path, long_poll_timeout_s=0.3)) as client:
+        alice = Api(client, A)
+        mid = alice.model(alice.session())
+        waiting = alice.fwdbwd(mid, 2).json()["request_id"]  # seq 1 missing: it waits in the service
+        t0 = time.monotonic()
+        r = alice.post("retrieve_future", {"request_id": waiting})
+        assert time.monotonic() - t0 >= 0.25
+        assert r.json() == {"request_id": waiting, "type": "try_again", "queue_state": "active"}
+        alice.fwdbwd(mid, 1)
+        assert "loss:sum" in deserialize_forward_backward_output(alice.result(waiting, proto=True)).metrics
+
+
+# ------------------------------------------------------------------------------------------ durability
+
+
+def test_restart_keeps_state_and_fails_dead_requests(services, tmp_path):
+    with TestClient(_app(services, tmp_path)) as client:
+        alice = Api(client, A)
+        sid = alice.session()
+        mid = alice.model(sid)
+        saved = alice.ok("save_weights", {"model_id": mid, "path": "keep", "seq_id": 1})
+        uri = alice.result(saved["request_id"])["path"]
+        fb = alice.fwdbwd(mid, 2).json()["request_id"]
+        first = alice.result(fb, proto=True)
+        cut_off = alice.fwdbwd(mid, 4).json()["request_id"]  # waits for seq 3, which never comes
+    # graceful shutdown: the waiting request ended as a server error
+    # a process that died with a request in flight: simulated by a row left pending
+    async def leave_pending():
+        store = await Store.open(str(tmp_path / "state.sqlite"))
+        await store.insert_future(FutureRecord(request_id="req-dead", owner=principal_id(A), kind="optim_step",
+                                               created=time.time(), model_id=mid, seq_id=99))
+        await store.close()
+
+    asyncio.run(leave_pending())
+    with TestClient(_app(services, tmp_path)) as client:
+        alice = Api(client, A)
+        assert sid in alice.get("sessions").json()["sessions"]
+        assert alice.get(f"training_runs/{mid}").json()["training_run_id"] == mid
+        assert alice.get(f"training_runs/{mid}/checkpoints").json()["checkpoints"][0]["tinker_path"] == uri
+        assert alice.result(fb, proto=True) == first  # a finished result is still there
+        dead = alice.result("req-dead")
+        assert dead["category"] == "server" and "restarted" in dead["error"]
+        shut = alice.result(cut_off)
+        assert shut["category"] == "server" and "shut down" in shut["error"]
+        assert alice.ok("get_info", {"model_id": mid})["model_id"] == mid
+
+
+def test_unload_model(alice):
+    mid = alice.model(alice.session())
+    fut = alice.ok("unload_model", {"model_id": mid, "type": "unload_model"})
+    assert alice.result(fut["request_id"]) == {"type": "unload_model", "model_id": mid}
+    gone = alice.fwdbwd(mid, 1).json()
+    failed = alice.result(gone["request_id"], proto=True)
+    assert failed["category"] == "user" and "not found" in failed["error"]
+
+
+def test_results_are_rendered_once(alice):
+    mid = alice.model(alice.session())
+    rid = alice.fwdbwd(mid, 1).json()["request_id"]
+    first = alice.result(rid, proto=True)
+    assert alice.result(rid, proto=True) == first
+    assert msgspec.json.decode(msgspec.json.encode(alice.result(rid)))["metrics"]

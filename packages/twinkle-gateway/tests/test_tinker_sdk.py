@@ -1,0 +1,287 @@
+"""The unmodified official ``tinker`` SDK against the Tinker-compatible server.
+
+By default the server runs in-process (real Model and Sampler services over the built-in tiny model, served
+by uvicorn on a free loopback port). Set ``TWINKLE_TEST_BASE_URL`` to run the same tests against a deployed
+server (e.g. ``hatch run deploy deploy/local-tinker.yaml`` → ``http://127.0.0.1:8000``); then
+``TWINKLE_TEST_API_KEYS`` may give two comma-separated keys (default: two ``tml-`` keys for an open-mode
+server) and ``TWINKLE_TEST_MAX_BODY_BYTES`` the server's body limit for the oversize test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+tinker = pytest.importorskip("tinker")
+from tinker import types  # noqa: E402
+
+pytestmark = pytest.mark.acceptance
+
+BASE_URL = os.environ.get("TWINKLE_TEST_BASE_URL")
+KEYS = [k.strip() for k in os.environ.get("TWINKLE_TEST_API_KEYS", "tml-sdk-alice,tml-sdk-bob").split(",")]
+LOCAL_MAX_BODY = 8 * 1024 * 1024
+# A short sequence the tiny model memorises in ~30 steps at this learning rate.
+SEQ = [101, 202, 303, 404, 505, 606, 707, 808, 909, 1001, 1102, 1203]
+PROMPT_LEN = 4
+ADAM = types.AdamParams(learning_rate=5e-3)
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    if BASE_URL:
+        yield BASE_URL.rstrip("/")
+        return
+    from twinkle.common.models import TINY_MODEL_ID
+    from twinkle.server.tinker import TinkerSettings
+    from twinkle.server.tinker.testing import LocalTinkerServer
+
+    root = tmp_path_factory.mktemp("tinker-sdk")
+    settings = TinkerSettings(checkpoint_dir=str(root / "ckpt"), max_body_bytes=LOCAL_MAX_BODY)
+    with LocalTinkerServer(settings, TINY_MODEL_ID) as server:
+        yield server.base_url
+
+
+@pytest.fixture(scope="module")
+def sc(base_url):
+    client = tinker.ServiceClient(base_url=base_url, api_key=KEYS[0])
+    yield client
+    client.close("success").result()
+
+
+@pytest.fixture(scope="module")
+def base_model(sc):
+    caps = sc.create_rest_client().get_server_capabilities().result()
+    trainable = [m.model_name for m in caps.supported_models if m.trainable and m.sampleable]
+    assert trainable, caps
+    return trainable[0]
+
+
+def _datum(seq=SEQ, weights=None):
+    return types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                       loss_fn_inputs={"target_tokens": seq[1:], "weights": weights or [1.0] * (len(seq) - 1)})
+
+
+def _step(tc, data, loss_fn="cross_entropy", config=None):
+    """The SDK's supervised step: both submitted before either is awaited."""
+    fb = tc.forward_backward(data, loss_fn, loss_fn_config=config)
+    op = tc.optim_step(ADAM)
+    return fb.result(), op.result()
+
+
+@pytest.fixture(scope="module")
+def trained(sc, base_model):
+    """A run that memorised SEQ; its loss curve."""
+    tc = sc.create_lora_training_client(base_model=base_model, rank=16, user_metadata={"purpose": "test"})
+    losses = []
+    for _ in range(36):
+        fb, _op = _step(tc, [_datum()])
+        losses.append(fb.metrics["loss:sum"])
+    return tc, losses
+
+
+def test_supervised_loss_falls(trained):
+    tc, losses = trained
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.1 * losses[0], losses
+    info = tc.get_info()
+    assert info.model_data.model_name and info.lora_rank == 16
+
+
+def test_forward_gives_logprobs_and_changes_nothing(trained):
+    tc, _ = trained
+    a = tc.forward([_datum()], "cross_entropy").result()
+    b = tc.forward([_datum()], "cross_entropy").result()
+    lp = a.loss_fn_outputs[0]["logprobs"].tolist()
+    assert len(lp) == len(SEQ) - 1
+    assert lp == b.loss_fn_outputs[0]["logprobs"].tolist()
+    assert a.metrics["loss:sum"] == pytest.approx(-sum(lp), rel=1e-4)
+
+
+def test_greedy_sampling_reproduces_the_trained_sequence(trained):
+    tc, _ = trained
+    sampler = tc.save_weights_and_get_sampling_client()
+    out = sampler.sample(types.ModelInput.from_ints(SEQ[:PROMPT_LEN]), num_samples=2,
+                         sampling_params=types.SamplingParams(max_tokens=len(SEQ) - PROMPT_LEN, temperature=0.0,
+                                                              stop=[])).result()
+    assert len(out.sequences) == 2
+    for s in out.sequences:
+        assert s.tokens == SEQ[PROMPT_LEN:]
+        assert s.logprobs is not None and len(s.logprobs) == len(s.tokens)
+        assert s.stop_reason == "length" and s.sequence_id
+
+
+def test_compute_logprobs_agrees_with_the_trainer(trained):
+    tc, _ = trained
+    trainer = tc.forward([_datum()], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    sampler = tc.save_weights_and_get_sampling_client()
+    lp = sampler.compute_logprobs(types.ModelInput.from_ints(SEQ)).result()
+    assert lp[0] is None and len(lp) == len(SEQ)
+    assert np.allclose(lp[1:], trainer, atol=2e-3), (lp[1:], trainer)
+
+
+def test_save_state_and_resume_exactly(sc, trained):
+    tc, _ = trained
+    path = tc.save_state("resume-point").result().path
+    assert path == f"tinker://{tc.model_id}/weights/resume-point"
+    resumed = sc.create_training_client_from_state_with_optimizer(path)
+    assert resumed.model_id != tc.model_id
+    # the same next step on both: same loss, same weights afterwards (optimizer moments restored)
+    data = [_datum(SEQ[::-1])]
+    fb_a, _ = _step(tc, data)
+    fb_b, _ = _step(resumed, data)
+    assert fb_b.metrics["loss:sum"] == pytest.approx(fb_a.metrics["loss:sum"], rel=1e-5)
+    la = tc.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    lb = resumed.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    assert np.allclose(la, lb, atol=1e-5)
+    # weights only: same logprobs as at the save
+    weights_only = sc.create_training_client_from_state(path)
+    assert weights_only.get_info().lora_rank == 16
+    lw = weights_only.forward([_datum()], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    assert len(lw) == len(SEQ) - 1
+
+
+@pytest.mark.parametrize("loss_fn, config", [
+    ("importance_sampling", None),
+    ("ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+    ("cispo", None),
+])
+def test_rl_step(sc, base_model, loss_fn, config):
+    tc = sc.create_lora_training_client(base_model=base_model, rank=8)
+    sampler = tc.save_weights_and_get_sampling_client()
+    prompt = SEQ[:PROMPT_LEN]
+    res = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=4,
+                         sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=7)).result()
+    data = []
+    for i, s in enumerate(res.sequences):
+        assert s.logprobs is not None and len(s.logprobs) == len(s.tokens) > 0
+        n_prompt = len(prompt) - 1
+        data.append(types.Datum(
+            model_input=types.ModelInput.from_ints(prompt + s.tokens[:-1]),
+            loss_fn_inputs={"target_tokens": [0] * n_prompt + s.tokens,
+                            "logprobs": [0.0] * n_prompt + list(s.logprobs),
+                            "advantages": [0.0] * n_prompt + [1.0 if i % 2 else -1.0] * len(s.tokens)}))
+    fb, op = _step(tc, data, loss_fn, config)
+    assert len(fb.loss_fn_outputs) == len(data)
+    assert math.isfinite(fb.metrics["loss:sum"])
+    for d, out in zip(data, fb.loss_fn_outputs):
+        lp = out["logprobs"].tolist()
+        assert len(lp) == d.model_input.length
+        # the run's first step starts from the sampler's weights: the importance ratio is 1 on sampled tokens
+        sampled = d.loss_fn_inputs["logprobs"].tolist()
+        n = len(prompt) - 1
+        assert np.allclose(lp[n:], sampled[n:], atol=2e-3)
+    assert op.metrics is not None
+
+
+def test_rest_client_checkpoints(sc, trained):
+    tc, _ = trained
+    rc = sc.create_rest_client()
+    named = tc.save_weights_for_sampler("rest-sampler").result().path
+    state = tc.save_state("rest-state", ttl_seconds=3600).result().path
+    listed = rc.list_checkpoints(tc.model_id).result().checkpoints
+    ids = {c.checkpoint_id: c for c in listed}
+    assert {"weights/rest-state", "sampler_weights/rest-sampler"} <= set(ids)
+    assert ids["weights/rest-state"].expires_at is not None and ids["weights/rest-state"].size_bytes > 0
+    run = rc.get_training_run_by_tinker_path(state).result()
+    assert run.training_run_id == tc.model_id and run.user_metadata == {"purpose": "test"}
+    assert run.lora_rank == 16 and run.is_lora
+    info = rc.get_weights_info_by_tinker_path(state).result()
+    assert info.lora_rank == 16 and info.base_model == tc.get_info().model_data.model_name
+    runs = rc.list_training_runs(limit=100).result()
+    assert tc.model_id in [r.training_run_id for r in runs.training_runs]
+    assert runs.cursor.total_count >= 1
+    mine = rc.list_user_checkpoints(limit=1000).result()
+    assert state in [c.tinker_path for c in mine.checkpoints]
+    rc.publish_checkpoint_from_tinker_path(state).result()
+    assert {c.tinker_path: c.public for c in rc.list_checkpoints(tc.model_id).result().checkpoints}[state]
+    rc.unpublish_checkpoint_from_tinker_path(state).result()
+    rc.set_checkpoint_ttl_from_tinker_path(state, None).result()
+    rc.delete_checkpoint_from_tinker_path(named).result()
+    rc.delete_checkpoint(tc.model_id, "weights/rest-state").result()
+    left = {c.checkpoint_id for c in rc.list_checkpoints(tc.model_id).result().checkpoints}
+    assert not left & {"weights/rest-state", "sampler_weights/rest-sampler"}
+    session = rc.get_session(sc.holder.get_session_id()).result()
+    assert tc.model_id in session.training_run_ids
+    assert sc.holder.get_session_id() in rc.list_sessions().result().sessions
+    sampler = sc.create_sampling_client(model_path=tc.save_weights_for_sampler("rest-s2").result().path)
+    assert rc.get_sampler(sampler._sampling_session_id).result().base_model == tc.get_info().model_data.model_name
+
+
+def test_two_keys_cannot_see_each_other(base_url, sc, trained):
+    tc, _ = trained
+    path = tc.save_state("private").result().path
+    other = tinker.ServiceClient(base_url=base_url, api_key=KEYS[1])
+    try:
+        rc = other.create_rest_client()
+        with pytest.raises(tinker.NotFoundError):
+            rc.get_training_run(tc.model_id).result()
+        with pytest.raises(tinker.NotFoundError):
+            rc.list_checkpoints(tc.model_id).result()
+        assert tc.model_id not in [r.training_run_id for r in rc.list_training_runs(limit=100).result().training_runs]
+        assert path not in [c.tinker_path for c in rc.list_user_checkpoints(limit=1000).result().checkpoints]
+        with pytest.raises(tinker.NotFoundError):
+            rc.delete_checkpoint_from_tinker_path(path).result()
+        with pytest.raises(tinker.NotFoundError):
+            other.create_training_client_from_state(path)
+    finally:
+        other.close("success").result()
+    # still there for its owner
+    assert path in [c.tinker_path for c in sc.create_rest_client().list_checkpoints(tc.model_id).result().checkpoints]
+
+
+def test_bad_requests_are_clear_and_leave_the_run_usable(sc, base_model):
+    tc = sc.create_lora_training_client(base_model=base_model, rank=4)
+
+    def still_usable():
+        fb, op = _step(tc, [_datum()])
+        assert math.isfinite(fb.metrics["loss:sum"]) and op.metrics is not None
+
+    with pytest.raises(tinker.RequestFailedError, match="weights") as e:  # wrong shape
+        tc.forward_backward([_datum(weights=[1.0, 1.0])], "cross_entropy").result()
+    assert e.value.category.value == "user"
+    still_usable()
+    with pytest.raises(tinker.RequestFailedError, match="unknown loss") as e:
+        tc.forward_backward([_datum()], "dro_v9").result()  # type: ignore[arg-type]
+    assert e.value.category.value == "user"
+    still_usable()
+    with pytest.raises(tinker.BadRequestError, match="invalid checkpoint name"):
+        tc.save_state("no/slashes").result()
+    t0 = time.monotonic()
+    still_usable()
+    assert time.monotonic() - t0 < 20  # the refused seq_id did not stall the run
+    with pytest.raises(tinker.BadRequestError, match="unknown base_model"):
+        sc.create_lora_training_client(base_model="no-such/model", rank=4)
+    with pytest.raises((tinker.NotFoundError, tinker.BadRequestError)):
+        sc.create_training_client_from_state(f"tinker://{tc.model_id}/weights/never-saved")
+    with pytest.raises(ValueError):  # the SDK itself refuses a non-tinker path
+        sc.create_sampling_client(model_path="/etc/passwd")
+    still_usable()
+
+
+def test_oversize_payload_is_refused(sc, base_model):
+    limit = int(os.environ.get("TWINKLE_TEST_MAX_BODY_BYTES", LOCAL_MAX_BODY if not BASE_URL else 0))
+    if not limit:
+        pytest.skip("set TWINKLE_TEST_MAX_BODY_BYTES to the deployed server's body limit")
+    tc = sc.create_lora_training_client(base_model=base_model, rank=4)
+    n = limit // 8 + 1000  # one datum (never split by the SDK) of > limit bytes of int32 tokens + float weights
+    big = types.Datum(model_input=types.ModelInput.from_ints([7] * n),
+                      loss_fn_inputs={"target_tokens": np.full(n, 7, dtype=np.int64),
+                                      "weights": np.zeros(n, dtype=np.float32)})
+    with pytest.raises(tinker.APIStatusError, match="too large") as e:
+        tc.forward_backward([big], "cross_entropy").result()
+    assert e.value.status_code == 413
+    fb, _ = _step(tc, [_datum()])
+    assert math.isfinite(fb.metrics["loss:sum"])
+
+
+def test_close_finishes_the_session(base_url, base_model):
+    client = tinker.ServiceClient(base_url=base_url, api_key=KEYS[0])
+    client.create_lora_training_client(base_model=base_model, rank=4)
+    session_id = client.holder.get_session_id()
+    client.close("success", detail="done").result()
+    rc = tinker.ServiceClient(base_url=base_url, api_key=KEYS[0]).create_rest_client()
+    assert session_id in rc.list_sessions(limit=1000).result().sessions

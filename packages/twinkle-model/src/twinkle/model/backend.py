@@ -1,0 +1,175 @@
+"""The engine contract: what a training backend must do for the Model service.
+
+A backend owns ONE base model and any number of LoRA adapters on it, one per training run (``run_id``). The
+service never touches torch; it calls these methods from its single executor thread (see ``scheduler.py``).
+
+Contract, for every implementation (``TransformersBackend``, ``DataParallelBackend``, a future megatron one):
+
+- **Per adapter**: weights, gradient accumulator, optimizer (AdamW) state, step counter, LoRA config and the
+  dropout RNG stream belong to one run. No operation on run B may change any of run A's state or results:
+  A trained interleaved with B and C ends *bit-identical* to A trained alone (when ops are not fused).
+- **Gradients accumulate** across ``forward_backward`` calls (losses are sums) until ``optim_step``, which
+  applies them and zeroes them. ``forward_backward(forward_only=True)`` computes the same outputs without
+  touching gradients.
+- **Thread-safety**: none. Mutating methods must be called from one thread at a time (the service's executor
+  thread); ops of different adapters share the base model and must never run concurrently. The read-only
+  accessors ``run_step``, ``is_resident``, ``has_run`` and ``describe`` only read plain attributes and may be
+  called from any thread.
+- **Determinism**: the same sequence of ops on one adapter gives the same bits on the same device, thread
+  count and batch shapes. Fused ops (``forward_backward_many`` with several runs) are equal to the separate
+  ops up to float rounding (batch shapes differ), never bit-identical.
+- **Residency**: ``offload`` moves an idle adapter's whole state out of the live model; any later op on that
+  run restores it transparently first. Results never depend on whether an adapter was offloaded.
+- **Errors**: a bad request raises ``UserError`` (``NotFoundError`` for an unknown run) naming the field, and
+  leaves the adapter's state untouched; anything else is a server error.
+- **Checkpoints**: ``save_state`` / ``save_sampler_weights`` write a directory atomically (temp dir, then
+  rename) in the PEFT layout (``adapter_config.json`` + ``adapter_model.safetensors``) that stock
+  ``peft.PeftModel.from_pretrained`` loads; state checkpoints add ``optimizer.safetensors`` and
+  ``twinkle_state.json`` (step, LoRA config). ``load_state`` reproduces logprobs exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+from twinkle.common.wire import (
+    AdamParams,
+    CheckpointInfo,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoraConfig,
+    OptimStepOutput,
+    UserError,
+)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    model_name: str
+    model_id: str
+    backend: str
+    max_context_length: int
+    vocab_size: int
+    dp_size: int = 1
+
+
+@dataclass(frozen=True)
+class FusedItem:
+    """One forward/backward request taking part in a fused pass."""
+
+    run_id: str
+    inp: ForwardBackwardInput
+
+
+class TrainingBackend(abc.ABC):
+    """See the module docstring for the contract every method obeys."""
+
+    # --- adapters -------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def create_adapter(self, run_id: str, lora: LoraConfig) -> LoraConfig:
+        """Add a fresh adapter; returns the config actually used (a random seed filled in if None)."""
+
+    @abc.abstractmethod
+    def delete_adapter(self, run_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def has_run(self, run_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def run_step(self, run_id: str) -> int: ...
+
+    @abc.abstractmethod
+    def is_resident(self, run_id: str) -> bool: ...
+
+    # --- training -------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def forward_backward(
+        self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
+    ) -> ForwardBackwardOutput: ...
+
+    def forward_backward_many(self, items: list[FusedItem]) -> list[ForwardBackwardOutput | Exception]:
+        """Several runs' forward_backward requests, ideally in one pass. The default runs them one by one; a
+        backend that can fuse overrides this. One item's error never fails the others."""
+        out: list[ForwardBackwardOutput | Exception] = []
+        for item in items:
+            try:
+                out.append(self.forward_backward(item.run_id, item.inp))
+            except Exception as e:  # noqa: BLE001 - reported per item
+                out.append(e)
+        return out
+
+    def can_fuse(self, run_id: str) -> bool:
+        """Whether this run's forward_backward may join a fused pass."""
+        return False
+
+    @abc.abstractmethod
+    def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput: ...
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo: ...
+
+    @abc.abstractmethod
+    def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo: ...
+
+    @abc.abstractmethod
+    def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None: ...
+
+    @abc.abstractmethod
+    def read_checkpoint_lora(self, path: str) -> LoraConfig:
+        """The LoRA config a checkpoint was trained with (to create a run from it). Touches no model state."""
+
+    # --- residency ------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def offload(self, run_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def ensure_resident(self, run_id: str) -> None: ...
+
+    # --- description ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def describe(self) -> BackendInfo: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (processes, spill files)."""
+
+
+def validate_lora(lora: LoraConfig) -> None:
+    """Reject LoRA configs no backend can honour, naming the field."""
+    if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
+        raise UserError(f"rank must be a positive integer, got {lora.rank!r}", field="lora.rank")
+    if lora.rank > 1024:
+        raise UserError(f"rank {lora.rank} is larger than the supported maximum 1024", field="lora.rank")
+    if not math.isfinite(lora.alpha) or lora.alpha <= 0:
+        raise UserError(f"alpha must be a positive number, got {lora.alpha!r}", field="lora.alpha")
+    if not (0.0 <= lora.dropout < 1.0):
+        raise UserError(f"dropout must be in [0, 1), got {lora.dropout!r}", field="lora.dropout")
+    if lora.seed is not None and not (0 <= lora.seed < 2**63):
+        raise UserError(f"seed must be in [0, 2**63), got {lora.seed!r}", field="lora.seed")
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise UserError(
+            "at least one of train_attn, train_mlp, train_unembed must be true", field="lora.train_attn"
+        )
+
+
+def validate_adam(p: AdamParams) -> None:
+    def bad(name: str, msg: str) -> UserError:
+        return UserError(msg, field=f"adam_params.{name}")
+
+    for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad(name, f"expected a finite number, got {v!r}")
+    if p.learning_rate < 0:
+        raise bad("learning_rate", f"must be >= 0, got {p.learning_rate}")
+    for name in ("beta1", "beta2"):
+        if not (0.0 <= getattr(p, name) < 1.0):
+            raise bad(name, f"must be in [0, 1), got {getattr(p, name)}")
+    if p.eps < 0:
+        raise bad("eps", f"must be >= 0, got {p.eps}")
+    if p.weight_decay < 0:
+        raise bad("weight_decay", f"must be >= 0, got {p.weight_decay}")
+    if p.grad_clip_norm < 0:
+        raise bad("grad_clip_norm", f"must be >= 0 (0 = no clipping), got {p.grad_clip_norm}")

@@ -1,0 +1,507 @@
+"""Data parallelism: one ``ModelWorker`` per rank, driven by ``DataParallelBackend``.
+
+Why it is exact: every loss is a SUM over datums. Each rank computes the summed loss of its shard of the batch
+and accumulates that gradient locally; at ``optim_step`` the ranks all-reduce their accumulated gradients with
+SUM, which yields exactly the gradient of the whole global batch (up to float summation order), and then take
+the same AdamW step on identical weights. So ``dp_size`` W gives the update of ``dp_size`` 1 on the same global
+batch. (Averaging, as a mean-loss trainer would do, would silently divide the learning signal by W.)
+
+Layout:
+
+- :class:`ModelWorker` is a plain class (no Ray import) wrapping a ``TransformersBackend`` on one device, with a
+  ``torch.distributed`` process group (gloo on CPU, nccl on CUDA). Its methods take and return picklable
+  msgspec structs, so the lead's Ray worker group can host it as an actor, and :class:`ProcessRank` hosts it in
+  a local spawned process (tests, single-machine deployments without Ray).
+- :class:`DataParallelBackend` implements ``TrainingBackend`` on top of a list of *rank handles*: anything with
+  ``submit(method_name, *args) -> concurrent.futures.Future`` (for a Ray actor:
+  ``getattr(actor, name).remote(*args).future()``). It validates requests once (so error fields name the
+  global datum index), splits the datums contiguously (shard sizes differ by at most one, earlier ranks get
+  the extra), calls every rank concurrently, and gathers per-datum outputs back in the original order.
+  Metrics merge like the Tinker SDK merges chunks: ``:sum`` adds, ``:min``/``:max`` reduce, ``:mean`` is
+  weighted by each shard's number of datums.
+- Collectives happen only inside ``optim_step`` (every rank always takes part), never in forward/backward, so a
+  rank with an empty shard simply returns nothing. Saving is done by rank 0 (all ranks hold the same weights);
+  loading, offloading and creating run on every rank. Checkpoint paths must be on a filesystem all ranks see.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import multiprocessing as mp
+import os
+import secrets
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from twinkle.common.wire import (
+    AdamParams,
+    CheckpointInfo,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoraConfig,
+    NotFoundError,
+    OptimStepOutput,
+)
+
+from .backend import BackendInfo, FusedItem, TrainingBackend, validate_adam, validate_lora
+from .losses import merge_metrics, validate_request
+
+
+def shard_sizes(n: int, world_size: int) -> list[int]:
+    """Contiguous split of n datums over world_size ranks; sizes differ by at most one."""
+    base, extra = divmod(n, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def split(seq: Sequence, world_size: int) -> list[list]:
+    out, start = [], 0
+    for size in shard_sizes(len(seq), world_size):
+        out.append(list(seq[start : start + size]))
+        start += size
+    return out
+
+
+def allreduce_gradients(params: list) -> None:
+    """SUM-all-reduce an adapter's gradients across the default process group, in one flat buffer.
+
+    Ranks must agree on which tensors take part: if any rank has a gradient, every rank materialises zeros for
+    missing ones (a rank whose shards were empty); if none has, nothing is reduced and the step sees no grads."""
+    import torch
+    import torch.distributed as dist
+
+    if not params:
+        return
+    device = params[0].device
+    flag = torch.tensor([1.0 if any(p.grad is not None for p in params) else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
+class ModelWorker:
+    """Rank ``rank`` of ``world_size``: one device, one base model, the adapters' shard of every batch."""
+
+    def __init__(
+        self,
+        model_id: str,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        device: str | None = None,
+        *,
+        spill_dir: str | None = None,
+        timeout_s: float = 1800.0,
+    ) -> None:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        from .transformers_backend import TransformersBackend
+
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda":
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(dev)
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(
+                backend="nccl" if dev.type == "cuda" else "gloo",
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        self.backend = TransformersBackend(model_id, device=dev, rank=rank, spill_dir=spill_dir)
+        if world_size > 1:
+            self.backend._grad_sync = allreduce_gradients
+
+    def describe(self) -> BackendInfo:
+        info = self.backend.describe()
+        return BackendInfo(**{**info.__dict__, "dp_size": self.world_size})
+
+    def create_adapter(self, run_id: str, lora: LoraConfig) -> LoraConfig:
+        return self.backend.create_adapter(run_id, lora)
+
+    def delete_adapter(self, run_id: str) -> None:
+        self.backend.delete_adapter(run_id)
+
+    def forward_backward(self, run_id: str, inp: ForwardBackwardInput, forward_only: bool) -> ForwardBackwardOutput:
+        if not inp.data:  # this rank's shard is empty (fewer datums than ranks)
+            return ForwardBackwardOutput(loss_fn_outputs=[], metrics={})
+        return self.backend.forward_backward(run_id, inp, forward_only)
+
+    def forward_backward_many(self, items: list[FusedItem]) -> list[ForwardBackwardOutput | Exception]:
+        results: list[Any] = [ForwardBackwardOutput(loss_fn_outputs=[], metrics={}) for _ in items]
+        live = [i for i, it in enumerate(items) if it.inp.data]
+        for i, out in zip(live, self.backend.forward_backward_many([items[i] for i in live])):
+            results[i] = out
+        return results
+
+    def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
+        return self.backend.optim_step(run_id, params)
+
+    def save_state(self, run_id: str, path: str, include_optimizer: bool) -> CheckpointInfo | None:
+        return self.backend.save_state(run_id, path, include_optimizer) if self.rank == 0 else None
+
+    def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo | None:
+        return self.backend.save_sampler_weights(run_id, path) if self.rank == 0 else None
+
+    def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None:
+        self.backend.load_state(run_id, path, include_optimizer)
+
+    def offload(self, run_id: str) -> None:
+        self.backend.offload(run_id)
+
+    def ensure_resident(self, run_id: str) -> None:
+        self.backend.ensure_resident(run_id)
+
+    def adapter_weights(self, run_id: str) -> dict[str, list[float]]:
+        """A run's LoRA weights as plain lists (tests compare ranks)."""
+        run = self.backend._resident(run_id)
+        return {k: p.detach().cpu().reshape(-1).tolist() for k, p in run.params.items()}
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        self.backend.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RankHandle(Protocol):
+    def submit(self, method: str, *args: Any) -> concurrent.futures.Future: ...
+
+
+class DataParallelBackend(TrainingBackend):
+    """Fans every op out to the ranks; see the module docstring for the rules."""
+
+    def __init__(self, ranks: Sequence[RankHandle], *, model_id: str | None = None) -> None:
+        if not ranks:
+            raise ValueError("DataParallelBackend needs at least one rank")
+        self.ranks = list(ranks)
+        self.world_size = len(self.ranks)
+        self._info: BackendInfo = self.ranks[0].submit("describe").result()
+        self.model_id = model_id or self._info.model_id
+        self._runs: dict[str, dict] = {}  # run_id -> {"lora", "step", "resident"}: answered without the ranks
+
+    # fan-out helpers
+    def _all(self, method: str, *shared: Any, per_rank: list[tuple] | None = None) -> list:
+        """Call ``method`` on every rank at once (same args, or ``per_rank[r]``) and wait for all of them."""
+        futures = [h.submit(method, *(per_rank[r] if per_rank is not None else shared)) for r, h in enumerate(self.ranks)]
+        results, first_error = [], None
+        for f in futures:  # wait for every rank, even after a failure, so none is left mid-collective
+            try:
+                results.append(f.result())
+            except Exception as e:  # noqa: BLE001
+                results.append(None)
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def _run(self, run_id: str) -> dict:
+        st = self._runs.get(run_id)
+        if st is None:
+            raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
+        return st
+
+    # adapters
+    def create_adapter(self, run_id: str, lora: LoraConfig) -> LoraConfig:
+        validate_lora(lora)
+        if lora.seed is None:  # every rank must initialise identically
+            lora = msgspec.structs.replace(lora, seed=secrets.randbits(62))
+        try:
+            self._all("create_adapter", run_id, lora)
+        except Exception:
+            for h in self.ranks:  # undo on ranks where it worked
+                try:
+                    h.submit("delete_adapter", run_id).result()
+                except Exception:  # noqa: BLE001, S110
+                    pass
+            raise
+        self._runs[run_id] = {"lora": lora, "step": 0, "resident": True}
+        return lora
+
+    def delete_adapter(self, run_id: str) -> None:
+        self._run(run_id)
+        self._all("delete_adapter", run_id)
+        del self._runs[run_id]
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+    def run_step(self, run_id: str) -> int:
+        return self._run(run_id)["step"]
+
+    def is_resident(self, run_id: str) -> bool:
+        return self._run(run_id)["resident"]
+
+    def can_fuse(self, run_id: str) -> bool:
+        st = self._runs.get(run_id)
+        return st is not None and st["lora"].dropout == 0
+
+    # training
+    def forward_backward(
+        self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
+    ) -> ForwardBackwardOutput:
+        self._run(run_id)
+        validate_request(inp, vocab_size=self._info.vocab_size, max_length=self._info.max_context_length or None)
+        shards = [msgspec.structs.replace(inp, data=s) for s in split(inp.data, self.world_size)]
+        outs = self._all("forward_backward", per_rank=[(run_id, s, forward_only) for s in shards])
+        self._run(run_id)["resident"] = True
+        return _gather(outs, shards)
+
+    def forward_backward_many(self, items: list[FusedItem]) -> list[ForwardBackwardOutput | Exception]:
+        results: list[Any] = [None] * len(items)
+        valid: list[int] = []
+        for i, it in enumerate(items):
+            try:
+                self._run(it.run_id)
+                validate_request(
+                    it.inp, vocab_size=self._info.vocab_size, max_length=self._info.max_context_length or None
+                )
+                valid.append(i)
+            except Exception as e:  # noqa: BLE001
+                results[i] = e
+        if not valid:
+            return results
+        shards = {i: [msgspec.structs.replace(items[i].inp, data=s) for s in split(items[i].inp.data, self.world_size)] for i in valid}
+        per_rank = [([FusedItem(items[i].run_id, shards[i][r]) for i in valid],) for r in range(self.world_size)]
+        try:
+            outs = self._all("forward_backward_many", per_rank=per_rank)
+        except Exception as e:  # noqa: BLE001
+            for i in valid:
+                results[i] = e
+            return results
+        for k, i in enumerate(valid):
+            rank_outs = [outs[r][k] for r in range(self.world_size)]
+            err = next((o for o in rank_outs if isinstance(o, Exception)), None)
+            results[i] = err if err is not None else _gather(rank_outs, shards[i])
+            self._runs[items[i].run_id]["resident"] = True
+        return results
+
+    def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
+        st = self._run(run_id)
+        validate_adam(params)
+        outs = self._all("optim_step", run_id, params)
+        st["step"] += 1
+        st["resident"] = True
+        return outs[0]
+
+    # checkpoints
+    def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo:
+        self._run(run_id)
+        info = self.ranks[0].submit("save_state", run_id, path, include_optimizer).result()
+        self._run(run_id)["resident"] = True
+        return info
+
+    def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo:
+        self._run(run_id)
+        info = self.ranks[0].submit("save_sampler_weights", run_id, path).result()
+        self._run(run_id)["resident"] = True
+        return info
+
+    def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None:
+        st = self._run(run_id)
+        from .checkpoints import read_state_file, require_checkpoint
+
+        doc = read_state_file(require_checkpoint(path))
+        self._all("load_state", run_id, path, include_optimizer)
+        st["step"] = int(doc["step"]) if doc else 0
+        st["resident"] = True
+
+    def read_checkpoint_lora(self, path: str) -> LoraConfig:
+        from .transformers_backend import read_checkpoint_lora
+
+        return read_checkpoint_lora(path)
+
+    # residency
+    def offload(self, run_id: str) -> None:
+        st = self._run(run_id)
+        self._all("offload", run_id)
+        st["resident"] = False
+
+    def ensure_resident(self, run_id: str) -> None:
+        st = self._run(run_id)
+        self._all("ensure_resident", run_id)
+        st["resident"] = True
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo(**{**self._info.__dict__, "dp_size": self.world_size})
+
+    def close(self) -> None:
+        for h in self.ranks:
+            close = getattr(h, "close", None)
+            if close is not None:
+                close()
+
+
+def _gather(outs: list[ForwardBackwardOutput], shards: list[ForwardBackwardInput]) -> ForwardBackwardOutput:
+    """Per-datum outputs back in the original order (rank order = datum order); metrics merged."""
+    return ForwardBackwardOutput(
+        loss_fn_outputs=[o for out in outs for o in out.loss_fn_outputs],
+        metrics=merge_metrics([(out.metrics, len(s.data)) for out, s in zip(outs, shards) if s.data]),
+    )
+
+
+# --- local ranks in spawned processes -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(conn, kwargs: dict, threads: int | None, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        worker = ModelWorker(**kwargs)
+    except BaseException as e:  # noqa: BLE001
+        conn.send((0, False, e))
+        return
+    conn.send((0, True, None))
+    while True:
+        try:
+            call_id, method, args = conn.recv()
+        except EOFError:
+            break
+        if method == "__close__":
+            worker.close()
+            conn.send((call_id, True, None))
+            break
+        try:
+            reply = (call_id, True, getattr(worker, method)(*args))
+        except BaseException as e:  # noqa: BLE001 - delivered to the driver
+            reply = (call_id, False, e)
+        try:
+            conn.send(reply)
+        except Exception as e:  # noqa: BLE001 - e.g. an exception that does not pickle
+            conn.send((call_id, False, RuntimeError(f"rank {kwargs['rank']}: {reply[2]!r} ({e})")))
+
+
+class ProcessRank:
+    """A ``ModelWorker`` in a spawned local process; ``submit`` returns a ``concurrent.futures.Future``."""
+
+    def __init__(
+        self,
+        model_id: str,
+        rank: int,
+        world_size: int,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+        device: str | None = "cpu",
+        *,
+        threads: int | None = None,
+        spill_dir: str | None = None,
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        kwargs = dict(
+            model_id=model_id,
+            rank=rank,
+            world_size=world_size,
+            master_addr=master_addr,
+            master_port=master_port,
+            device=device,
+            spill_dir=spill_dir,
+        )
+        env = {k: v for k, v in os.environ.items() if k.startswith(("TWINKLE_", "HF_", "OMP_", "MKL_"))}
+        self._proc = ctx.Process(target=_rank_main, args=(child, kwargs, threads, env), daemon=True)
+        self._proc.start()
+        child.close()
+        self._ids = itertools.count(1)
+        self._ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._futures: dict[int, concurrent.futures.Future] = {0: self._ready}
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"twinkle-rank{rank}-reader")
+        self._reader.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the worker has joined the process group and loaded the model (raises its error)."""
+        self._ready.result(timeout)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                call_id, ok, value = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                fut = self._futures.pop(call_id, None)
+            if fut is None:
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+        with self._lock:
+            pending, self._futures = list(self._futures.values()), {}
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(RuntimeError("model worker process exited"))
+
+    def submit(self, method: str, *args: Any) -> concurrent.futures.Future:
+        call_id = next(self._ids)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._futures[call_id] = fut
+        try:
+            self._conn.send((call_id, method, args))
+        except (OSError, BrokenPipeError) as e:
+            with self._lock:
+                self._futures.pop(call_id, None)
+            fut.set_exception(RuntimeError(f"model worker process is gone: {e}"))
+        return fut
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._proc.is_alive():
+            try:
+                self.submit("__close__").result(timeout)
+            except Exception:  # noqa: BLE001, S110
+                pass
+            self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+
+
+def spawn_local_ranks(
+    model_id: str, world_size: int, *, device: str = "cpu", threads: int | None = None, timeout: float = 300.0
+) -> list[ProcessRank]:
+    """Start ``world_size`` local ranks (gloo on CPU) and wait until every one has loaded the model."""
+    port = free_port()
+    ranks = [
+        ProcessRank(model_id, r, world_size, "127.0.0.1", port, device, threads=threads) for r in range(world_size)
+    ]
+    try:
+        for h in ranks:
+            h.wait_ready(timeout)
+    except BaseException:
+        for h in ranks:
+            h.close(timeout=5)
+        raise
+    return ranks

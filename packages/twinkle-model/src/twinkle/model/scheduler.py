@@ -1,0 +1,349 @@
+"""Per-run ordering, de-duplication and fair interleaving of model work, executed off the event loop.
+
+Why: the Tinker SDK sends the requests of one training client concurrently and tags each with a ``seq_id``
+(chunks of one forward_backward arrive as 2, 1, 3 — chunk 1 last on purpose). The server must run each run's
+requests strictly in ``seq_id`` order, answer a retried ``seq_id`` from the first execution (never step
+twice), and keep every other user and the event loop moving meanwhile.
+
+The rules (also in the README):
+
+- **Start.** The scheduler is told each run's first expected ``seq_id`` when the run is added (the service
+  uses 1, the SDK's first training request; create-from-checkpoint passes the load's own ``seq_id``, 0 for the
+  SDK). Requests with a larger ``seq_id`` wait in a buffer; nothing guesses the start from arrival order,
+  because the very first forward_backward of the SDK arrives with its chunk 1 last.
+- **Order.** A numbered request runs when its ``seq_id`` is the run's next expected one; afterwards the next
+  expected is ``seq_id + 1``.
+- **Duplicates.** A ``seq_id`` that is waiting, running or done is answered with the first request's result
+  (the same object, or the same exception); the duplicate's payload is ignored. Results of the last
+  ``result_cache`` executed requests per run are kept; an older repeated ``seq_id`` is a ``UserError``.
+- **Unnumbered** (``seq_id`` None) requests run after everything of that run that arrived before them, in
+  arrival order, and consume no ``seq_id``: formally one takes the slot just after the highest ``seq_id`` the
+  run has seen so far.
+- **Gaps.** If a run has waiting requests but its next expected ``seq_id`` does not arrive within
+  ``gap_timeout_s`` of the run last making progress, every waiting request of that run fails with a
+  ``UserError(field="seq_id")`` naming the missing ``seq_id``, and the run's next expected ``seq_id`` moves
+  past them (a late arrival of the missing one is then refused as too old).
+- **A failed request still consumes its ``seq_id``**, so one bad request never stalls a run.
+- **Fairness.** Runs with a runnable request are served round-robin, one request per turn; control work
+  (creating, deleting, offloading adapters) goes first.
+- **Fusion** (optional): when a ``batcher`` is given, the head requests of several runs that share a
+  ``batch_key`` are handed to it together (at most ``max_batch``), one per run, in round-robin order.
+- **Execution** happens on ONE dedicated thread: ops of different adapters share one base model and must not
+  overlap, and the asyncio loop never runs torch code, so health checks and other users' polls stay fast.
+  A caller that stops waiting (cancellation) does not cancel its request: it holds a ``seq_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twinkle.common.wire import NotFoundError, UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    fn: Callable[[], Any]
+    future: asyncio.Future
+    seq_id: int | None
+    key: tuple[int, int]  # execution order within the run: (seq_id, 0) or (highest seen, arrival)
+    batch_key: str | None = None
+    payload: Any = None
+
+
+@dataclass
+class _RunQueue:
+    run_id: str
+    next_seq: int
+    highest_seen: int  # highest seq_id seen (next_seq - 1 if none)
+    waiting: dict[int, Job] = field(default_factory=dict)  # numbered, not yet run
+    unnumbered: collections.deque[Job] = field(default_factory=collections.deque)
+    results: collections.OrderedDict[int, asyncio.Future] = field(default_factory=collections.OrderedDict)
+    progress_at: float = field(default_factory=time.monotonic)
+    running: bool = False
+
+    def head(self) -> Job | None:
+        """The job that may run now, if any."""
+        if self.running:
+            return None
+        if self.unnumbered and self.unnumbered[0].key[0] < self.next_seq:
+            return self.unnumbered[0]
+        return self.waiting.get(self.next_seq)
+
+    def pending(self) -> int:
+        return len(self.waiting) + len(self.unnumbered)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        gap_timeout_s: float = 30.0,
+        result_cache: int = 256,
+        batcher: Callable[[list[Any]], list[Any]] | None = None,
+        max_batch: int = 8,
+        thread_name: str = "twinkle-model",
+    ) -> None:
+        self.gap_timeout_s = gap_timeout_s
+        self.result_cache = result_cache
+        self.batcher = batcher
+        self.max_batch = max_batch
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._runs: dict[str, _RunQueue] = {}
+        self._rotation: collections.deque[str] = collections.deque()
+        self._control: collections.deque[Job] = collections.deque()
+        self._arrivals = itertools.count(1)
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._busy_since: float | None = None
+        self._closed = False
+
+    # --- runs -----------------------------------------------------------------------------------------
+
+    def add_run(self, run_id: str, next_seq: int = 1) -> None:
+        if run_id in self._runs:
+            raise UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
+        self._runs[run_id] = _RunQueue(run_id=run_id, next_seq=next_seq, highest_seen=next_seq - 1)
+        self._rotation.append(run_id)
+
+    def remove_run(self, run_id: str, error: Exception | None = None) -> None:
+        """Forget a run; its waiting requests fail with ``error`` (default: not found)."""
+        q = self._runs.pop(run_id, None)
+        if q is None:
+            return
+        with contextlib.suppress(ValueError):
+            self._rotation.remove(run_id)
+        err = error or NotFoundError(f"training run {run_id!r} was deleted", field="run_id")
+        for job in list(q.waiting.values()) + list(q.unnumbered):
+            if not job.future.done():
+                job.future.set_exception(err)
+        q.waiting.clear()
+        q.unnumbered.clear()
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+    def pending(self, run_id: str | None = None) -> int:
+        if run_id is not None:
+            q = self._runs.get(run_id)
+            return 0 if q is None else q.pending() + int(q.running)
+        return sum(q.pending() + int(q.running) for q in self._runs.values()) + len(self._control)
+
+    @property
+    def busy_for_s(self) -> float:
+        return 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
+
+    # --- submission -----------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        run_id: str,
+        seq_id: int | None,
+        fn: Callable[[], Any],
+        *,
+        batch_key: str | None = None,
+        payload: Any = None,
+    ) -> Any:
+        """Queue ``fn`` as request ``seq_id`` of ``run_id`` and wait for its result (see the module rules)."""
+        self._ensure_loop()
+        q = self._runs.get(run_id)
+        if q is None:
+            raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
+        loop = asyncio.get_running_loop()
+        if not q.pending() and not q.running:
+            q.progress_at = time.monotonic()  # the gap timer of an idle run starts now
+        if seq_id is None:
+            job = Job(fn, loop.create_future(), None, (q.highest_seen, next(self._arrivals)), batch_key, payload)
+            q.unnumbered.append(job)
+        else:
+            if isinstance(seq_id, bool) or not isinstance(seq_id, int):
+                raise UserError(f"seq_id must be an integer, got {seq_id!r}", field="seq_id")
+            first = q.results.get(seq_id) or (q.waiting[seq_id].future if seq_id in q.waiting else None)
+            if first is not None:  # a retry: answer with the first request's result, never run again
+                return await asyncio.shield(first)
+            if seq_id < q.next_seq:
+                raise UserError(
+                    f"seq_id {seq_id} of run {run_id!r} is older than the next expected seq_id {q.next_seq} and no "
+                    "result is kept for it (already executed long ago, or skipped after a gap timeout)",
+                    field="seq_id",
+                )
+            job = Job(fn, loop.create_future(), seq_id, (seq_id, 0), batch_key, payload)
+            q.waiting[seq_id] = job
+            q.highest_seen = max(q.highest_seen, seq_id)
+        self._wake()
+        return await asyncio.shield(job.future)
+
+    async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run control work (create/delete/offload an adapter) on the model thread, before queued requests."""
+        self._ensure_loop()
+        job = Job(fn, asyncio.get_running_loop().create_future(), None, (0, 0))
+        self._control.append(job)
+        self._wake()
+        return await asyncio.shield(job.future)
+
+    # --- the dispatcher -------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._closed:
+            raise RuntimeError("scheduler is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
+            self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._dispatch(), name="twinkle-scheduler")
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._expire_gaps()
+            batch = self._pick()
+            if not batch:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._next_deadline())
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            queues = [self._runs.get(rid) for rid, _ in batch]
+            for q in queues:
+                if q is not None:
+                    q.running = True
+            jobs = [job for _, job in batch]
+            self._busy_since = time.monotonic()
+            try:
+                if len(jobs) == 1:
+                    outcomes = [await loop.run_in_executor(self._executor, _call, jobs[0].fn)]
+                else:
+                    payloads = [j.payload for j in jobs]
+                    outcomes = await loop.run_in_executor(self._executor, _call_batch, self.batcher, payloads)
+            except asyncio.CancelledError:
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(RuntimeError("model service shut down"))
+                raise
+            finally:
+                self._busy_since = None
+            now = time.monotonic()
+            for job, q, (ok, value) in zip(jobs, queues, outcomes):
+                if not job.future.done():
+                    if ok:
+                        job.future.set_result(value)
+                    else:
+                        job.future.set_exception(value)
+                        job.future.exception()  # mark retrieved: its caller may have gone away
+                if q is not None:
+                    q.running = False
+                    q.progress_at = now
+            await asyncio.sleep(0)  # let awaiting callers run before the next job
+
+    def _pick(self) -> list[tuple[str | None, Job]]:
+        if self._control:
+            return [(None, self._control.popleft())]
+        for _ in range(len(self._rotation)):
+            rid = self._rotation[0]
+            self._rotation.rotate(-1)
+            q = self._runs[rid]
+            job = q.head()
+            if job is None:
+                continue
+            picked = [(rid, self._take(q, job))]
+            if self.batcher is not None and job.batch_key is not None:
+                for other in list(self._rotation):
+                    if len(picked) >= self.max_batch:
+                        break
+                    oq = self._runs[other]
+                    if other == rid:
+                        continue
+                    oj = oq.head()
+                    if oj is not None and oj.batch_key == job.batch_key:
+                        picked.append((other, self._take(oq, oj)))
+            return picked
+        return []
+
+    def _take(self, q: _RunQueue, job: Job) -> Job:
+        if job.seq_id is None:
+            q.unnumbered.popleft()
+        else:
+            del q.waiting[job.seq_id]
+            q.next_seq = job.seq_id + 1
+            q.results[job.seq_id] = job.future
+            while len(q.results) > self.result_cache:
+                oldest, fut = next(iter(q.results.items()))
+                if not fut.done():
+                    break
+                del q.results[oldest]
+        return job
+
+    def _next_deadline(self) -> float | None:
+        deadlines = [
+            q.progress_at + self.gap_timeout_s for q in self._runs.values() if q.pending() and not q.running
+        ]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic()) + 0.001
+
+    def _expire_gaps(self) -> None:
+        now = time.monotonic()
+        for q in self._runs.values():
+            if q.running or not q.pending() or q.head() is not None:
+                continue
+            if now - q.progress_at < self.gap_timeout_s:
+                continue
+            waiting = sorted(q.waiting)
+            err = UserError(
+                f"seq_id {q.next_seq} of run {q.run_id!r} never arrived within {self.gap_timeout_s:g} s; "
+                f"the requests waiting for it ({', '.join(map(str, waiting)) or 'unnumbered'}) were dropped",
+                field="seq_id",
+            )
+            for job in list(q.waiting.values()) + list(q.unnumbered):
+                job.future.set_exception(err)
+                job.future.exception()
+                if job.seq_id is not None:
+                    q.results[job.seq_id] = job.future
+            if waiting:
+                q.next_seq = waiting[-1] + 1
+            q.waiting.clear()
+            q.unnumbered.clear()
+            q.progress_at = now
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        for rid in list(self._runs):
+            self.remove_run(rid, RuntimeError("model service shut down"))
+        for job in self._control:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("model service shut down"))
+        self._executor.shutdown(wait=True)
+
+
+def _call(fn: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, fn()
+    except Exception as e:  # noqa: BLE001 - delivered to the caller's future
+        return False, e
+
+
+def _call_batch(batcher, payloads) -> list[tuple[bool, Any]]:
+    """A batcher returns one result per payload; an Exception in its list is that item's failure."""
+    try:
+        results = batcher(payloads)
+    except Exception as e:  # noqa: BLE001
+        return [(False, e)] * len(payloads)
+    return [(not isinstance(r, BaseException), r) for r in results]

@@ -1,0 +1,637 @@
+"""The ``transformers`` backend: one frozen base model, one peft LoRA adapter and one AdamW per training run.
+
+How adapters stay isolated on a shared model (the property the whole service rests on):
+
+- Each run's adapter is a named peft adapter (``run_<n>``; run ids may contain characters a module name may
+  not). Before every op the run's adapter is made the active one and **only its parameters require grad**, so a
+  backward pass can only write the active run's ``.grad`` tensors; other runs' accumulated gradients stay as
+  they were. (peft's ``set_adapter`` toggles ``requires_grad`` too; we set it explicitly for every adapter
+  instead of relying on that side effect.)
+- Each run has its own ``torch.optim.AdamW`` over exactly its parameters; its hyper-parameters are written into
+  the param group on each ``optim_step`` call (Tinker sends them per call).
+- LoRA dropout draws from a per-run RNG stream: the global generator is swapped to the run's saved state for
+  the op and swapped back after (``torch.random.fork_rng``), so other runs' ops never shift it. Runs without
+  dropout use no randomness at all (peft uses ``nn.Identity``).
+- Initialisation is deterministic: the adapter is created under ``torch.manual_seed(lora.seed)`` inside a
+  forked RNG (peft initialises on the CPU before moving to the device, so the init is device independent).
+  A run created with ``seed=None`` gets a random seed, recorded in its config.
+- The base model carries a rank-1 placeholder adapter that is never active. peft cannot hold a model with zero
+  adapters, and runs come and go (deletion, offloading), so the placeholder keeps that edge case away.
+
+Float-op order: a run's op sees the same tensors in the same shapes whatever else is loaded, so on one device
+with one thread count the results are bit-identical to training that run alone. Fused passes (several runs'
+rows in one batch, through peft's ``adapter_names`` mixed-batch path) change batch shapes and are only equal up
+to rounding; they are used only when the service enables fusion, and only for runs without dropout.
+
+Offloading: on CUDA an idle adapter's state (weights, gradients, AdamW moments, RNG) moves to CPU memory; on a
+CPU device it is spilled to a safetensors file in ``spill_dir`` (moving CPU tensors to CPU memory would free
+nothing). Either way the adapter is removed from the live model and rebuilt bit-exactly on its next op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from twinkle.common.models import load_causal_lm, served_model_name
+from twinkle.common.wire import (
+    AdamParams,
+    CheckpointInfo,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoraConfig,
+    NotFoundError,
+    OptimStepOutput,
+    TensorData,
+    UserError,
+)
+
+from . import checkpoints as ckpt
+from .backend import BackendInfo, FusedItem, TrainingBackend, validate_adam, validate_lora
+from .losses import ValidatedRequest, loss_metrics, validate_request
+
+log = logging.getLogger(__name__)
+
+# Module names per LoRA group, for the Llama/Qwen family (and most decoder-only models in transformers).
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "train_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "train_mlp": ("gate_proj", "up_proj", "down_proj"),
+    "train_unembed": ("lm_head",),
+}
+_PLACEHOLDER = "twinkle_placeholder"
+
+
+def read_checkpoint_lora(path: str) -> LoraConfig:
+    """The LoRA config of a checkpoint: from twinkle_state.json, or derived from a plain PEFT adapter_config.json."""
+    path = ckpt.require_checkpoint(path)
+    doc = ckpt.read_state_file(path)
+    if doc is not None:
+        try:
+            return msgspec.convert(doc["lora"], LoraConfig)
+        except (KeyError, msgspec.ValidationError) as e:
+            raise UserError(f"{ckpt.STATE_FILE} in {path!r} has no valid LoRA config: {e}", field="path") from e
+    # A plain PEFT adapter (e.g. sampler weights): derive the groups from its target modules.
+    cfg = ckpt.read_adapter_config(path)
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    groups = {g: any(m in targets for m in mods) for g, mods in TARGET_GROUPS.items()}
+    unknown = sorted(set(targets) - {m for mods in TARGET_GROUPS.values() for m in mods})
+    if unknown or not any(groups.values()):
+        raise UserError(f"adapter targets {targets} do not map onto attn/mlp/unembed groups", field="path")
+    with safe_open(os.path.join(path, ckpt.ADAPTER_WEIGHTS), framework="pt") as f:
+        if not list(f.keys()):
+            raise UserError(f"{path!r} holds no adapter weights", field="path")
+    return LoraConfig(
+        rank=int(cfg.get("r", 8)),
+        alpha=float(cfg.get("lora_alpha", 8)),
+        dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+        seed=0,
+        **groups,
+    )
+
+
+@dataclass
+class _Run:
+    run_id: str
+    name: str  # peft adapter name
+    lora: LoraConfig
+    targets: list[str]
+    step: int = 0
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # checkpoint key -> parameter
+    optimizer: torch.optim.AdamW | None = None
+    rng_cpu: torch.Tensor | None = None
+    rng_cuda: torch.Tensor | None = None
+    resident: bool = True
+    parked: dict[str, torch.Tensor] | str | None = None  # offloaded state: CPU tensors, or a spill file path
+
+
+class TransformersBackend(TrainingBackend):
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        spill_dir: str | None = None,
+        offload_to: str = "auto",
+        rank: int = 0,
+        max_fused_tokens: int = 65536,
+        model=None,
+    ) -> None:
+        """``device``: None picks ``cuda`` when available, else ``cpu``. ``offload_to``: ``auto`` (CPU memory on
+        CUDA, disk on CPU), ``cpu`` or ``disk``. ``rank`` only salts dropout streams in data parallelism.
+        ``model``: an already loaded causal LM (tests, benchmarks); it is wrapped in place."""
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        self.model_id = model_id
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if offload_to not in ("auto", "cpu", "disk"):
+            raise ValueError(f"offload_to must be auto, cpu or disk, got {offload_to!r}")
+        self.offload_to = ("cpu" if self.device.type == "cuda" else "disk") if offload_to == "auto" else offload_to
+        self._spill_dir = spill_dir
+        self._own_spill_dir = spill_dir is None
+        self.rank = rank
+        self.max_fused_tokens = max_fused_tokens
+        base = model if model is not None else load_causal_lm(model_id, dtype=dtype)
+        base.to(self.device)
+        base.eval()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        cfg = base.config
+        self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
+        self.max_length = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
+        linear_names = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+        self._available = {g: [m for m in mods if m in linear_names] for g, mods in TARGET_GROUPS.items()}
+        first = next((m for mods in self._available.values() for m in mods), None)
+        if first is None:
+            raise ValueError(f"{model_id}: none of the LoRA target modules {TARGET_GROUPS} exist in this model")
+        placeholder = PeftLoraConfig(r=1, lora_alpha=1, target_modules=[first], task_type="CAUSAL_LM")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.peft = get_peft_model(base, placeholder, adapter_name=_PLACEHOLDER)
+        for p in self.peft.parameters():
+            p.requires_grad_(False)
+        self._runs: dict[str, _Run] = {}
+        self._counter = 0
+        self._grad_sync = None  # set by distributed.ModelWorker: all-reduces gradients across ranks
+
+    # --- adapters -------------------------------------------------------------------------------------
+
+    def create_adapter(self, run_id: str, lora: LoraConfig) -> LoraConfig:
+        validate_lora(lora)
+        if run_id in self._runs:
+            raise UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
+        if lora.seed is None:
+            lora = msgspec.structs.replace(lora, seed=secrets.randbits(62))
+        targets = [m for g, mods in self._available.items() if getattr(lora, g) for m in mods]
+        if not targets:
+            raise UserError(
+                "this base model has no module for the requested LoRA groups "
+                f"(attn: {self._available['train_attn']}, mlp: {self._available['train_mlp']}, "
+                f"unembed: {self._available['train_unembed']})",
+                field="lora.train_attn",
+            )
+        self._counter += 1
+        run = _Run(run_id=run_id, name=f"run_{self._counter}", lora=lora, targets=targets)
+        self._attach(run)
+        seed = (lora.seed * 1_000_003 + self.rank) % 2**63
+        run.rng_cpu = torch.Generator().manual_seed(seed).get_state()
+        if self.device.type == "cuda":
+            with torch.random.fork_rng(devices=[self.device]):
+                torch.cuda.manual_seed(seed)
+                run.rng_cuda = torch.cuda.get_rng_state(self.device)
+        self._runs[run_id] = run
+        return lora
+
+    def _peft_config(self, run: _Run):
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            r=run.lora.rank,
+            lora_alpha=run.lora.alpha,
+            lora_dropout=run.lora.dropout,
+            target_modules=list(run.targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def _attach(self, run: _Run) -> None:
+        """Insert the run's adapter into the live model (seeded init) and give it a fresh optimizer."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run.lora.seed)
+            self.peft.add_adapter(run.name, self._peft_config(run))
+        marker = f".{run.name}."
+        run.params = {}
+        for pname, p in self.peft.named_parameters():
+            if marker in pname:
+                p.requires_grad_(False)
+                run.params[pname.replace(marker, ".")] = p
+        run.optimizer = self._new_optimizer(run)
+        run.resident = True
+
+    @staticmethod
+    def _new_optimizer(run: _Run) -> torch.optim.AdamW:
+        # Hyper-parameters are placeholders: optim_step writes the caller's values before every step.
+        return torch.optim.AdamW(list(run.params.values()), lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+
+    def _detach(self, run: _Run) -> None:
+        self.peft.base_model.set_adapter(_PLACEHOLDER)
+        self.peft.delete_adapter(run.name)
+        run.params = {}
+        run.optimizer = None
+        run.resident = False
+
+    def delete_adapter(self, run_id: str) -> None:
+        run = self._get(run_id)
+        if run.resident:
+            self._detach(run)
+        if isinstance(run.parked, str):
+            with contextlib.suppress(OSError):
+                os.remove(run.parked)
+        del self._runs[run_id]
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+    def run_step(self, run_id: str) -> int:
+        return self._get(run_id).step
+
+    def is_resident(self, run_id: str) -> bool:
+        return self._get(run_id).resident
+
+    def run_lora(self, run_id: str) -> LoraConfig:
+        return self._get(run_id).lora
+
+    def _get(self, run_id: str) -> _Run:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
+        return run
+
+    def _resident(self, run_id: str) -> _Run:
+        run = self._get(run_id)
+        if not run.resident:
+            self._restore(run)
+        return run
+
+    def _activate(self, runs: list[_Run]) -> None:
+        """Only these runs' parameters require grad; the first one is peft's active adapter."""
+        self.peft.base_model.set_adapter(runs[0].name)
+        active = {r.run_id for r in runs}
+        for run in self._runs.values():
+            flag = run.run_id in active
+            for p in run.params.values():
+                p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def _run_rng(self, run: _Run, enabled: bool) -> Iterator[None]:
+        """Give dropout the run's own random stream (and put the process's stream back afterwards)."""
+        if not enabled:
+            yield
+            return
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.set_rng_state(run.rng_cpu)
+            if cuda:
+                torch.cuda.set_rng_state(run.rng_cuda, self.device)
+            yield
+            run.rng_cpu = torch.get_rng_state()
+            if cuda:
+                run.rng_cuda = torch.cuda.get_rng_state(self.device)
+
+    # --- the training step ----------------------------------------------------------------------------
+
+    def forward_backward(
+        self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
+    ) -> ForwardBackwardOutput:
+        run = self._resident(run_id)
+        req = validate_request(inp, vocab_size=self.vocab_size, max_length=self.max_length)
+        return self._forward_backward(run, req, forward_only)
+
+    def _forward_backward(self, run: _Run, req: ValidatedRequest, forward_only: bool) -> ForwardBackwardOutput:
+        # 1. A padded batch: right padding, attention mask, per-token inputs padded with zeros.
+        ids, valid, inputs = self._pad([req])
+        # 2. Only this run's adapter is active and trainable; dropout only when training and configured.
+        self._activate([run])
+        dropout = run.lora.dropout > 0 and not forward_only
+        self.peft.train(dropout)
+        with self._run_rng(run, dropout), torch.set_grad_enabled(not forward_only):
+            # 3. Logprob of each target token under the current adapter.
+            lp = self._target_logprobs(ids, valid, inputs["target_tokens"])
+            # 4. The named loss per token; padding contributes nothing (and gets no gradient).
+            per_token = req.spec.fn(lp, inputs, req.config) * valid
+            # 5. SUM over tokens and datums, as Tinker defines every loss; grads accumulate until optim_step.
+            if not forward_only:
+                per_token.sum().backward()
+        self.peft.eval()
+        metrics = loss_metrics(req.spec, req.config, lp.detach(), inputs, per_token.detach(), valid)
+        return ForwardBackwardOutput(loss_fn_outputs=self._outputs(lp, per_token, req.lengths), metrics=metrics)
+
+    def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
+        validate_adam(params)
+        run = self._resident(run_id)
+        weights = list(run.params.values())
+        # 1. Data parallelism: sum every rank's accumulated gradient (losses are sums, so this equals the
+        #    gradient of the whole global batch). A no-op in one process.
+        if self._grad_sync is not None:
+            self._grad_sync(weights)
+        grads = [p.grad for p in weights if p.grad is not None]
+        # 2. Global norm of this adapter's gradient; clip to grad_clip_norm when it is > 0.
+        if not grads:
+            grad_norm = 0.0
+        elif params.grad_clip_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(weights, params.grad_clip_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm(grads))
+        if grads and not torch.isfinite(torch.tensor(grad_norm)):
+            run.optimizer.zero_grad(set_to_none=True)
+            raise UserError("the accumulated gradient is not finite; the step was skipped and gradients cleared")
+        # 3. AdamW with this call's hyper-parameters (decoupled weight decay), then clear the accumulator.
+        for group in run.optimizer.param_groups:
+            group["lr"] = params.learning_rate
+            group["betas"] = (params.beta1, params.beta2)
+            group["eps"] = params.eps
+            group["weight_decay"] = params.weight_decay
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        return OptimStepOutput(
+            metrics={"grad_norm:mean": grad_norm, "learning_rate:mean": params.learning_rate, "step:max": run.step}
+        )
+
+    # --- fused passes ---------------------------------------------------------------------------------
+
+    def can_fuse(self, run_id: str) -> bool:
+        run = self._runs.get(run_id)
+        return run is not None and run.lora.dropout == 0
+
+    def forward_backward_many(self, items: list[FusedItem]) -> list[ForwardBackwardOutput | Exception]:
+        """Several runs' forward_backward in ONE forward and ONE backward pass (peft mixed-adapter batch).
+
+        Each row of the batch goes through its own run's LoRA weights; the summed loss of all items is
+        backpropagated once, and since every adapter only sees its own rows, each run's gradient is the one
+        its request alone would give (up to float rounding). A single valid item takes the ordinary path,
+        bit-identical to an unfused op."""
+        results: list[ForwardBackwardOutput | Exception | None] = [None] * len(items)
+        ready: list[tuple[int, _Run, ValidatedRequest]] = []
+        for i, item in enumerate(items):
+            try:
+                run = self._resident(item.run_id)
+                if run.lora.dropout > 0:
+                    raise ValueError(f"run {item.run_id!r} uses dropout and cannot join a fused pass")
+                req = validate_request(item.inp, vocab_size=self.vocab_size, max_length=self.max_length)
+                ready.append((i, run, req))
+            except Exception as e:  # noqa: BLE001 - this item fails alone
+                results[i] = e
+        if len(ready) == 1:
+            i, run, req = ready[0]
+            results[i] = self._capture(lambda: self._forward_backward(run, req, False))
+        elif ready:
+            try:
+                outs = self._fused(ready)
+                for (i, _, _), out in zip(ready, outs):
+                    results[i] = out
+            except Exception as e:  # noqa: BLE001 - the pass failed for all its items
+                for i, _, _ in ready:
+                    results[i] = e
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _capture(fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    def _fused(self, ready: list[tuple[int, _Run, ValidatedRequest]]) -> list[ForwardBackwardOutput]:
+        reqs = [req for _, _, req in ready]
+        ids, valid, inputs = self._pad(reqs)
+        adapter_names = [run.name for _, run, req in ready for _ in req.tokens]
+        self._activate([run for _, run, _ in ready])
+        self.peft.eval()  # no dropout in fused passes (peft refuses adapter_names in training mode)
+        lp = self._target_logprobs(ids, valid, inputs["target_tokens"], adapter_names=adapter_names)
+        total = lp.new_zeros(())
+        per_item = []
+        row = 0
+        for _, _, req in ready:
+            rows = slice(row, row + len(req.tokens))
+            row = rows.stop
+            item_inputs = {name: t[rows] for name, t in inputs.items()}
+            per_token = req.spec.fn(lp[rows], item_inputs, req.config) * valid[rows]
+            total = total + per_token.sum()
+            per_item.append((rows, item_inputs, per_token))
+        total.backward()
+        outs = []
+        for (rows, item_inputs, per_token), req in zip(per_item, reqs):
+            metrics = loss_metrics(req.spec, req.config, lp[rows].detach(), item_inputs, per_token.detach(), valid[rows])
+            outs.append(
+                ForwardBackwardOutput(
+                    loss_fn_outputs=self._outputs(lp[rows], per_token, req.lengths), metrics=metrics
+                )
+            )
+        return outs
+
+    # --- tensors in and out ---------------------------------------------------------------------------
+
+    def _pad(self, reqs: list[ValidatedRequest]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Right-pad the datums of one or more requests into [B, T] tensors on the device.
+
+        Every loss input name any request uses becomes a [B, T] tensor; rows of a request that lacks it hold
+        zeros (never read: each request's loss only sees its own rows)."""
+        lengths = [n for r in reqs for n in r.lengths]
+        b, t = len(lengths), max(lengths)
+        if len(reqs) > 1 and b * t > self.max_fused_tokens:
+            raise ValueError(f"fused batch of {b}x{t} tokens exceeds max_fused_tokens={self.max_fused_tokens}")
+        ids = torch.zeros((b, t), dtype=torch.int64)
+        valid = torch.zeros((b, t), dtype=torch.float32)
+        names = {name for r in reqs for d in r.inputs for name in d}
+        inputs = {
+            name: torch.zeros((b, t), dtype=torch.int64 if name == "target_tokens" else torch.float32) for name in names
+        }
+        row = 0
+        for r in reqs:
+            for tok, d in zip(r.tokens, r.inputs):
+                n = len(tok)
+                ids[row, :n] = tok
+                valid[row, :n] = 1.0
+                for name, v in d.items():
+                    inputs[name][row, :n] = v
+                row += 1
+        dev = self.device
+        return ids.to(dev), valid.to(dev), {k: v.to(dev) for k, v in inputs.items()}
+
+    def _target_logprobs(
+        self, ids: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor, adapter_names: list[str] | None = None
+    ) -> torch.Tensor:
+        extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
+        out = self.peft(input_ids=ids, attention_mask=valid.to(torch.int64), use_cache=False, **extra)
+        logits = out.logits.float()
+        lp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        # Padding positions: zero value, no gradient, whatever the pad token predicted.
+        return torch.where(valid > 0, lp, torch.zeros_like(lp))
+
+    @staticmethod
+    def _outputs(lp: torch.Tensor, per_token: torch.Tensor, lengths: list[int]) -> list[dict[str, TensorData]]:
+        lp_rows = lp.detach().float().cpu().tolist()
+        loss_rows = per_token.detach().float().cpu().tolist()
+        return [
+            {
+                "logprobs": TensorData(data=lp_rows[i][:n], dtype="float32", shape=[n]),
+                "elementwise_loss": TensorData(data=loss_rows[i][:n], dtype="float32", shape=[n]),
+            }
+            for i, n in enumerate(lengths)
+        ]
+
+    # --- state export / import (checkpoints and offloading share one format) -------------------------
+
+    def _export(self, run: _Run, *, optimizer: bool, grads: bool) -> dict[str, torch.Tensor]:
+        """Copy a run's state to CPU tensors: ``w:<key>`` weights, ``g:`` grads, ``m:``/``v:``/``s:`` AdamW
+        moments and step, ``rng:cpu``/``rng:cuda``. Keys are peft checkpoint keys (adapter name removed)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, p in run.params.items():
+            out[f"w:{key}"] = p.detach().to("cpu", copy=True).contiguous()
+            if grads and p.grad is not None:
+                out[f"g:{key}"] = p.grad.detach().to("cpu", copy=True).contiguous()
+            if optimizer:
+                st = run.optimizer.state.get(p)
+                if st:
+                    out[f"m:{key}"] = st["exp_avg"].detach().to("cpu", copy=True).contiguous()
+                    out[f"v:{key}"] = st["exp_avg_sq"].detach().to("cpu", copy=True).contiguous()
+                    out[f"s:{key}"] = torch.as_tensor(st["step"]).detach().to("cpu", copy=True).reshape(1)
+        if optimizer:
+            out["rng:cpu"] = run.rng_cpu.clone()
+            if run.rng_cuda is not None:
+                out["rng:cuda"] = run.rng_cuda.clone()
+        return out
+
+    def _import(self, run: _Run, state: dict[str, torch.Tensor], *, optimizer: bool, grads: bool) -> None:
+        """Write exported state into a resident run (exact copies). Raises UserError on a key/shape mismatch."""
+        expected = set(run.params)
+        got = {k[2:] for k in state if k.startswith("w:")}
+        if got != expected:
+            missing, extra = sorted(expected - got), sorted(got - expected)
+            raise UserError(
+                "checkpoint does not match this run's LoRA config (rank / target modules): "
+                f"{len(missing)} weights missing{' e.g. ' + missing[0] if missing else ''}, "
+                f"{len(extra)} unexpected{' e.g. ' + extra[0] if extra else ''}",
+                field="path",
+            )
+        for key, p in run.params.items():
+            w = state[f"w:{key}"]
+            if tuple(w.shape) != tuple(p.shape):
+                raise UserError(
+                    f"checkpoint weight {key} has shape {list(w.shape)}, this run needs {list(p.shape)} "
+                    "(different LoRA rank?)",
+                    field="path",
+                )
+        run.optimizer = self._new_optimizer(run)
+        with torch.no_grad():
+            for key, p in run.params.items():
+                p.copy_(state[f"w:{key}"])
+                g = state.get(f"g:{key}") if grads else None
+                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
+                if optimizer and f"m:{key}" in state:
+                    run.optimizer.state[p] = {
+                        "step": state[f"s:{key}"].reshape(()).clone(),
+                        "exp_avg": state[f"m:{key}"].to(p.device).clone(),
+                        "exp_avg_sq": state[f"v:{key}"].to(p.device).clone(),
+                    }
+        if optimizer and "rng:cpu" in state:
+            run.rng_cpu = state["rng:cpu"].clone()
+            if "rng:cuda" in state and self.device.type == "cuda":
+                run.rng_cuda = state["rng:cuda"].clone()
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo:
+        run = self._resident(run_id)
+        state = self._export(run, optimizer=include_optimizer, grads=False)
+        with ckpt.atomic_directory(path) as tmp:
+            self._write_adapter(run, state, tmp)
+            if include_optimizer:
+                opt = {k: v for k, v in state.items() if not k.startswith("w:")}
+                save_file(opt, os.path.join(tmp, ckpt.OPTIMIZER_STATE), metadata={"format": "pt"})
+            ckpt.write_state_file(
+                tmp, step=run.step, lora=run.lora, has_optimizer=include_optimizer, model=self.model_id
+            )
+        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=run.step)
+
+    def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo:
+        run = self._resident(run_id)
+        state = self._export(run, optimizer=False, grads=False)
+        with ckpt.atomic_directory(path) as tmp:
+            self._write_adapter(run, state, tmp)
+        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=run.step)
+
+    def _write_adapter(self, run: _Run, state: dict[str, torch.Tensor], directory: str) -> None:
+        weights = {k[2:]: v for k, v in state.items() if k.startswith("w:")}
+        save_file(weights, os.path.join(directory, ckpt.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        cfg = copy.deepcopy(self._peft_config(run))
+        cfg.inference_mode = True
+        cfg.base_model_name_or_path = served_model_name(self.model_id)
+        cfg.save_pretrained(directory)
+
+    def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None:
+        run = self._resident(run_id)
+        path = ckpt.require_checkpoint(path)
+        doc = ckpt.read_state_file(path)
+        state = {f"w:{k}": v for k, v in load_file(os.path.join(path, ckpt.ADAPTER_WEIGHTS)).items()}
+        opt_file = os.path.join(path, ckpt.OPTIMIZER_STATE)
+        if include_optimizer:
+            if not os.path.isfile(opt_file):
+                raise UserError(
+                    f"checkpoint {path!r} was saved without optimizer state; load it without the optimizer",
+                    field="include_optimizer",
+                )
+            state.update(load_file(opt_file))
+        self._import(run, state, optimizer=include_optimizer, grads=False)
+        run.step = int(doc["step"]) if doc else 0
+
+    def read_checkpoint_lora(self, path: str) -> LoraConfig:
+        return read_checkpoint_lora(path)
+
+    # --- residency ------------------------------------------------------------------------------------
+
+    def offload(self, run_id: str) -> None:
+        run = self._get(run_id)
+        if not run.resident:
+            return
+        state = self._export(run, optimizer=True, grads=True)
+        if self.offload_to == "disk":
+            path = os.path.join(self._spill(), f"{run.name}.safetensors")
+            save_file(state, path)
+            run.parked = path
+        else:
+            run.parked = {k: v.pin_memory() if self.device.type == "cuda" else v for k, v in state.items()}
+        self._detach(run)
+
+    def ensure_resident(self, run_id: str) -> None:
+        self._resident(run_id)
+
+    def _restore(self, run: _Run) -> None:
+        state = load_file(run.parked) if isinstance(run.parked, str) else run.parked
+        self._attach(run)
+        self._import(run, state, optimizer=True, grads=True)
+        if isinstance(run.parked, str):
+            with contextlib.suppress(OSError):
+                os.remove(run.parked)
+        run.parked = None
+
+    def _spill(self) -> str:
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.mkdtemp(prefix="twinkle-spill-")
+        os.makedirs(self._spill_dir, exist_ok=True)
+        return self._spill_dir
+
+    # --- description ----------------------------------------------------------------------------------
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo(
+            model_name=served_model_name(self.model_id),
+            model_id=self.model_id,
+            backend="transformers",
+            max_context_length=self.max_length or 0,
+            vocab_size=self.vocab_size,
+            dp_size=1,
+        )
+
+    def close(self) -> None:
+        if self._own_spill_dir and self._spill_dir:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None

@@ -1,0 +1,191 @@
+"""Scheduler rules: seq order, duplicates, unnumbered requests, gaps, fairness, fusion, a responsive loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from twinkle.common.wire import NotFoundError, UserError
+from twinkle.model.scheduler import Scheduler
+
+
+class Recorder:
+    """Work items that record their execution order (and on which thread they ran)."""
+
+    def __init__(self) -> None:
+        self.log: list = []
+        self.threads: set[str] = set()
+
+    def job(self, tag, *, sleep: float = 0.0, fail: Exception | None = None):
+        def fn():
+            self.threads.add(threading.current_thread().name)
+            if sleep:
+                time.sleep(sleep)
+            self.log.append(tag)
+            if fail is not None:
+                raise fail
+            return {"tag": tag}
+
+        return fn
+
+
+@pytest.fixture
+async def sched():
+    s = Scheduler(gap_timeout_s=5.0)
+    yield s
+    await s.close()
+
+
+async def test_out_of_order_arrival_executes_in_seq_order(sched):
+    rec = Recorder()
+    sched.add_run("r", next_seq=1)
+    tasks = []
+    for seq in (2, 4, 1, 3):  # the SDK sends chunk 1 last
+        tasks.append(asyncio.create_task(sched.submit("r", seq, rec.job(seq))))
+        await asyncio.sleep(0.01)
+    results = await asyncio.gather(*tasks)
+    assert rec.log == [1, 2, 3, 4]
+    assert [r["tag"] for r in results] == [2, 4, 1, 3]
+    assert rec.threads == {n for n in rec.threads if n.startswith("twinkle-model")} and rec.threads
+
+
+async def test_duplicate_gets_the_first_result_and_never_runs_twice(sched):
+    rec = Recorder()
+    sched.add_run("r", next_seq=1)
+    first = await sched.submit("r", 1, rec.job("first"))
+    again = await sched.submit("r", 1, rec.job("second"))
+    assert again is first and rec.log == ["first"]
+    # a duplicate of a request that is still waiting shares its future
+    t3 = asyncio.create_task(sched.submit("r", 3, rec.job("three")))
+    await asyncio.sleep(0.01)
+    t3dup = asyncio.create_task(sched.submit("r", 3, rec.job("three-dup")))
+    await asyncio.sleep(0.01)
+    await sched.submit("r", 2, rec.job("two"))
+    assert (await t3) is (await t3dup)
+    assert rec.log == ["first", "two", "three"]
+
+
+async def test_duplicate_of_a_failed_request_gets_the_same_error(sched):
+    rec = Recorder()
+    sched.add_run("r")
+    boom = UserError("bad input", field="data[0]")
+    with pytest.raises(UserError) as e1:
+        await sched.submit("r", 1, rec.job("x", fail=boom))
+    with pytest.raises(UserError) as e2:
+        await sched.submit("r", 1, rec.job("y"))
+    assert e1.value is e2.value is boom
+    assert await sched.submit("r", 2, rec.job("z")) == {"tag": "z"}  # a failure still consumed seq 1
+    assert rec.log == ["x", "z"]
+
+
+async def test_old_seq_beyond_the_result_cache_is_refused():
+    s = Scheduler(result_cache=2)
+    s.add_run("r")
+    rec = Recorder()
+    for seq in (1, 2, 3, 4):
+        await s.submit("r", seq, rec.job(seq))
+    with pytest.raises(UserError) as ei:
+        await s.submit("r", 1, rec.job("again"))
+    assert ei.value.field == "seq_id" and "older" in str(ei.value)
+    assert rec.log == [1, 2, 3, 4]
+    await s.close()
+
+
+async def test_unnumbered_requests_run_in_arrival_order_after_earlier_ones(sched):
+    rec = Recorder()
+    sched.add_run("r", next_seq=1)
+    t2 = asyncio.create_task(sched.submit("r", 2, rec.job(2)))
+    await asyncio.sleep(0.01)
+    tn = asyncio.create_task(sched.submit("r", None, rec.job("n1")))  # arrived after seq 2: runs after it
+    await asyncio.sleep(0.01)
+    await sched.submit("r", 1, rec.job(1))
+    await asyncio.gather(t2, tn)
+    await sched.submit("r", None, rec.job("n2"))
+    await sched.submit("r", 3, rec.job(3))
+    assert rec.log == [1, 2, "n1", "n2", 3]
+
+
+async def test_gap_times_out_with_a_clear_error():
+    s = Scheduler(gap_timeout_s=0.3)
+    s.add_run("r", next_seq=1)
+    rec = Recorder()
+    start = time.monotonic()
+    t2 = asyncio.create_task(s.submit("r", 2, rec.job(2)))
+    t3 = asyncio.create_task(s.submit("r", 3, rec.job(3)))
+    for t in (t2, t3):
+        with pytest.raises(UserError) as ei:
+            await t
+        assert ei.value.field == "seq_id"
+        assert "seq_id 1" in str(ei.value) and "never arrived" in str(ei.value)
+    assert 0.25 < time.monotonic() - start < 3.0
+    assert rec.log == []
+    with pytest.raises(UserError):  # the missing one, arriving late, is refused: its turn has passed
+        await s.submit("r", 1, rec.job(1))
+    assert await s.submit("r", 4, rec.job(4)) == {"tag": 4}  # the run goes on
+    await s.close()
+
+
+async def test_runs_interleave_round_robin(sched):
+    rec = Recorder()
+    for rid in ("a", "b", "c"):
+        sched.add_run(rid)
+    blocker = asyncio.create_task(sched.run_exclusive(rec.job("block", sleep=0.2)))
+    await asyncio.sleep(0.05)  # the model thread is busy: everything below queues up
+    tasks = [asyncio.create_task(sched.submit(rid, seq, rec.job(f"{rid}{seq}")))
+             for rid, n in (("a", 4), ("b", 2), ("c", 3)) for seq in range(1, n + 1)]
+    await asyncio.gather(blocker, *tasks)
+    order = rec.log[1:]
+    assert order[:3] and sorted(order[:3]) == ["a1", "b1", "c1"]  # one turn each before anyone's second
+    assert sorted(order[3:6]) == ["a2", "b2", "c2"]
+    assert order[-1] == "a4"
+
+
+async def test_control_work_goes_first_and_delete_fails_waiting_requests(sched):
+    rec = Recorder()
+    sched.add_run("r")
+    waiting = asyncio.create_task(sched.submit("r", 2, rec.job(2)))
+    await asyncio.sleep(0.01)
+    sched.remove_run("r")
+    with pytest.raises(NotFoundError):
+        await waiting
+    with pytest.raises(NotFoundError):
+        await sched.submit("r", 1, rec.job(1))
+
+
+async def test_batcher_fuses_heads_of_different_runs():
+    batches = []
+
+    def batcher(payloads):
+        batches.append(list(payloads))
+        return [f"fused-{p}" for p in payloads]
+
+    s = Scheduler(batcher=batcher, max_batch=8)
+    rec = Recorder()
+    for rid in ("a", "b", "c"):
+        s.add_run(rid)
+    blocker = asyncio.create_task(s.run_exclusive(rec.job("block", sleep=0.2)))
+    await asyncio.sleep(0.05)
+    ta = [asyncio.create_task(s.submit("a", seq, rec.job(f"a{seq}"), batch_key="fb", payload=f"a{seq}"))
+          for seq in (1, 2)]
+    tb = asyncio.create_task(s.submit("b", 1, rec.job("b1"), batch_key="fb", payload="b1"))
+    tc = asyncio.create_task(s.submit("c", 1, rec.job("c1"), payload="c1"))  # not batchable
+    await asyncio.gather(blocker, *ta, tb, tc)
+    assert batches[0] == ["a1", "b1"]  # one per run; a2 waits for a1's turn to finish
+    assert (await ta[0]) == "fused-a1" and (await tb) == "fused-b1"
+    assert (await tc) == {"tag": "c1"}
+    await s.close()
+
+
+async def test_event_loop_stays_responsive_during_a_long_job(sched):
+    sched.add_run("r")
+    long = asyncio.create_task(sched.submit("r", 1, lambda: sum(i * i for i in range(3_000_000)) or time.sleep(0.3)))
+    lags = []
+    while not long.done():
+        t = time.perf_counter()
+        await asyncio.sleep(0.01)
+        lags.append(time.perf_counter() - t - 0.01)
+    await long
+    assert len(lags) > 5 and max(lags) < 0.05

@@ -1,0 +1,50 @@
+"""The Processor application as a Ray Serve deployment.
+
+Its CPU workers are processes of one ``ProcessorService`` (a process pool sized by the plan: the mesh's
+``dp_size``), hosted on the node the planner chose — in the replica itself when that is where the replica
+runs, else in one pinned Ray actor there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Litestar
+from ray import serve
+
+from twinkle.common.component import ComponentSpec
+from twinkle.common.models import TINY_MODEL_ID
+from twinkle.common.serving import bind_component, start_workers
+
+from .app import create_processor_app
+
+_SERVICE = "twinkle.processor.service:ProcessorService"
+
+
+@serve.ingress()
+class ProcessorManagement:
+    def __init__(self, spec: ComponentSpec) -> None:
+        self.spec = spec
+        model_id = spec.args.get("model_id") or TINY_MODEL_ID
+        num_workers = max(1, len(spec.workers))
+        host = spec.workers[:1]  # one host process; its pool holds the planned worker processes
+        host_spec = msgspec.structs.replace(spec, workers=host)
+        (self.host,) = start_workers(host_spec, _SERVICE, lambda w: ((model_id,), {"num_workers": num_workers}))
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await self.host.call(method, *args)
+
+    async def health(self) -> Any:
+        return await self.host.call("health")
+
+    async def info(self) -> Any:
+        info = await self.host.call("info")
+        return {"app": self.spec.app_name, "processor": info, "host": await self.host.describe()}
+
+    def __serve_build_asgi_app__(self) -> Litestar:
+        return create_processor_app(self)
+
+
+def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
+    return bind_component(ProcessorManagement, spec, deployment, default_name)

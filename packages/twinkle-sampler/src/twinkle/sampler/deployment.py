@@ -1,0 +1,68 @@
+"""The Sampler application as a Ray Serve deployment.
+
+The replica hosts the HTTP app and spreads requests over the component's workers: one ``SamplerService``
+per planned rank (``dp_size`` of them, each on its own device). With a single CPU worker the service lives
+in the replica itself; GPU workers are pinned Ray actors (see ``twinkle.common.workers``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from litestar import Litestar
+from ray import serve
+
+from twinkle.common.component import ComponentSpec
+from twinkle.common.serving import bind_component, start_workers
+from twinkle.common.wire import SampleOutput, SampleRequest
+
+from .app import create_sampler_app
+
+_SERVICE = "twinkle.sampler.service:SamplerService"
+
+
+@serve.ingress()
+class SamplerManagement:
+    def __init__(self, spec: ComponentSpec) -> None:
+        self.spec = spec
+        args = spec.args
+        options = dict(
+            sampler_type=args.get("sampler_type") or "torch",
+            engine_args=args.get("engine_args") or {},
+            max_loras=args.get("max_loras") or 8,
+        )
+        self.workers = start_workers(spec, _SERVICE, lambda w: ((args["model_id"],), options))
+        self._inflight = [0] * len(self.workers)
+        self._tie_break = itertools.count()
+
+    def _pick(self) -> int:
+        # Least in-flight work first; ties rotate so equal workers share the load.
+        turn = next(self._tie_break)
+        n = len(self.workers)
+        return min(range(n), key=lambda i: (self._inflight[i], (i - turn) % n))
+
+    async def sample(self, req: SampleRequest) -> SampleOutput:
+        i = self._pick()
+        self._inflight[i] += 1
+        try:
+            return await self.workers[i].call("sample", req)
+        finally:
+            self._inflight[i] -= 1
+
+    async def health(self) -> dict[str, Any]:
+        checks = await asyncio.gather(*(w.call("health") for w in self.workers))
+        return {"status": "ok", "workers": checks}
+
+    async def info(self) -> dict[str, Any]:
+        info = await self.workers[0].call("info")
+        described = await asyncio.gather(*(w.describe() for w in self.workers))
+        return {**info, "app": self.spec.app_name, "workers": described}
+
+    def __serve_build_asgi_app__(self) -> Litestar:
+        return create_sampler_app(self)
+
+
+def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
+    return bind_component(SamplerManagement, spec, deployment, default_name)

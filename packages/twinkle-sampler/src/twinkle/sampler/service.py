@@ -1,0 +1,69 @@
+"""``SamplerService``: what the Sampler deployment (Ray Serve replica + Litestar app) calls.
+
+One service owns one engine over one base model. ``sample`` validates the request (a ``UserError`` naming the
+field), hands it to the engine, which batches it with whatever else is in flight, and returns the
+``SampleOutput``. ``health`` and ``info`` are cheap and never wait for compute.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twinkle.common.wire import SampleOutput, SampleRequest
+
+from .engine import SamplerEngine, make_engine
+
+
+class SamplerService:
+    def __init__(
+        self,
+        model_id: str,
+        sampler_type: str = "torch",
+        engine_args: dict[str, Any] | None = None,
+        max_loras: int = 8,
+        device: str | None = None,
+        *,
+        engine: SamplerEngine | None = None,
+    ) -> None:
+        """``engine``: an already-built engine to serve (tests and benchmarks share one); else one is made."""
+        self.model_id = model_id
+        self.sampler_type = sampler_type
+        self.engine = engine or make_engine(sampler_type, model_id, engine_args, max_loras, device)
+        self._started = time.time()
+        self._served = 0
+        self._failed = 0
+        self._in_flight = 0
+
+    async def sample(self, req: SampleRequest) -> SampleOutput:
+        self.engine.resolve(req)  # validate here, so a bad request never reaches the engine's queue
+        self._in_flight += 1
+        try:
+            (out,) = await self.engine.generate([req])
+        except BaseException:
+            self._failed += 1
+            raise
+        finally:
+            self._in_flight -= 1
+        self._served += 1
+        return out
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "engine": self.engine.engine_type,
+            "model_name": self.engine.model_name,
+            "uptime_s": round(time.time() - self._started, 3),
+            "in_flight": self._in_flight,
+            "served": self._served,
+            "failed": self._failed,
+        }
+
+    def info(self) -> dict[str, Any]:
+        return self.engine.info()
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    async def close(self) -> None:
+        await self.engine.close()

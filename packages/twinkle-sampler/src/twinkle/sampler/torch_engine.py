@@ -1,0 +1,536 @@
+"""The ``torch`` engine: transformers + peft on any device, with its own batched decode loop.
+
+How a request runs:
+
+1. ``generate`` validates it (``resolve_request``) on the caller's event loop and puts a job on a queue.
+2. One dedicated compute thread (the only thread that ever touches the model) takes the first job, waits up to
+   ``batch_wait_ms`` (measured from that job's arrival) for more, and takes as many pending jobs as fit:
+   at most ``max_batch_size`` rows (a job is ``num_samples`` rows), at most ``max_batch_tokens`` padded prompt
+   tokens, at most ``max_loras`` distinct adapters. Jobs that do not fit are first in line for the next batch.
+   A queue drained by a thread, rather than an asyncio task, keeps the engine independent of any one event loop
+   (a Ray Serve replica, a test's loop, a script's ``asyncio.run``) and keeps compute off all of them.
+3. The batch's adapters are acquired from the :class:`AdapterCache` (loaded/reloaded in that same thread and
+   pinned for the batch). Rows with different adapters run in the *same* forward passes: peft's mixed-batch
+   LoRA (``adapter_names=[...]`` with ``"__base__"`` for base-model rows).
+4. Prefill: each distinct prompt once, left-padded, with an attention mask and explicit position ids, into a
+   ``DynamicCache``; only the last position's logits unless a job asked for prompt logprobs. The cache is then
+   expanded to ``num_samples`` rows per job (``batch_select_indices``), so GRPO-style ``num_samples=16`` prefills
+   the prompt once.
+5. Decode: one token per row per step with the KV cache; rows that stop are dropped from the batch (cache rows
+   selected away), so a long sequence does not make short ones pay.
+
+Sampling, per row: greedy rows take ``argmax``; others scale logits by ``1/temperature``, keep the ``top_k``
+largest, then the smallest set whose probability reaches ``top_p``, and invert the CDF at a uniform number drawn
+from the row's own ``random.Random`` (seeded from ``(seed, sample index)``, or from the OS when no seed). The
+reported logprob is always ``log_softmax`` of the *raw* logits (before temperature/top-k/top-p): what the trainer
+computes, so RL importance ratios compare like with like (vLLM's ``logprobs_mode="raw_logprobs"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import random
+import secrets
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from twinkle.common.env import trust_remote_code
+from twinkle.common.models import resolve_model_path
+from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, UserError
+
+from .adapters import AdapterCache, adapter_files
+from .engine import SamplerEngine
+from .params import DEFAULT_MAX_NUM_SAMPLES, ResolvedRequest
+
+log = logging.getLogger(__name__)
+
+ENGINE_ARGS = {
+    "dtype": "auto",  # "auto" = the checkpoint's dtype; or float32 / bfloat16 / float16
+    "max_batch_size": 64,  # rows (sequences) per batch
+    "max_batch_tokens": 16384,  # padded prompt tokens per prefill
+    "batch_wait_ms": 5.0,  # how long the first request of a batch waits for company
+    "max_model_len": None,  # context window; default: the model config's max_position_embeddings
+    "max_num_samples": DEFAULT_MAX_NUM_SAMPLES,
+    "attn_implementation": None,  # e.g. "sdpa", "eager"; default: transformers' choice
+}
+
+
+@dataclass(eq=False)
+class _Job:
+    req: ResolvedRequest
+    adapter_key: str | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def _deliver(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+class TorchEngine(SamplerEngine):
+    engine_type = "torch"
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        engine_args: dict[str, Any] | None = None,
+        max_loras: int = 8,
+        device: str | None = None,
+    ) -> None:
+        args = dict(ENGINE_ARGS)
+        unknown = set(engine_args or {}) - set(ENGINE_ARGS)
+        if unknown:
+            raise ValueError(f"unknown engine_args for the torch sampler: {sorted(unknown)}; known: {sorted(ENGINE_ARGS)}")
+        args.update(engine_args or {})
+        super().__init__(model_id, max_loras=max_loras, max_num_samples=int(args["max_num_samples"]))
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        path = resolve_model_path(model_id)
+        self.model_path = path
+        trc = trust_remote_code()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
+        dtype = args["dtype"]
+        if dtype != "auto":
+            dtype = getattr(torch, str(dtype))
+        kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trc}
+        if args["attn_implementation"]:
+            kw["attn_implementation"] = args["attn_implementation"]
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        model.to(self.device)
+        model.eval()
+        model.requires_grad_(False)
+        self._base = model
+        self._peft = None  # a peft.PeftModel around _base while at least one adapter is resident
+
+        text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.vocab_size = int(text_cfg.vocab_size)
+        ctx = args["max_model_len"] or getattr(text_cfg, "max_position_embeddings", None)
+        ctx = ctx or getattr(self.tokenizer, "model_max_length", None) or 2048
+        self.max_context_length = int(ctx)
+        eos: list[int] = []
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        for e in ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [self.tokenizer.eos_token_id]:
+            if e is not None and e not in eos:
+                eos.append(int(e))
+        self.eos_token_ids = tuple(eos)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = getattr(model.generation_config, "pad_token_id", None)
+        self.pad_token_id = int(pad if pad is not None else (eos[0] if eos else 0))
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+        self.max_batch_size = int(args["max_batch_size"])
+        self.max_batch_tokens = int(args["max_batch_tokens"])
+        self.batch_wait_s = float(args["batch_wait_ms"]) / 1000.0
+        self.engine_args = args
+
+        self.adapters = AdapterCache(max_loras, self._load_adapter, self._unload_adapter, name_prefix="lora")
+        self._cv = threading.Condition()
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._closed = False
+        self._counters = {"batches": 0, "rows": 0, "forward_calls": 0, "prefill_tokens": 0, "decode_steps": 0,
+                          "max_batch_rows": 0, "generated_tokens": 0, "max_resident_adapters": 0}
+        self._batch_rows: collections.deque[int] = collections.deque(maxlen=4096)
+        self._thread = threading.Thread(target=self._worker, name=f"twinkle-sampler-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    # -- public ------------------------------------------------------------------------------------------
+
+    async def generate(self, requests: Sequence[SampleRequest]) -> list[SampleOutput]:
+        resolved = [self.resolve(r) for r in requests]  # every request is valid before any is queued
+        keys = []
+        for r in resolved:
+            # A missing/incomplete checkpoint fails here, on the caller, before it waits for a batch.
+            keys.append(adapter_files(r.adapter_path)[0] if r.adapter_path else None)
+        if self._closed:
+            raise RuntimeError("the sampler engine is closed")
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(r, k, loop, loop.create_future()) for r, k in zip(resolved, keys)]
+        with self._cv:
+            self._pending.extend(jobs)
+            self._cv.notify_all()
+        return list(await asyncio.gather(*(j.future for j in jobs)))
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            out = dict(self._counters)
+            out["batch_rows"] = list(self._batch_rows)
+            out["queued"] = len(self._pending)
+        out["adapters"] = dict(self.adapters.stats)
+        return out
+
+    def reset_stats(self) -> None:
+        with self._cv:
+            for k in self._counters:
+                self._counters[k] = 0
+            self._batch_rows.clear()
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out.update({"device": str(self.device), "dtype": str(self._base.dtype).replace("torch.", ""),
+                    "max_batch_size": self.max_batch_size, "batch_wait_ms": self.batch_wait_s * 1000})
+        return out
+
+    async def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def close_sync(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    # -- the compute thread ------------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        torch = self._torch
+        while True:
+            jobs = self._next_batch()
+            if jobs is None:
+                break
+            try:
+                with torch.inference_mode():
+                    self._run_jobs(jobs)
+            except BaseException as e:  # noqa: BLE001 - never let the compute thread die silently
+                log.exception("sampler batch failed")
+                for j in jobs:
+                    self._send(j, None, e)
+        # Fail whatever is still queued after close.
+        with self._cv:
+            left = list(self._pending)
+            self._pending.clear()
+        for j in left:
+            self._send(j, None, RuntimeError("the sampler engine was closed"))
+
+    def _next_batch(self) -> list[_Job] | None:
+        with self._cv:
+            while not self._pending and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            deadline = self._pending[0].enqueued + self.batch_wait_s
+            while not self._closed:
+                rows = sum(j.req.num_samples for j in self._pending)
+                left = deadline - time.monotonic()
+                if rows >= self.max_batch_size or left <= 0:
+                    break
+                self._cv.wait(left)
+            batch: list[_Job] = []
+            rest: collections.deque[_Job] = collections.deque()
+            rows = 0
+            max_len = 0
+            adapters: set[str] = set()
+            for job in self._pending:
+                if job.future.cancelled():
+                    continue
+                n, length = job.req.num_samples, len(job.req.prompt)
+                new_adapter = job.adapter_key is not None and job.adapter_key not in adapters
+                fits = not batch or (
+                    rows + n <= self.max_batch_size
+                    and (len(batch) + 1) * max(max_len, length) <= self.max_batch_tokens
+                    and (not new_adapter or len(adapters) < self.max_loras)
+                )
+                if not fits:
+                    rest.append(job)
+                    continue
+                batch.append(job)
+                rows += n
+                max_len = max(max_len, length)
+                if job.adapter_key is not None:
+                    adapters.add(job.adapter_key)
+            self._pending = rest
+            return batch
+
+    def _send(self, job: _Job, result: Any, error: BaseException | None) -> None:
+        try:
+            job.loop.call_soon_threadsafe(_deliver, job.future, result, error)
+        except RuntimeError:  # the caller's loop is gone; nobody is waiting
+            pass
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        leases = {}
+        failed: dict[str, BaseException] = {}
+        try:
+            for key in dict.fromkeys(j.adapter_key for j in jobs if j.adapter_key is not None):
+                try:
+                    leases[key] = self.adapters.acquire(key)
+                except Exception as e:  # noqa: BLE001 - reported to the requests that need this adapter
+                    failed[key] = e
+            ok = []
+            for j in jobs:
+                if j.adapter_key in failed:
+                    self._send(j, None, failed[j.adapter_key])
+                else:
+                    ok.append(j)
+            if not ok:
+                return
+            names = [leases[j.adapter_key].handle if j.adapter_key is not None else None for j in ok]
+            try:
+                outputs = self._generate_batch(ok, names)
+            except Exception as e:  # noqa: BLE001
+                log.exception("sampler batch of %d requests failed", len(ok))
+                for j in ok:
+                    self._send(j, None, e)
+                return
+            for j, out in zip(ok, outputs):
+                self._send(j, out, None)
+        finally:
+            for lease in leases.values():
+                lease.release()
+
+    # -- adapters (called from the compute thread only) ---------------------------------------------------
+
+    def _load_adapter(self, name: str, path: str) -> str:
+        from peft import PeftConfig, PeftModel
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        try:
+            cfg = PeftConfig.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"adapter checkpoint {path!r} has an unreadable adapter_config.json: {e}",
+                            field="adapter_path") from e
+        if str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
+            raise UserError(f"adapter checkpoint {path!r} is a {cfg.peft_type} adapter; only LoRA is served",
+                            field="adapter_path")
+        cfg.inference_mode = True
+        weights = load_peft_weights(path, device=str(self.device))
+        # A PEFT save with lm_head among the targets also stores the *base* lm_head ("...base_layer.weight").
+        # Base weights are the server's, not the adapter's: never let a checkpoint overwrite them.
+        weights = {k: v for k, v in weights.items() if ".base_layer." not in k}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if self._peft is None:
+                    self._peft = PeftModel(self._base, cfg, adapter_name=name)
+                else:
+                    self._peft.add_adapter(name, cfg)
+                result = set_peft_model_state_dict(self._peft, weights, adapter_name=name)
+            missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if missing or unexpected:
+                raise UserError(
+                    f"adapter checkpoint {path!r} does not match the base model: "
+                    f"{len(missing)} LoRA weights missing (e.g. {missing[:2]}), "
+                    f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
+                    field="adapter_path",
+                )
+            self._peft.eval()
+            with self._cv:
+                n = len(self._peft.peft_config)
+                self._counters["max_resident_adapters"] = max(self._counters["max_resident_adapters"], n)
+        except BaseException:
+            self._remove_adapter(name)
+            raise
+        return name
+
+    def _unload_adapter(self, name: str) -> None:
+        self._remove_adapter(name)
+
+    def _remove_adapter(self, name: str) -> None:
+        if self._peft is None or name not in self._peft.peft_config:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if len(self._peft.peft_config) == 1:
+                # peft cannot run with zero adapters: take the LoRA layers out and serve the plain model.
+                self._base = self._peft.unload()
+                self._peft = None
+            else:
+                self._peft.delete_adapter(name)
+
+    # -- the decode loop -----------------------------------------------------------------------------------
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self._base.config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapter_names, logits_to_keep):
+        model = self._peft if self._peft is not None else self._base
+        kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": logits_to_keep}
+        if self._peft is not None:
+            kw["adapter_names"] = [n or "__base__" for n in adapter_names]
+        with self._cv:
+            self._counters["forward_calls"] += 1
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw).logits
+
+    def _generate_batch(self, jobs: list[_Job], names: list[str | None]) -> list[SampleOutput]:
+        torch = self._torch
+        dev = self.device
+        reqs = [j.req for j in jobs]
+        lens = [len(r.prompt) for r in reqs]
+        P, Lmax = len(reqs), max(lens)
+        ids = torch.full((P, Lmax), self.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((P, Lmax), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, Lmax - lens[i]:] = torch.tensor(r.prompt, dtype=torch.long)
+            attn[i, Lmax - lens[i]:] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp_(min=0)
+        want_pl = any(r.prompt_logprobs for r in reqs)
+        cache = self._new_cache()
+        logits = self._forward(ids, attn, pos, cache, names, 0 if want_pl else 1)
+        last = logits[:, -1, :].float()
+        prompt_lps: list[list[float | None] | None] = [None] * P
+        for i, r in enumerate(reqs):
+            if r.prompt_logprobs:
+                start = Lmax - lens[i]
+                lp = torch.log_softmax(logits[i, start:Lmax - 1].float(), dim=-1)
+                tgt = ids[i, start + 1:]
+                prompt_lps[i] = [None] + lp.gather(-1, tgt[:, None])[:, 0].tolist()
+        del logits
+
+        row_job = [i for i, r in enumerate(reqs) for _ in range(r.num_samples)]
+        R = len(row_job)
+        if R != P:
+            idx = torch.tensor(row_job, device=dev)
+            cache.batch_select_indices(idx)
+            attn = attn[idx]
+            last = last[idx]
+        with self._cv:
+            self._counters["batches"] += 1
+            self._counters["rows"] += R
+            self._counters["prefill_tokens"] += P * Lmax
+            self._counters["max_batch_rows"] = max(self._counters["max_batch_rows"], R)
+            self._batch_rows.append(R)
+
+        # Per-row sampling state.
+        rreq = [reqs[i] for i in row_job]
+        sample_idx = [s for i, r in enumerate(reqs) for s in range(r.num_samples)]
+        rngs = [None if rr.greedy else _row_rng(rr.seed, s) for rr, s in zip(rreq, sample_idx)]
+        temps = torch.tensor([max(rr.temperature, 1e-5) for rr in rreq], dtype=torch.float32, device=dev)
+        top_ks = torch.tensor([rr.top_k for rr in rreq], dtype=torch.long, device=dev)
+        top_ps = torch.tensor([rr.top_p for rr in rreq], dtype=torch.float32, device=dev)
+        row_names = [names[i] for i in row_job]
+        next_pos = torch.tensor([lens[i] for i in row_job], dtype=torch.long, device=dev)
+        eos = set(self.eos_token_ids)
+        stop_ids = [set(rr.stop_token_ids) for rr in rreq]
+        windows = [max((len(s) for s in rr.stop_strings), default=0) + 4 for rr in rreq]
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        lps: list[list[float]] = [[] for _ in range(R)]
+        reasons: list[str | None] = [None] * R
+        active = list(range(R))
+
+        while True:
+            act = torch.tensor(active, device=dev) if len(active) != R else None
+            tok, lp = self._sample(
+                last, [rreq[r] for r in active], [rngs[r] for r in active],
+                temps if act is None else temps[act], top_ks if act is None else top_ks[act],
+                top_ps if act is None else top_ps[act],
+            )
+            tok_l, lp_l = tok.tolist(), lp.tolist()
+            keep: list[int] = []
+            for b, r in enumerate(active):
+                t = tok_l[b]
+                tokens[r].append(t)
+                lps[r].append(lp_l[b])
+                rr = rreq[r]
+                if (not rr.ignore_eos and t in eos) or t in stop_ids[r]:
+                    reasons[r] = "stop"
+                elif rr.stop_strings and self._hits_stop_string(tokens[r], rr.stop_strings, windows[r]):
+                    reasons[r] = "stop"
+                elif len(tokens[r]) >= rr.max_tokens:
+                    reasons[r] = "length"
+                else:
+                    keep.append(b)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                kidx = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(kidx)
+                attn = attn[kidx]
+                next_pos = next_pos[kidx]
+                tok = tok[kidx]
+                active = [active[b] for b in keep]
+            attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)
+            logits = self._forward(tok[:, None], attn, next_pos[:, None], cache, [row_names[r] for r in active], 1)
+            next_pos = next_pos + 1
+            last = logits[:, -1, :].float()
+            with self._cv:
+                self._counters["decode_steps"] += 1
+
+        with self._cv:
+            self._counters["generated_tokens"] += sum(len(t) for t in tokens)
+        outputs = []
+        r = 0
+        for i, req in enumerate(reqs):
+            seqs = []
+            for _ in range(req.num_samples):
+                seqs.append(SampledSequence(tokens=tokens[r], logprobs=lps[r], stop_reason=reasons[r]))  # type: ignore[arg-type]
+                r += 1
+            outputs.append(SampleOutput(sequences=seqs, prompt_logprobs=prompt_lps[i]))
+        return outputs
+
+    def _hits_stop_string(self, toks: list[int], stops: tuple[str, ...], window: int) -> bool:
+        # Decoding the last `window` tokens covers any stop string that the newest token completes (every token
+        # decodes to at least one character). We stop at the first step where a stop string appears, so that
+        # step's token is the one that completed it.
+        text = self.tokenizer.decode(toks[-window:], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    def _sample(self, logits, rows: list[ResolvedRequest], rngs, temps, top_ks, top_ps):
+        """Pick one token per row; return ``(tokens, raw_logprobs_of_tokens)``."""
+        torch = self._torch
+        raw = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
+        samp = [b for b, rr in enumerate(rows) if not rr.greedy]
+        if samp:
+            dev = logits.device
+            s_idx = torch.tensor(samp, device=dev) if len(samp) != len(rows) else None
+            x = logits if s_idx is None else logits[s_idx]
+            t = temps if s_idx is None else temps[s_idx]
+            k = top_ks if s_idx is None else top_ks[s_idx]
+            p = top_ps if s_idx is None else top_ps[s_idx]
+            x = x / t[:, None]
+            use_k = any(rows[b].top_k > 0 for b in samp)
+            use_p = any(rows[b].top_p < 1.0 for b in samp)
+            order = None
+            if use_k or use_p:
+                x, order = x.sort(dim=-1, descending=True)
+                if use_k:
+                    V = x.shape[-1]
+                    kk = torch.where(k > 0, k, torch.full_like(k, V))
+                    x = x.masked_fill(torch.arange(V, device=dev)[None, :] >= kk[:, None], float("-inf"))
+            probs = torch.softmax(x, dim=-1)
+            if use_p:
+                before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+                probs = probs.masked_fill(before >= p[:, None], 0.0)
+            cdf = probs.double().cumsum(dim=-1)
+            u = torch.tensor([rngs[b].random() for b in samp], dtype=torch.float64, device=dev) * cdf[:, -1]
+            choice = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+            chosen = choice if order is None else order.gather(1, choice[:, None])[:, 0]
+            if s_idx is None:
+                tokens = chosen
+            else:
+                tokens[s_idx] = chosen
+        return tokens, raw.gather(1, tokens[:, None])[:, 0]
+
+
+def _row_rng(seed: int | None, sample: int) -> random.Random:
+    if seed is None:
+        return random.Random(secrets.randbits(64))
+    # String seeds are hashed with SHA-512 by `random`: stable across processes, platforms and devices.
+    return random.Random(f"twinkle-sampler:{seed}:{sample}")

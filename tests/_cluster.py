@@ -1,0 +1,90 @@
+"""Helpers for tests that run real Ray clusters and deployed servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == 200:
+                return r
+            last = RuntimeError(f"{url}: {r.status_code} {r.text[:200]}")
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s}s: {last}")
+
+
+def ray_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (a per-test temp dir or session)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+class RayHead:
+    """``ray start --head`` on loopback with fake GPUs, in its own temp dir; stopped by ``stop()``."""
+
+    def __init__(self, num_gpus: int = 4, num_cpus: int = 4) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="twr-", dir="/tmp")
+        self.port = free_port()
+        self.env = base_env()
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+            f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-gpus={num_gpus}",
+            f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+        ]
+        subprocess.run(cmd, check=True, env=self.env, capture_output=True, timeout=120)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=self.env,
+                       capture_output=True, timeout=120)
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
