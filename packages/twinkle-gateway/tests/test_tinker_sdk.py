@@ -75,7 +75,7 @@ def _step(tc, data, loss_fn="cross_entropy", config=None):
 @pytest.fixture(scope="module")
 def trained(sc, base_model):
     """A run that memorised SEQ; its loss curve."""
-    tc = sc.create_lora_training_client(base_model=base_model, rank=16, user_metadata={"purpose": "test"})
+    tc = sc.create_lora_training_client(base_model=base_model, rank=16, user_metadata={"purpose": "test"}).result()
     losses = []
     for _ in range(36):
         fb, _op = _step(tc, [_datum()])
@@ -127,7 +127,7 @@ def test_save_state_and_resume_exactly(sc, trained):
     tc, _ = trained
     path = tc.save_state("resume-point").result().path
     assert path == f"tinker://{tc.model_id}/weights/resume-point"
-    resumed = sc.create_training_client_from_state_with_optimizer(path)
+    resumed = sc.create_training_client_from_state_with_optimizer(path).result()
     assert resumed.model_id != tc.model_id
     # the same next step on both: same loss, same weights afterwards (optimizer moments restored)
     data = [_datum(SEQ[::-1])]
@@ -138,7 +138,7 @@ def test_save_state_and_resume_exactly(sc, trained):
     lb = resumed.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
     assert np.allclose(la, lb, atol=1e-5)
     # weights only: same logprobs as at the save
-    weights_only = sc.create_training_client_from_state(path)
+    weights_only = sc.create_training_client_from_state(path).result()
     assert weights_only.get_info().lora_rank == 16
     lw = weights_only.forward([_datum()], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
     assert len(lw) == len(SEQ) - 1
@@ -150,7 +150,7 @@ def test_save_state_and_resume_exactly(sc, trained):
     ("cispo", None),
 ])
 def test_rl_step(sc, base_model, loss_fn, config):
-    tc = sc.create_lora_training_client(base_model=base_model, rank=8)
+    tc = sc.create_lora_training_client(base_model=base_model, rank=8).result()
     sampler = tc.save_weights_and_get_sampling_client()
     prompt = SEQ[:PROMPT_LEN]
     res = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=4,
@@ -204,11 +204,13 @@ def test_rest_client_checkpoints(sc, trained):
     rc.delete_checkpoint(tc.model_id, "weights/rest-state").result()
     left = {c.checkpoint_id for c in rc.list_checkpoints(tc.model_id).result().checkpoints}
     assert not left & {"weights/rest-state", "sampler_weights/rest-sampler"}
+    s2 = tc.save_weights_for_sampler("rest-s2").result().path
+    sc.create_sampling_client(model_path=s2).result()
     session = rc.get_session(sc.holder.get_session_id()).result()
     assert tc.model_id in session.training_run_ids
     assert sc.holder.get_session_id() in rc.list_sessions().result().sessions
-    sampler = sc.create_sampling_client(model_path=tc.save_weights_for_sampler("rest-s2").result().path)
-    assert rc.get_sampler(sampler._sampling_session_id).result().base_model == tc.get_info().model_data.model_name
+    sampler = rc.get_sampler(session.sampler_ids[-1]).result()
+    assert (sampler.base_model, sampler.model_path) == (tc.get_info().model_data.model_name, s2)
 
 
 def test_two_keys_cannot_see_each_other(base_url, sc, trained):
@@ -226,7 +228,7 @@ def test_two_keys_cannot_see_each_other(base_url, sc, trained):
         with pytest.raises(tinker.NotFoundError):
             rc.delete_checkpoint_from_tinker_path(path).result()
         with pytest.raises(tinker.NotFoundError):
-            other.create_training_client_from_state(path)
+            other.create_training_client_from_state(path).result()
     finally:
         other.close("success").result()
     # still there for its owner
@@ -234,7 +236,7 @@ def test_two_keys_cannot_see_each_other(base_url, sc, trained):
 
 
 def test_bad_requests_are_clear_and_leave_the_run_usable(sc, base_model):
-    tc = sc.create_lora_training_client(base_model=base_model, rank=4)
+    tc = sc.create_lora_training_client(base_model=base_model, rank=4).result()
 
     def still_usable():
         fb, op = _step(tc, [_datum()])
@@ -254,11 +256,11 @@ def test_bad_requests_are_clear_and_leave_the_run_usable(sc, base_model):
     still_usable()
     assert time.monotonic() - t0 < 20  # the refused seq_id did not stall the run
     with pytest.raises(tinker.BadRequestError, match="unknown base_model"):
-        sc.create_lora_training_client(base_model="no-such/model", rank=4)
+        sc.create_lora_training_client(base_model="no-such/model", rank=4).result()
     with pytest.raises((tinker.NotFoundError, tinker.BadRequestError)):
-        sc.create_training_client_from_state(f"tinker://{tc.model_id}/weights/never-saved")
+        sc.create_training_client_from_state(f"tinker://{tc.model_id}/weights/never-saved").result()
     with pytest.raises(ValueError):  # the SDK itself refuses a non-tinker path
-        sc.create_sampling_client(model_path="/etc/passwd")
+        sc.create_sampling_client(model_path="/etc/passwd").result()
     still_usable()
 
 
@@ -266,7 +268,7 @@ def test_oversize_payload_is_refused(sc, base_model):
     limit = int(os.environ.get("TWINKLE_TEST_MAX_BODY_BYTES", LOCAL_MAX_BODY if not BASE_URL else 0))
     if not limit:
         pytest.skip("set TWINKLE_TEST_MAX_BODY_BYTES to the deployed server's body limit")
-    tc = sc.create_lora_training_client(base_model=base_model, rank=4)
+    tc = sc.create_lora_training_client(base_model=base_model, rank=4).result()
     n = limit // 8 + 1000  # one datum (never split by the SDK) of > limit bytes of int32 tokens + float weights
     big = types.Datum(model_input=types.ModelInput.from_ints([7] * n),
                       loss_fn_inputs={"target_tokens": np.full(n, 7, dtype=np.int64),
@@ -280,7 +282,7 @@ def test_oversize_payload_is_refused(sc, base_model):
 
 def test_close_finishes_the_session(base_url, base_model):
     client = tinker.ServiceClient(base_url=base_url, api_key=KEYS[0])
-    client.create_lora_training_client(base_model=base_model, rank=4)
+    client.create_lora_training_client(base_model=base_model, rank=4).result()
     session_id = client.holder.get_session_id()
     client.close("success", detail="done").result()
     rc = tinker.ServiceClient(base_url=base_url, api_key=KEYS[0]).create_rest_client()

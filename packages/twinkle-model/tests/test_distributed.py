@@ -55,7 +55,9 @@ def test_dp2_equals_dp1_on_the_same_global_batch(dp, backend):
     ref = {k: p.detach().reshape(-1) for k, p in backend._resident("dp-ref").params.items()}
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # every rank took the identical step
     for k in ref:
-        torch.testing.assert_close(w0[k], ref[k], rtol=1e-3, atol=5e-5)  # 0.5% of one Adam step (lr 1e-2)
+        # Adam moves a weight whose gradient is ~0 by up to lr*sign(g): rounding there is amplified, so the
+        # tolerance is 2% of one step (lr 1e-2); the grad_norm check above is what catches a sum/mean mix-up.
+        torch.testing.assert_close(w0[k], ref[k], rtol=1e-3, atol=2e-4)
     assert dp_backend.run_step("dp") == 2
     # the comparison can fail: training moved the weights away from their (seeded) init
     backend.create_adapter("dp-init", cfg)
@@ -81,7 +83,7 @@ def test_dp_small_batches_fused_items_checkpoints_and_errors(dp, backend, tmp_pa
     ref = {k: p.detach().reshape(-1) for k, p in backend._resident("dp-small-ref").params.items()}
     got = _weights(ranks[1], "dp-small")
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=5e-5)
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=2e-4)
 
     with pytest.raises(UserError) as ei:  # validated once on the driver: global datum index in the field
         dp_backend.forward_backward("dp-small", make_batch([3, 3, 3], 4, loss="ppo", foo=1.0))

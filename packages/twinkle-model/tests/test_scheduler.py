@@ -180,12 +180,22 @@ async def test_batcher_fuses_heads_of_different_runs():
 
 
 async def test_event_loop_stays_responsive_during_a_long_job(sched):
+    """Even a job that holds the GIL in pure Python leaves the loop its turns (the interpreter switches
+    threads every few ms). Percentile bound: a loaded box may deschedule the whole process briefly."""
     sched.add_run("r")
-    long = asyncio.create_task(sched.submit("r", 1, lambda: sum(i * i for i in range(3_000_000)) or time.sleep(0.3)))
+
+    def busy():
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:
+            sum(i * i for i in range(1000))
+
+    long = asyncio.create_task(sched.submit("r", 1, busy))
     lags = []
     while not long.done():
         t = time.perf_counter()
         await asyncio.sleep(0.01)
         lags.append(time.perf_counter() - t - 0.01)
     await long
-    assert len(lags) > 5 and max(lags) < 0.05
+    lags.sort()
+    assert len(lags) > 5, lags
+    assert lags[int(len(lags) * 0.9)] < 0.05 and lags[-1] < 0.25, lags

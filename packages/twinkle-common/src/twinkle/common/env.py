@@ -14,7 +14,6 @@ _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"", "0", "false", "no", "off", "n", "f"}
 
 TRUST_REMOTE_CODE_ENV = "TWINKLE_TRUST_REMOTE_CODE"
-DEVICE_COUNT_ENV = "DEVICE_COUNT_PER_PHYSICAL_NODE"
 CACHE_DIR_ENV = "TWINKLE_CACHE_DIR"
 
 
@@ -33,19 +32,6 @@ def parse_bool(value: str | None, *, name: str) -> bool:
 @functools.cache
 def trust_remote_code() -> bool:
     return parse_bool(os.environ.get(TRUST_REMOTE_CODE_ENV), name=TRUST_REMOTE_CODE_ENV)
-
-
-def device_count_per_physical_node() -> int | None:
-    raw = os.environ.get(DEVICE_COUNT_ENV)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{DEVICE_COUNT_ENV}={raw!r} must be a positive integer") from None
-    if value <= 0:
-        raise ValueError(f"{DEVICE_COUNT_ENV}={raw!r} must be a positive integer")
-    return value
 
 
 def cache_dir() -> str:

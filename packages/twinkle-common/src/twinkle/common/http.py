@@ -58,11 +58,11 @@ EXCEPTION_HANDLERS = {
 def health_routes(health: Callable[[], Awaitable[dict]], info: Callable[[], Awaitable[Any]]) -> list:
     """``GET /healthz`` (cheap liveness plus the component's own check) and ``GET /info``."""
 
-    @get("/healthz", sync_to_thread=False)
+    @get("/healthz")
     async def healthz() -> dict:
         return await health()
 
-    @get("/info", sync_to_thread=False)
+    @get("/info")
     async def info_route() -> Any:
         return await info()
 

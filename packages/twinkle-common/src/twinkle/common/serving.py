@@ -35,6 +35,9 @@ def bind_component(cls: type, spec: ComponentSpec, deployment: Any | None, defau
         actor_options["runtime_env"] = runtime_env
     if not options.get("autoscaling_config") and "num_replicas" not in options:
         options["num_replicas"] = 1
+    # Serve waits up to 20 s per replica by default; a stopping server should not take a minute.
+    options.setdefault("graceful_shutdown_timeout_s", 5.0)
+    options.setdefault("graceful_shutdown_wait_loop_s", 0.5)
     return serve.deployment(cls).options(name=name, ray_actor_options=actor_options, **options).bind(spec)
 
 

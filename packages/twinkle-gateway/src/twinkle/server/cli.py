@@ -17,6 +17,7 @@ import sys
 
 from twinkle.common.config import ConfigError, dump_config, load_config
 from twinkle.common.placement import PlacementError
+from twinkle.common.topology import TopologyError
 
 _SUBCOMMANDS = ("launch", "check-config", "print-config", "plan", "stop")
 
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "plan":
             p.add_argument("--topology", help="YAML/JSON topology file for a dry run (default: the live cluster)")
             p.add_argument("--json", action="store_true", help="print the plan as JSON")
+            p.add_argument("--allow-shared-gpus", action="store_true", default=None,
+                           help="let applications share a GPU (default: only when a vLLM sampler sets "
+                                "gpu_memory_utilization < 1)")
         args = p.parse_args(argv)
         cfg = _load(args)
         if command == "check-config":
@@ -79,28 +83,28 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "print-config":
             sys.stdout.write(dump_config(cfg, args.format))
         elif command == "plan":
-            plan = _plan(cfg, args.topology)
+            plan = _plan(cfg, args.topology, args.allow_shared_gpus)
             print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
         return 0
-    except (ConfigError, PlacementError) as e:
+    except (ConfigError, PlacementError, TopologyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
-def _plan(cfg, topology_path: str | None):
-    from twinkle.common.env import device_count_per_physical_node
-    from twinkle.common.placement import plan_for_config
+def _plan(cfg, topology_path: str | None, allow_shared_gpus: bool | None):
     from twinkle.common.topology import load_topology, read_ray_topology
 
+    from .launcher import plan_config
+
     if topology_path:
-        return plan_for_config(cfg, load_topology(topology_path), device_count_per_physical_node())
+        return plan_config(cfg, load_topology(topology_path), allow_shared_gpus=allow_shared_gpus)
     import ray
 
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     try:
-        return plan_for_config(cfg, read_ray_topology(), device_count_per_physical_node())
+        return plan_config(cfg, read_ray_topology(), allow_shared_gpus=allow_shared_gpus)
     finally:
         ray.shutdown()
 

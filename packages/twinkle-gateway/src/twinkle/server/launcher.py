@@ -24,9 +24,8 @@ from typing import Any
 
 from twinkle.common.component import ComponentSpec, PeerApp
 from twinkle.common.config import ServerConfig, load_config
-from twinkle.common.env import device_count_per_physical_node
 from twinkle.common.models import served_model_name
-from twinkle.common.placement import PlacementPlan, plan_for_config
+from twinkle.common.placement import PlacementPlan, device_count_from_env, plan_for_config
 from twinkle.common.workers import WorkerSpec, load_object
 
 log = logging.getLogger("twinkle.server")
@@ -150,7 +149,25 @@ def _plain(args: Any) -> dict[str, Any]:
 def _plan(config: ServerConfig) -> PlacementPlan:
     from twinkle.common.topology import read_ray_topology
 
-    return plan_for_config(config, read_ray_topology(), device_count_per_physical_node())
+    return plan_config(config, read_ray_topology())
+
+
+def plan_config(config: ServerConfig, topology, *, allow_shared_gpus: bool | None = None) -> PlacementPlan:
+    """Place every worker. GPUs are exclusive unless sharing is asked for: explicitly, or implicitly by a
+    vLLM sampler that takes only part of its GPU (``engine_args.gpu_memory_utilization`` < 1), as the
+    seed's Tinker example does with a model and a sampler on GPU 0."""
+    if allow_shared_gpus is None:
+        allow_shared_gpus = _sampler_takes_part_of_gpu(config)
+    return plan_for_config(config, topology, device_count_from_env(), allow_shared_gpus=allow_shared_gpus)
+
+
+def _sampler_takes_part_of_gpu(config: ServerConfig) -> bool:
+    for app in config.applications:
+        if app.import_path == "sampler":
+            util = (_plain(app.args).get("engine_args") or {}).get("gpu_memory_utilization")
+            if isinstance(util, (int, float)) and util < 1.0:
+                return True
+    return False
 
 
 def worker_specs(plan: PlacementPlan, app_name: str) -> list[WorkerSpec]:
@@ -168,7 +185,7 @@ def worker_specs(plan: PlacementPlan, app_name: str) -> list[WorkerSpec]:
                 node_id=p.node_id,
                 node_ip=p.node_ip,
                 cuda_visible_devices=p.visible_devices if gpu else None,
-                num_gpus=1.0 if gpu else 0.0,
+                num_gpus=p.gpu_fraction if gpu else 0.0,
                 num_cpus=0.0 if gpu else 0.0,
                 threads=None if gpu else max(1, (os.cpu_count() or 1) // max(1, len(placements))),
             )
@@ -226,12 +243,14 @@ def shutdown(*, embedded: bool) -> None:
 
     if not ray.is_initialized():
         return
+    t0 = time.monotonic()
     try:
         serve.shutdown()
     except Exception as e:  # noqa: BLE001 - best effort on the way out
         log.warning("serve.shutdown failed: %s", e)
     if embedded:
         ray.shutdown()
+    log.info("stopped in %.1f s", time.monotonic() - t0)
 
 
 def _wait_for_signal() -> None:

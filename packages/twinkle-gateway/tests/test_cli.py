@@ -1,0 +1,75 @@
+"""The command line: check-config, print-config and plan (dry run against a topology file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from twinkle.common.config import load_config_text
+from twinkle.server.cli import main
+
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml")) + [REPO / "deploy" / "local.yaml",
+                                                                    REPO / "deploy" / "local-tinker.yaml"]
+TOPOLOGY = REPO / "deploy" / "ray" / "topology-3node-example.yaml"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_check_config_accepts_every_shipped_config(path, capsys):
+    assert main(["check-config", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_check_config_reports_the_line_of_a_mistake(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "deploy" / "local.yaml").read_text().replace("dp_size: 1", "dp_szie: 1", 1))
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml:" in err and "dp_szie" in err and "device_mesh" in err
+    assert "Traceback" not in err
+
+
+def test_print_config_json_round_trips(capsys):
+    assert main(["print-config", str(REPO / "deploy" / "local-tinker.yaml"), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["server_type"] == "tinker"
+    assert load_config_text(json.dumps(data)).server_type == "tinker"
+
+
+def test_server_type_override(capsys):
+    assert main(["print-config", str(REPO / "deploy" / "local.yaml"), "-t", "tinker", "--format", "json"]) == 2
+    # local.yaml has a processor, which only the twinkle protocol serves: the override is refused clearly.
+    assert "processor" in capsys.readouterr().err
+
+
+def test_plan_ranks_example_on_the_seed_cluster(capsys, monkeypatch):
+    monkeypatch.setenv("DEVICE_COUNT_PER_PHYSICAL_NODE", "8")
+    assert main(["plan", str(REPO / "deploy" / "examples" / "ranks.yaml"), "--topology", str(TOPOLOGY), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    devices = {(w["app_name"], w["worker_index"]): (w["node_id"], w["device"]) for w in plan["workers"]}
+    assert devices[("models-Qwen2.5-7B-Instruct", 3)] == ("head-gpu0-3", 3)
+    assert devices[("sampler-Qwen2.5-7B-Instruct", 0)] == ("worker-gpu4-7", 4)
+    assert devices[("processor", 0)][0] == "worker-cpu"
+
+
+def test_plan_seed_tinker_example_shares_gpu0_because_the_sampler_takes_half(capsys):
+    assert main(["plan", str(REPO / "deploy" / "examples" / "tinker.yaml"), "--topology", str(TOPOLOGY)]) == 0
+    out = capsys.readouterr().out
+    assert "0.5 shared" in out
+
+
+def test_plan_overlap_without_sharing_is_an_error(tmp_path, capsys):
+    cfg = (REPO / "deploy" / "examples" / "tinker.yaml").read_text().replace("gpu_memory_utilization: 0.5",
+                                                                            "gpu_memory_utilization: 1.0")
+    path = tmp_path / "overlap.yaml"
+    path.write_text(cfg)
+    assert main(["plan", str(path), "--topology", str(TOPOLOGY)]) == 2
+    err = capsys.readouterr().err
+    assert "both claim physical GPU" in err
+
+
+def test_plan_missing_topology_file_is_a_clear_error(capsys):
+    assert main(["plan", str(REPO / "deploy" / "local.yaml"), "--topology", "/nonexistent/topology.yaml"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
