@@ -51,6 +51,8 @@ async def main() -> dict:
     from twinkle.sampler import SamplerService
 
     n_tok, reps = ARGS.tokens, ARGS.repeats
+    if ARGS.threads:
+        torch.set_num_threads(ARGS.threads)  # process-wide: the service's compute thread and generate() alike
     svc = SamplerService(ARGS.model, device=ARGS.device)
     tok = load_tokenizer(ARGS.model)
     prompts = [tok.encode(t) for t in [
@@ -154,6 +156,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default=None)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     ARGS = ap.parse_args()
     r = asyncio.run(main())

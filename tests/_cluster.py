@@ -29,6 +29,8 @@ def base_env(**extra: str) -> dict[str, str]:
         RAY_USAGE_STATS_ENABLED="0",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        # ~/.ray/auth_token is shared by every Ray on the machine; loopback test clusters need none.
+        RAY_AUTH_MODE="disabled",
     )
     env.pop("RAY_ADDRESS", None)
     env.update(extra)
@@ -75,8 +77,17 @@ class RayHead:
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=self.env,
-                       capture_output=True, timeout=120)
+        """Stop this cluster's processes only (``ray stop`` would stop every Ray on the machine)."""
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            pids = [int(line.split()[0]) for line in ray_processes(self.temp_dir)]
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait_s
+            while ray_processes(self.temp_dir) and time.monotonic() < deadline:
+                time.sleep(0.3)
 
 
 def terminate(proc: subprocess.Popen, timeout_s: float = 60) -> int:

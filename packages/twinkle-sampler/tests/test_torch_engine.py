@@ -131,10 +131,12 @@ async def test_stop_strings_end_with_the_completing_token(service, reference, to
     assert len(full) == 30
     # A stop string that straddles a token boundary: the last character of token j-1's text + token j's text
     # (at a boundary with clean text: no half UTF-8 characters).
-    j = next(j for j in range(3, 30) if len(tokenizer.decode(full[: j + 1])) > len(tokenizer.decode(full[:j]))
-             and "\ufffd" not in tokenizer.decode(full[: j + 1]))
-    a, b = tokenizer.decode(full[:j]), tokenizer.decode(full[: j + 1])
-    stop = a[-1:] + b[len(a):]
+    def boundary(j):
+        a, b = tokenizer.decode(full[:j]), tokenizer.decode(full[: j + 1])
+        return a[-1:] + b[len(a):] if a and len(b) > len(a) and b.startswith(a) else ""
+
+    j = next(j for j in range(3, 30) if boundary(j) and "\ufffd" not in boundary(j))
+    stop = boundary(j)
     expect = next(k for k in range(30) if stop in tokenizer.decode(full[: k + 1]))
     assert expect <= j
     outs = await sample_all(service, [

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return 0 if command == "launch" else 130  # a stop signal during start-up: cleaned up, not a failure
 
 
 def _plan(cfg, topology_path: str | None, allow_shared_gpus: bool | None):

@@ -94,6 +94,9 @@ def launch_server(
         address = _ray_runtime.start_detached_head(log_level)
     conn = _ray_runtime.connect(namespace or config.ray_namespace or DEFAULT_NAMESPACE, address=address,
                                 log_level=log_level)
+    # After ray.init, which installs a handler that aborts the process on SIGTERM.
+    deployed = threading.Event()
+    stop = _install_signal_handlers(deployed) if wait else None
     try:
         plan = _plan(config)
         log.info("placement plan:\n%s", plan.format_table())
@@ -101,13 +104,15 @@ def launch_server(
     except BaseException:
         shutdown(embedded=conn.embedded)
         raise
+    deployed.set()
     server = LaunchedServer(config, plan, conn.embedded, time.monotonic() - t0)
     log.info("Twinkle (%s) is up at %s after %.1f s (%s)", config.server_type, server.base_url,
              server.started_s, conn.describe())
     for app in config.applications:
         log.info("  %-10s %-40s %s%s", app.import_path, app.name, server.base_url, app.route_prefix)
-    if wait:
-        _wait_for_signal()
+    if stop is not None:
+        while not stop.is_set():
+            stop.wait(1.0)
         log.info("shutting down")
         server.shutdown()
     return server
@@ -253,14 +258,22 @@ def shutdown(*, embedded: bool) -> None:
     log.info("stopped in %.1f s", time.monotonic() - t0)
 
 
-def _wait_for_signal() -> None:
+class _Interrupted(KeyboardInterrupt):
+    """A stop signal that arrived while the server was still being deployed."""
+
+
+def _install_signal_handlers(deployed: threading.Event) -> threading.Event:
+    """SIGINT/SIGTERM set the returned event once the server is up, and abort the deployment (which then
+    cleans up) while it is still starting."""
     stop = threading.Event()
 
     def _handler(signum, _frame):
         log.info("received %s", signal.Signals(signum).name)
+        first = not stop.is_set()
         stop.set()
+        if first and not deployed.is_set():
+            raise _Interrupted(signal.Signals(signum).name)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _handler)
-    while not stop.is_set():
-        stop.wait(1.0)
+    return stop

@@ -15,7 +15,8 @@ The rules (also in the README):
   expected is ``seq_id + 1``.
 - **Duplicates.** A ``seq_id`` that is waiting, running or done is answered with the first request's result
   (the same object, or the same exception); the duplicate's payload is ignored. Results of the last
-  ``result_cache`` executed requests per run are kept; an older repeated ``seq_id`` is a ``UserError``.
+  ``result_cache`` (default 32) executed requests per run are kept — retries come within seconds, and a
+  forward_backward result can be large; an older repeated ``seq_id`` is a ``UserError``, never a re-run.
 - **Unnumbered** (``seq_id`` None) requests run after everything of that run that arrived before them, in
   arrival order, and consume no ``seq_id``: formally one takes the slot just after the highest ``seq_id`` the
   run has seen so far.
@@ -89,7 +90,7 @@ class Scheduler:
         self,
         *,
         gap_timeout_s: float = 30.0,
-        result_cache: int = 256,
+        result_cache: int = 32,
         batcher: Callable[[list[Any]], list[Any]] | None = None,
         max_batch: int = 8,
         thread_name: str = "twinkle-model",
@@ -330,7 +331,7 @@ class Scheduler:
         for job in self._control:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("model service shut down"))
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)  # let a running job finish, off the loop
 
 
 def _call(fn: Callable[[], Any]) -> tuple[bool, Any]:

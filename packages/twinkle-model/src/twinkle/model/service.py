@@ -64,7 +64,7 @@ class ModelService:
         gap_timeout_s: float = 30.0,
         fuse_batches: bool = False,
         max_fused: int = 8,
-        result_cache: int = 256,
+        result_cache: int = 32,
         sweep_interval_s: float | None = None,
     ) -> None:
         """``fuse_batches``: run different users' concurrent forward_backward requests in one pass (faster with

@@ -1,4 +1,4 @@
-"""The ``torch`` engine: transformers + peft on any device, with its own batched decode loop.
+"""The ``torch`` engine: transformers on any device, its own batched decode loop and multi-LoRA runtime.
 
 How a request runs:
 
@@ -10,8 +10,9 @@ How a request runs:
    A queue drained by a thread, rather than an asyncio task, keeps the engine independent of any one event loop
    (a Ray Serve replica, a test's loop, a script's ``asyncio.run``) and keeps compute off all of them.
 3. The batch's adapters are acquired from the :class:`AdapterCache` (loaded/reloaded in that same thread and
-   pinned for the batch). Rows with different adapters run in the *same* forward passes: peft's mixed-batch
-   LoRA (``adapter_names=[...]`` with ``"__base__"`` for base-model rows).
+   pinned for the batch). Rows with different adapters run in the *same* forward passes: each row selects its
+   adapter's slot in :class:`~twinkle.sampler.lora.MultiLoRA` (slot 0 = base model); see ``lora.py`` for why
+   this is not peft's ``adapter_names`` path (which works, but costs layers x adapters kernels per step).
 4. Prefill: each distinct prompt once, left-padded, with an attention mask and explicit position ids, into a
    ``DynamicCache``; only the last position's logits unless a job asked for prompt logprobs. The cache is then
    expanded to ``num_samples`` rows per job (``batch_select_indices``), so GRPO-style ``num_samples=16`` prefills
@@ -36,16 +37,16 @@ import random
 import secrets
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from twinkle.common.env import trust_remote_code
 from twinkle.common.models import resolve_model_path
-from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, UserError
+from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest
 
 from .adapters import AdapterCache, adapter_files
 from .engine import SamplerEngine
+from .lora import MultiLoRA
 from .params import DEFAULT_MAX_NUM_SAMPLES, ResolvedRequest
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class TorchEngine(SamplerEngine):
         model.eval()
         model.requires_grad_(False)
         self._base = model
-        self._peft = None  # a peft.PeftModel around _base while at least one adapter is resident
+        self._lora = MultiLoRA(model, max_loras)
 
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.vocab_size = int(text_cfg.vocab_size)
@@ -284,9 +285,9 @@ class TorchEngine(SamplerEngine):
                     ok.append(j)
             if not ok:
                 return
-            names = [leases[j.adapter_key].handle if j.adapter_key is not None else None for j in ok]
+            slots = [leases[j.adapter_key].handle if j.adapter_key is not None else 0 for j in ok]
             try:
-                outputs = self._generate_batch(ok, names)
+                outputs = self._generate_batch(ok, slots)
             except Exception as e:  # noqa: BLE001
                 log.exception("sampler batch of %d requests failed", len(ok))
                 for j in ok:
@@ -300,63 +301,16 @@ class TorchEngine(SamplerEngine):
 
     # -- adapters (called from the compute thread only) ---------------------------------------------------
 
-    def _load_adapter(self, name: str, path: str) -> str:
-        from peft import PeftConfig, PeftModel
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
+    def _load_adapter(self, name: str, path: str) -> int:
+        slot = self._lora.load(path)
+        with self._cv:
+            n = self._lora.resident
+            self._counters["max_resident_adapters"] = max(self._counters["max_resident_adapters"], n)
+        log.debug("adapter %s (%s) in slot %d", name, path, slot)
+        return slot
 
-        try:
-            cfg = PeftConfig.from_pretrained(path)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"adapter checkpoint {path!r} has an unreadable adapter_config.json: {e}",
-                            field="adapter_path") from e
-        if str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
-            raise UserError(f"adapter checkpoint {path!r} is a {cfg.peft_type} adapter; only LoRA is served",
-                            field="adapter_path")
-        cfg.inference_mode = True
-        weights = load_peft_weights(path, device=str(self.device))
-        # A PEFT save with lm_head among the targets also stores the *base* lm_head ("...base_layer.weight").
-        # Base weights are the server's, not the adapter's: never let a checkpoint overwrite them.
-        weights = {k: v for k, v in weights.items() if ".base_layer." not in k}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if self._peft is None:
-                    self._peft = PeftModel(self._base, cfg, adapter_name=name)
-                else:
-                    self._peft.add_adapter(name, cfg)
-                result = set_peft_model_state_dict(self._peft, weights, adapter_name=name)
-            missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
-            unexpected = list(getattr(result, "unexpected_keys", []) or [])
-            if missing or unexpected:
-                raise UserError(
-                    f"adapter checkpoint {path!r} does not match the base model: "
-                    f"{len(missing)} LoRA weights missing (e.g. {missing[:2]}), "
-                    f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
-                    field="adapter_path",
-                )
-            self._peft.eval()
-            with self._cv:
-                n = len(self._peft.peft_config)
-                self._counters["max_resident_adapters"] = max(self._counters["max_resident_adapters"], n)
-        except BaseException:
-            self._remove_adapter(name)
-            raise
-        return name
-
-    def _unload_adapter(self, name: str) -> None:
-        self._remove_adapter(name)
-
-    def _remove_adapter(self, name: str) -> None:
-        if self._peft is None or name not in self._peft.peft_config:
-            return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if len(self._peft.peft_config) == 1:
-                # peft cannot run with zero adapters: take the LoRA layers out and serve the plain model.
-                self._base = self._peft.unload()
-                self._peft = None
-            else:
-                self._peft.delete_adapter(name)
+    def _unload_adapter(self, slot: int) -> None:
+        self._lora.unload(slot)
 
     # -- the decode loop -----------------------------------------------------------------------------------
 
@@ -368,16 +322,18 @@ class TorchEngine(SamplerEngine):
         except TypeError:  # older transformers
             return DynamicCache()
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, adapter_names, logits_to_keep):
-        model = self._peft if self._peft is not None else self._base
+    def _forward(self, input_ids, attention_mask, position_ids, cache, slots: list[int], logits_to_keep):
         kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": logits_to_keep}
-        if self._peft is not None:
-            kw["adapter_names"] = [n or "__base__" for n in adapter_names]
         with self._cv:
             self._counters["forward_calls"] += 1
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw).logits
+        self._lora.select(slots, self.device)
+        try:
+            return self._base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              **kw).logits
+        finally:
+            self._lora.clear_selection()
 
-    def _generate_batch(self, jobs: list[_Job], names: list[str | None]) -> list[SampleOutput]:
+    def _generate_batch(self, jobs: list[_Job], slots: list[int]) -> list[SampleOutput]:
         torch = self._torch
         dev = self.device
         reqs = [j.req for j in jobs]
@@ -392,7 +348,7 @@ class TorchEngine(SamplerEngine):
         pos = (attn.cumsum(-1) - 1).clamp_(min=0)
         want_pl = any(r.prompt_logprobs for r in reqs)
         cache = self._new_cache()
-        logits = self._forward(ids, attn, pos, cache, names, 0 if want_pl else 1)
+        logits = self._forward(ids, attn, pos, cache, slots, 0 if want_pl else 1)
         last = logits[:, -1, :].float()
         prompt_lps: list[list[float | None] | None] = [None] * P
         for i, r in enumerate(reqs):
@@ -424,7 +380,7 @@ class TorchEngine(SamplerEngine):
         temps = torch.tensor([max(rr.temperature, 1e-5) for rr in rreq], dtype=torch.float32, device=dev)
         top_ks = torch.tensor([rr.top_k for rr in rreq], dtype=torch.long, device=dev)
         top_ps = torch.tensor([rr.top_p for rr in rreq], dtype=torch.float32, device=dev)
-        row_names = [names[i] for i in row_job]
+        row_slots = [slots[i] for i in row_job]
         next_pos = torch.tensor([lens[i] for i in row_job], dtype=torch.long, device=dev)
         eos = set(self.eos_token_ids)
         stop_ids = [set(rr.stop_token_ids) for rr in rreq]
@@ -466,7 +422,7 @@ class TorchEngine(SamplerEngine):
                 tok = tok[kidx]
                 active = [active[b] for b in keep]
             attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)
-            logits = self._forward(tok[:, None], attn, next_pos[:, None], cache, [row_names[r] for r in active], 1)
+            logits = self._forward(tok[:, None], attn, next_pos[:, None], cache, [row_slots[r] for r in active], 1)
             next_pos = next_pos + 1
             last = logits[:, -1, :].float()
             with self._cv:

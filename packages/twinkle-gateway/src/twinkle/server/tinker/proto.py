@@ -271,6 +271,46 @@ def parse_forward_backward(body: bytes) -> DecodedForwardBackward:
     return DecodedForwardBackward(msg)
 
 
+def peek_header(prefix: bytes) -> tuple[str, int] | None:
+    """(model_id, seq_id) from the first bytes of a ``ForwardBackwardRequest`` too large to read whole.
+
+    Serializers write fields in number order, so ``model_id`` (1) and ``seq_id`` (2) lead the message; this
+    reads just those two, and gives up (None) on anything unexpected.
+    """
+    pos, model_id, seq_id = 0, None, 0
+    try:
+        while pos < len(prefix):
+            key, pos = _varint(prefix, pos)
+            field, wire = key >> 3, key & 7
+            if field == 1 and wire == 2:
+                length, pos = _varint(prefix, pos)
+                if pos + length > len(prefix):
+                    return None
+                model_id = prefix[pos:pos + length].decode()
+                pos += length
+            elif field == 2 and wire == 0:
+                value, pos = _varint(prefix, pos)
+                seq_id = value - (1 << 64) if value >= 1 << 63 else value
+            else:
+                break
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return (model_id, seq_id) if model_id else None
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result, shift = 0, 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
 def _datum_from_proto(d: Any, where: str) -> Datum:
     if d.model_input_spans or d.loss_fn_input_spans:
         raise UserError(

@@ -30,7 +30,7 @@ from ..backends import ModelPort, SamplerPort
 from ..state import Store
 from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
-from .proto import parse_forward_backward
+from .proto import parse_forward_backward, peek_header
 from .serving import TinkerService, input_from_json
 from .settings import TinkerSettings
 
@@ -134,12 +134,17 @@ async def unload_model(request: Request, data: P.ModelIdRequest) -> P.UntypedFut
     return await _svc(request).unload_model(_owner(request), data.model_id)
 
 
-@post("/forward_backward", status_code=200)
+@post("/forward_backward", status_code=200, request_max_body_size=None)
 async def forward_backward(request: Request) -> P.UntypedFuture:
-    """Protobuf since SDK 0.25 (``forward_only`` inside); JSON before."""
-    body = await request.body()
+    """Protobuf since SDK 0.25 (``forward_only`` inside); JSON before.
+
+    The body limit is enforced here rather than by Litestar so that an oversize request can still be
+    attributed to its run and ``seq_id`` (read from the first bytes) and that number released: otherwise
+    every later request of the run would wait for it."""
     svc, owner = _svc(request), _owner(request)
-    if _PROTO in (request.headers.get("content-type") or ""):
+    is_proto = _PROTO in (request.headers.get("content-type") or "")
+    body = await _read_body(request, svc, owner, peek=is_proto)
+    if is_proto:
         decoded = parse_forward_backward(body)
         make_input = decoded.input
         if len(body) > _THREAD_PARSE_BYTES:  # decode big batches off the event loop
@@ -186,6 +191,25 @@ async def load_weights(request: Request) -> P.UntypedFuture:
     svc, owner = _svc(request), _owner(request)
     return await svc.load_weights(owner, await _decode_training(svc, owner, await request.body(),
                                                                 P.LoadWeightsRequest))
+
+
+_PEEK_BYTES = 4096
+
+
+async def _read_body(request: Request, svc: TinkerService, owner: str, *, peek: bool) -> bytes:
+    limit: int = request.app.state.max_body_bytes
+    announced = request.content_length
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit or (announced is not None and announced > limit and len(buf) >= _PEEK_BYTES):
+            header = peek_header(bytes(buf[:_PEEK_BYTES])) if peek else None
+            if header is not None:
+                await svc.reject_seq(owner, *header)
+            raise RequestEntityTooLarge()
+    if announced is not None and announced > limit:  # a short body that claimed to be huge
+        raise RequestEntityTooLarge()
+    return bytes(buf)
 
 
 def _try(fn: Any) -> Any:
