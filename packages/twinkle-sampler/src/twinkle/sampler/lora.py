@@ -184,7 +184,15 @@ class MultiLoRA:
 
         linear_names = self._linear_module_names()
         expected = self._expected_targets(cfg, linear_names)
-        missing = sorted(expected - set(per_module))
+        if expected is not None:  # the config's target_modules must describe exactly the weights present
+            if not expected:
+                raise UserError(f"adapter checkpoint {path!r}: target_modules {cfg.target_modules!r} match no "
+                                "linear layer of this base model", field="adapter_path")
+            extra = sorted(set(per_module) - expected)
+            if extra:
+                raise UserError(f"adapter checkpoint {path!r} has weights for modules outside its target_modules, "
+                                f"e.g. {extra[:3]}", field="adapter_path")
+        missing = sorted((expected or set()) - set(per_module))
         if missing:
             raise UserError(f"adapter checkpoint {path!r} lacks LoRA weights for {len(missing)} targeted modules, "
                             f"e.g. {missing[:3]}", field="adapter_path")
@@ -313,14 +321,15 @@ class MultiLoRA:
         return names
 
     @staticmethod
-    def _expected_targets(cfg, linear_names: set[str]) -> set[str]:
+    def _expected_targets(cfg, linear_names: set[str]) -> set[str] | None:
+        """The linear layers the config targets, or None when that cannot be known from the config alone."""
         tm = getattr(cfg, "target_modules", None)
         if not tm or tm == "all-linear":
-            return set()
+            return None
         try:
             from peft.tuners.tuners_utils import check_target_module_exists
         except ImportError:  # pragma: no cover - older peft
-            return set()
+            return None
         out = set()
         for name in linear_names:
             hit = check_target_module_exists(cfg, name)
