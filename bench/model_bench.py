@@ -32,7 +32,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def make_input(seed: int, batch: int, seq: int, vocab: int):
     import torch
-
     from twinkle.common.wire import Datum, ForwardBackwardInput, TensorData
 
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +49,6 @@ class Direct:
     def __init__(self, model_id: str, device: str, rank: int, inp) -> None:
         import torch
         from peft import LoraConfig, get_peft_model
-
         from twinkle.common.models import load_causal_lm
 
         torch.manual_seed(0)
@@ -162,7 +160,6 @@ async def multi_user(args, backend, vocab: int, counts: list[int]) -> dict:
 
 async def main(args) -> dict:
     import torch
-
     from twinkle.model.transformers_backend import TransformersBackend
 
     torch.set_num_threads(args.threads)

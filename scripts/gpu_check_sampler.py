@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -72,7 +73,8 @@ class Reference:
 
         from twinkle.common.models import load_causal_lm
 
-        h = hashlib.sha256(open(os.path.join(adapter, "adapter_model.safetensors"), "rb").read()).hexdigest()
+        with open(os.path.join(adapter, "adapter_model.safetensors"), "rb") as f:
+            h = hashlib.sha256(f.read()).hexdigest()
         if (adapter, h) not in self.cache:
             self.cache[(adapter, h)] = PeftModel.from_pretrained(
                 load_causal_lm(self.model_id, device=self.device), adapter).eval()
@@ -185,8 +187,9 @@ async def engine_checks(tag, eng, ref, prompts, adapters, tok, *, lp_tol, tie_to
     report(f"{tag} prompt logprobs == teacher-forced, first null", ok and worst < lp_tol, f"max |diff| {worst:.2e}")
 
     # 4. seeds
-    a1, a2, b, four = await eng.generate([R(prompts[0], max_tokens=20, seed=42), R(prompts[0], max_tokens=20, seed=42),
-                                          R(prompts[0], max_tokens=20, seed=43), R(prompts[0], n=4, max_tokens=20, seed=9)])
+    a1, a2, b, four = await eng.generate([
+        R(prompts[0], max_tokens=20, seed=42), R(prompts[0], max_tokens=20, seed=42),
+        R(prompts[0], max_tokens=20, seed=43), R(prompts[0], n=4, max_tokens=20, seed=9)])
     report(f"{tag} same seed -> same tokens, other seed -> other tokens",
            a1.sequences[0].tokens == a2.sequences[0].tokens != b.sequences[0].tokens)
     report(f"{tag} num_samples=4 -> 4 distinct samples", len({tuple(s.tokens) for s in four.sequences}) == 4)
@@ -221,8 +224,7 @@ async def engine_checks(tag, eng, ref, prompts, adapters, tok, *, lp_tol, tie_to
     # 7. a broken checkpoint is a UserError, never the base model
     broken = os.path.join(workdir, f"broken-{tag}")
     os.makedirs(broken, exist_ok=True)
-    with open(os.path.join(broken, "adapter_config.json"), "w") as f:
-        f.write(open(os.path.join(adapters[1], "adapter_config.json")).read())
+    shutil.copy(os.path.join(adapters[1], "adapter_config.json"), broken)
     with open(os.path.join(broken, "adapter_model.safetensors"), "wb") as f:
         f.write(b"garbage" * 100)
     try:
@@ -232,10 +234,15 @@ async def engine_checks(tag, eng, ref, prompts, adapters, tok, *, lp_tol, tie_to
         report(f"{tag} corrupt checkpoint -> UserError", e.field == "adapter_path", str(e)[:120])
 
     # 8. throughput, 1 vs 8 concurrent (information)
-    for label, reqs in [("1 request", [R(prompts[0], max_tokens=128, stop=[], seed=1)]),
-                        ("8 concurrent", [R(prompts[i % 6], max_tokens=128, stop=[], seed=i) for i in range(8)]),
-                        ("8 concurrent, 3 adapters", [R(prompts[i % 6], adapters[i % 3], max_tokens=128, stop=[],
-                                                        seed=i) for i in range(8)])]:
+    runs = [
+        ("1 request", [R(prompts[0], max_tokens=128, stop=[], seed=1)]),
+        ("8 concurrent", [R(prompts[i % 6], max_tokens=128, stop=[], seed=i) for i in range(8)]),
+        ("8 concurrent, 2 adapters", [R(prompts[i % 6], adapters[1 + i % 2], max_tokens=128, stop=[], seed=i)
+                                      for i in range(8)]),
+        ("8 concurrent, 3 adapters > 2 slots (reloads)",
+         [R(prompts[i % 6], adapters[i % 3], max_tokens=128, stop=[], seed=i) for i in range(8)]),
+    ]
+    for label, reqs in runs:
         await eng.generate(reqs)
         t0 = time.perf_counter()
         await eng.generate(reqs)
@@ -261,9 +268,9 @@ async def main(args) -> int:
     info(f"device {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
     info(f"tiny model at {resolve_model_path(TINY_MODEL_ID)}")
     tok = load_tokenizer(TINY_MODEL_ID)
-    prompts = [tok.encode(t) for t in ["The sun is", "<|im_start|>user\nWhat is the best way to learn?<|im_end|>\n",
-                                       "def add_one(x):\n    return", "Seven", "A long time ago, in a small town, there",
-                                       "1 2 3 4 5 6 7"]]
+    prompts = [tok.encode(t) for t in [
+        "The sun is", "<|im_start|>user\nWhat is the best way to learn?<|im_end|>\n", "def add_one(x):\n    return",
+        "Seven", "A long time ago, in a small town, there", "1 2 3 4 5 6 7"]]
     work = tempfile.mkdtemp(prefix="twinkle-gpu-check-")
     adapters = [make_adapter(TINY_MODEL_ID, os.path.join(work, f"user{i}"), 100 + i) for i in range(3)]
     ref = Reference(TINY_MODEL_ID, device)
@@ -275,7 +282,8 @@ async def main(args) -> int:
         await guarded("torch engine checks")(engine_checks)("torch", eng, ref, prompts, adapters, tok,
                                                             lp_tol=1e-3, tie_tol=1e-3, workdir=work)
         st = eng.stats()
-        report("torch engine batches concurrent requests", st["max_batch_rows"] >= 8, f"max rows {st['max_batch_rows']}")
+        report("torch engine batches concurrent requests", st["max_batch_rows"] >= 8,
+               f"max rows {st['max_batch_rows']}")
         report("torch engine kept <= max_loras adapters resident", st["max_resident_adapters"] <= 2,
                str(st["max_resident_adapters"]))
         await eng.close()

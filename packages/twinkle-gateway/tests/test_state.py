@@ -144,6 +144,9 @@ async def test_sessions(store):
     assert (await store.heartbeat("s1", "p-a", 90.0)).heartbeat == 50.0  # finished: not revived
     assert await store.expire_sessions(heartbeat_before=25.0, now=100.0) == ["s2"]
     assert (await store.get_session("s2")).finish_reason == "expired"
+    # a heartbeat brings a session closed for silence back; one finished by its client stays finished
+    revived = await store.heartbeat("s2", "p-a", 110.0)
+    assert (revived.finished, revived.heartbeat) == (None, 110.0)
 
 
 async def test_runs_and_checkpoints(store):

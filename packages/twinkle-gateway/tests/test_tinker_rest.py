@@ -414,6 +414,31 @@ def test_ttl_is_enforced_by_the_sweeper(services, tmp_path):
         assert alice.post("weights_info", {"tinker_path": uri}).status_code == 404
 
 
+def test_ephemeral_sampler_weights_are_trimmed(services, tmp_path):
+    with TestClient(_app(services, tmp_path, ephemeral_keep=1)) as client:
+        alice = Api(client, A)
+        sid = alice.session()
+        mid = alice.model(sid)
+        samplers = []
+        for i in range(2):
+            fut = alice.ok("save_weights_for_sampler", {"model_id": mid, "sampling_session_seq_id": i,
+                                                        "seq_id": i + 1})
+            samplers.append(alice.result(fut["request_id"])["sampling_session_id"])
+        body = {"num_samples": 1, "prompt": {"chunks": [{"tokens": TOKENS[:3]}]}, "sampling_params": {"max_tokens": 2}}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = alice.post("asample", {**body, "sampling_session_id": samplers[0], "seq_id": 0})
+            if r.status_code == 410:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 410 and "save weights for sampling again" in r.json()["detail"]
+        ok = alice.ok("asample", {**body, "sampling_session_id": samplers[1], "seq_id": 0})
+        assert len(alice.result(ok["request_id"])["sequences"]) == 1
+        assert len(list((tmp_path / "ckpt").rglob("ephemeral/*"))) == 1
+        # a session's ephemeral weights go when it is finished and they are unused for ephemeral_ttl_s
+        assert alice.ok(f"sessions/{sid}/finish", {"reason": {"type": "success"}}) == {}
+
+
 def test_training_runs_paging(alice, bob):
     sid = alice.session()
     ids = [alice.model(sid, seq=i) for i in range(3)]

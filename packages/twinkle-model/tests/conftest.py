@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
-
 from twinkle.common.models import TINY_MODEL_ID, build_tiny_model
+
 sys.path.insert(0, os.path.dirname(__file__))  # for model_testutil (importlib import mode)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

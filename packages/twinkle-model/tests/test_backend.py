@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 from model_testutil import adapter_state, make_batch
-
 from twinkle.common.wire import AdamParams, LoraConfig, NotFoundError, UserError
 from twinkle.model.backend import FusedItem
 from twinkle.model.transformers_backend import TransformersBackend
@@ -232,14 +231,13 @@ def test_load_rejects_mismatched_or_missing_checkpoints(backend, tmp_path):
 
 def test_stock_peft_loads_sampler_weights(backend, tiny_model_id, tmp_path):
     from peft import PeftModel
-
     from twinkle.common.models import load_causal_lm
 
     backend.create_adapter("peft", LoraConfig(rank=4, alpha=8, seed=51))
     _train(backend, "peft", 2, 60)
     info = backend.save_sampler_weights("peft", str(tmp_path / "sampler"))
     assert sorted(os.listdir(info.path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    cfg = json.load(open(tmp_path / "sampler" / "adapter_config.json"))
+    cfg = json.loads((tmp_path / "sampler" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and sorted(cfg["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
 
@@ -355,3 +353,22 @@ def test_delete_adapter_frees_it(backend):
     assert not os.path.exists(spill)
     with pytest.raises(NotFoundError):
         backend.optim_step("del", ADAM)
+
+
+def test_fusion_groups_respect_the_token_budget(backend):
+    for rid in ("bud-a", "bud-b", "bud-c"):
+        backend.create_adapter(rid, LoraConfig(rank=2, seed=75))
+    items = [FusedItem("bud-a", make_batch([5, 9], 1)), FusedItem("bud-b", make_batch([7], 2)),
+             FusedItem("bud-c", make_batch([4], 3))]
+    from twinkle.model.losses import validate_request
+
+    ready = [(i, backend._runs[it.run_id], validate_request(it.inp, vocab_size=backend.vocab_size))
+             for i, it in enumerate(items)]
+    old = backend.max_fused_tokens
+    try:
+        backend.max_fused_tokens = 27  # [5,9]+[7] = 3 rows x 9 = 27 fits; + [4] = 4 x 9 = 36 does not
+        assert [[i for i, _, _ in g] for g in backend._fusion_groups(ready)] == [[0, 1], [2]]
+        outs = backend.forward_backward_many(items)
+    finally:
+        backend.max_fused_tokens = old
+    assert [len(o.loss_fn_outputs) for o in outs] == [2, 1, 1]

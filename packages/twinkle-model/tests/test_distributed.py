@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from model_testutil import make_batch
-
 from twinkle.common.wire import AdamParams, LoraConfig, UserError
 from twinkle.model.backend import FusedItem
 from twinkle.model.distributed import DataParallelBackend, shard_sizes, spawn_local_ranks, split

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from twinkle.common.wire import NotFoundError, UserError
 from twinkle.model.scheduler import Scheduler
 

@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 from model_testutil import adapter_state, make_batch
-
 from twinkle.common.wire import AdamParams, LoraConfig, NotFoundError, UserError
 from twinkle.model.service import ModelService
 from twinkle.model.transformers_backend import TransformersBackend

@@ -303,7 +303,7 @@ async def test_resaved_checkpoint_is_used_by_the_next_sample(service, reference,
     # An unchanged checkpoint is not reloaded: the same request again is a cache hit.
     (again,) = await sample_all(service, [R(p, path, prompt_logprobs=True, max_tokens=1)])
     assert again.prompt_logprobs == out.prompt_logprobs
-    print(f"\nweight hand-off (save complete -> first sample with the new weights returned): "
+    print("\nweight hand-off (save complete -> first sample with the new weights returned): "
           + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
 
 
@@ -421,3 +421,51 @@ def test_make_engine_rejects_unknown_types_and_args():
         make_engine("tensorrt", TINY_MODEL_ID)
     with pytest.raises(ValueError, match="unknown engine_args"):
         make_engine("torch", TINY_MODEL_ID, {"gpu_memory_utilization": 0.5})
+
+
+def _save_custom_adapter(path: str, seed: int, **lora_kw) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    from twinkle.common.models import TINY_MODEL_ID, load_causal_lm
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(load_causal_lm(TINY_MODEL_ID), LoraConfig(**lora_kw))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name or "lora_magnitude" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    pm.save_pretrained(path)
+    return path
+
+
+async def test_lora_variants_match_peft(service, reference, prompts, tmp_path):
+    """rsLoRA, per-module rank/alpha patterns, regex targets, lm_head-only: applied exactly as peft does."""
+    variants = [
+        dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"]),
+        dict(r=6, lora_alpha=12, target_modules=r".*\.(q_proj|v_proj|up_proj)", rank_pattern={"v_proj": 2},
+             alpha_pattern={"up_proj": 3.0}),
+        dict(r=16, lora_alpha=16, target_modules=["lm_head"]),
+        dict(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"], layers_to_transform=[1, 3]),
+    ]
+    paths = [_save_custom_adapter(str(tmp_path / f"v{i}"), 40 + i, **kw) for i, kw in enumerate(variants)]
+    outs = await sample_all(service, [R(prompts[1], p, prompt_logprobs=True, max_tokens=12, temperature=0.0)
+                                      for p in paths])
+    for path, out in zip(paths, outs):
+        ref = reference.prompt_logprobs(path, prompts[1])
+        assert max_abs_diff(out.prompt_logprobs, ref) < ATOL, path
+        assert max_abs_diff(ref, reference.prompt_logprobs(None, prompts[1])) > 1e-3  # the adapter matters
+        assert out.sequences[0].tokens == reference.greedy(path, prompts[1], 12)
+
+
+async def test_lora_features_it_cannot_apply_are_refused(service, prompts, tmp_path):
+    refused = {
+        "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True),
+        "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens"]),
+        "bias_all": dict(r=4, lora_alpha=8, target_modules=["q_proj"], bias="all"),
+    }
+    for kind, kw in refused.items():
+        path = _save_custom_adapter(str(tmp_path / kind), 1, **kw)
+        with pytest.raises(UserError) as e:
+            await service.sample(R(prompts[0], path, max_tokens=2))
+        assert e.value.field == "adapter_path", kind

@@ -25,6 +25,9 @@ class ComponentSpec(msgspec.Struct, frozen=True):
     # For the central server: the other applications it fronts.
     peers: list["PeerApp"] = []
     http_host: str = "127.0.0.1"
+    # For a model/sampler/processor: the central server application, which authenticates their callers and
+    # keeps their checkpoints' records (reached through a Serve handle; see ``twinkle.common.authority``).
+    central: "PeerApp | None" = None
 
 
 class PeerApp(msgspec.Struct, frozen=True):

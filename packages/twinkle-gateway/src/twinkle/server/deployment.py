@@ -19,10 +19,16 @@ from twinkle.common.serving import bind_component
 
 @serve.ingress()
 class CentralServer:
-    """Holds what the central app needs for its lifetime: its spec and the handles on its peers."""
+    """Holds what the central app needs for its lifetime: its spec and the handles on its peers.
+
+    In twinkle mode it also answers the component apps' Serve-handle calls (``twinkle.common.authority``):
+    ``authenticate``, ``submit_save``, ``submit_load``, ``resolve_checkpoint``, served by the same
+    ``NativeService`` as its HTTP routes (same store, same keys, same event loop).
+    """
 
     def __init__(self, spec: ComponentSpec) -> None:
         self.spec = spec
+        self.native = build_native_service(spec) if spec.server_type == "twinkle" else None
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "server_type": self.spec.server_type}
@@ -40,7 +46,32 @@ class CentralServer:
     def __serve_build_asgi_app__(self) -> Litestar:
         if self.spec.server_type == "tinker":
             return build_tinker_app(self.spec)
+        if self.native is not None:
+            from .native import create_twinkle_app
+
+            return create_twinkle_app(self.native)
         return component_app("Twinkle server", "twinkle-gateway", self)
+
+    # --- the Authority of the component apps (twinkle mode) -------------------------------------------
+
+    def _native_service(self):
+        if self.native is None:
+            from twinkle.common.wire import UserError
+
+            raise UserError("this server does not speak the native Twinkle protocol", status=404)
+        return self.native
+
+    async def authenticate(self, api_key: str | None) -> str:
+        return await self._native_service().authenticate(api_key)
+
+    async def submit_save(self, owner: str, base_model: str, run_id: str, req: Any) -> Any:
+        return await self._native_service().submit_save(owner, base_model, run_id, req)
+
+    async def submit_load(self, owner: str, base_model: str, run_id: str, req: Any) -> Any:
+        return await self._native_service().submit_load(owner, base_model, run_id, req)
+
+    async def resolve_checkpoint(self, owner: str, uri: str, base_model: str) -> Any:
+        return await self._native_service().resolve_checkpoint(owner, uri, base_model)
 
 
 def peer_handle(spec: ComponentSpec, app_name: str):
@@ -61,6 +92,24 @@ def build_tinker_app(spec: ComponentSpec) -> Litestar:
     return create_tinker_app(settings, models=models, samplers=samplers)
 
 
-def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
-    return bind_component(CentralServer, spec, deployment, default_name)
+def build_native_service(spec: ComponentSpec):
+    """The TwinkleServer state over Serve handles on the model, sampler and processor applications."""
+    from .backends import HandlePort
+    from .native import NativeService, NativeSettings
 
+    def ports(kind: str) -> dict[str, HandlePort]:
+        return {p.model_name: HandlePort(lambda p=p: peer_handle(spec, p.app_name))
+                for p in spec.peers if p.import_path == kind and p.model_name}
+
+    settings = NativeSettings.from_server_args(spec.args, checkpoint_dir=spec.checkpoint_dir,
+                                               state_db=spec.state_db, host=spec.http_host)
+    return NativeService(settings, models=ports("model"), samplers=ports("sampler"), processors=ports("processor"),
+                         peers=list(spec.peers), server_prefix=spec.route_prefix)
+
+
+def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
+    from twinkle.common.native import with_native_concurrency
+
+    if spec.server_type == "twinkle":
+        deployment = with_native_concurrency(deployment, default_name)
+    return bind_component(CentralServer, spec, deployment, default_name)

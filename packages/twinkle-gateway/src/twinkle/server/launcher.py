@@ -209,6 +209,7 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
         peers.append(PeerApp(app_name=app.name, deployment_name=deployment, import_path=app.import_path,
                              route_prefix=app.route_prefix, model_name=served_model_name(model_id) if model_id else None,
                              model_id=model_id))
+    central = _central_app(config)
     specs = []
     for app in config.applications:
         specs.append(
@@ -223,9 +224,20 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
                 state_db=settings["state_db"],
                 peers=peers if app.import_path == "server" else [],
                 http_host=config.http_options.host,
+                central=central if app.import_path != "server" else None,
             )
         )
     return specs
+
+
+def _central_app(config: ServerConfig) -> PeerApp | None:
+    """The server application as the components see it: they reach it through a Serve handle."""
+    for app in config.applications:
+        if app.import_path == "server":
+            name = app.deployments[0].name if app.deployments else _SERVER_DEPLOYMENT[config.server_type]
+            return PeerApp(app_name=app.name, deployment_name=name, import_path="server",
+                           route_prefix=app.route_prefix)
+    return None
 
 
 def _deploy(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str]) -> None:

@@ -1,15 +1,145 @@
-"""The Model service's Litestar app: health and info (the native Twinkle routes join them as that
-protocol lands). ``model`` is anything with async ``health()`` and ``info()``: the Serve deployment, or
-the service object itself in tests."""
+"""The Model service's Litestar app: health and info, plus the native Twinkle routes of a training run.
+
+``model`` is anything with the async ``ModelService`` API (the Serve deployment, or the service itself in
+tests). The native routes are mounted when an ``authority`` is given (``twinkle.common.authority``: the
+central server, which authenticates callers and keeps checkpoint records):
+
+==========  =====================================  ==========================================================
+GET         /runs/{run_id}                         the run now (step, LoRA, ``next_seq_id``)
+POST        /runs/{run_id}/forward                 logprobs and loss, no gradients
+POST        /runs/{run_id}/forward_backward        accumulate gradients
+POST        /runs/{run_id}/optim_step              one AdamW step
+POST        /runs/{run_id}/save                    a checkpoint (``state`` or ``sampler``): a future + its URI
+POST        /runs/{run_id}/load                    a ``twinkle://`` state checkpoint into the run: a future
+==========  =====================================  ==========================================================
+
+These call the very ``ModelService`` methods the Tinker front-end calls, with the client's ``seq_id``: the
+same per-run ordering and de-duplication (a retried ``seq_id`` is answered from its first execution).
+A numbered request whose body cannot even be decoded still consumes its ``seq_id`` (as a request the
+service refuses), so a bad request never stalls the run's later ones.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request, get, post
 
+from twinkle.common.authority import Authority, principal_of
 from twinkle.common.http import component_app
+from twinkle.common.native import (
+    MAX_BODY_BYTES,
+    FutureRef,
+    LoadRequest,
+    OptimStepRequest,
+    RunState,
+    SaveRequest,
+    TrainRequest,
+    decode,
+    peek_seq_id,
+    unwrap_user_error,
+)
+from twinkle.common.wire import AdamParams, ForwardBackwardInput, ForwardBackwardOutput, OptimStepOutput, UserError
+
+log = logging.getLogger("twinkle.model.app")
+
+# Refused by the service inside the run's queue (validate_adam), without touching the adapter.
+_REJECTED = AdamParams(learning_rate=math.nan)
 
 
-def create_model_app(model: Any) -> Litestar:
-    return component_app("Twinkle model", "twinkle-model", model)
+def create_model_app(model: Any, authority: Authority | None = None, *, model_name: str | None = None) -> Litestar:
+    routes = _native_routes(model, authority, model_name) if authority is not None else []
+    return component_app("Twinkle model", "twinkle-model", model, routes)
+
+
+def _native_routes(model: Any, authority: Authority, model_name: str | None) -> list:
+    names: dict[str, str] = {}
+
+    async def served_name() -> str:
+        if model_name:
+            return model_name
+        if "name" not in names:
+            info = await model.info()
+            names["name"] = info["model_name"] if isinstance(info, dict) else info.model_name
+        return names["name"]
+
+    async def owner_of(request: Request) -> str:
+        return await principal_of(request, authority)
+
+    async def numbered(request: Request, run_id: str, owner: str, type_: type) -> Any:
+        """Decode a numbered request's body; if that fails but its ``seq_id`` is readable, release that
+        number at the service before answering 400."""
+        body = await request.body()
+        try:
+            return decode(body, type_)
+        except UserError:
+            seq_id = peek_seq_id(body)
+            if seq_id is not None:
+                await _consume(model, run_id, owner, seq_id)
+            raise
+
+    @get("/runs/{run_id:str}")
+    async def run_state(request: Request, run_id: str) -> RunState:
+        owner = await owner_of(request)
+        info = await _call(model.run_info(run_id, owner))
+        next_seq = await _call(model.next_seq_id(run_id, owner))
+        return RunState(run_id=info.run_id, base_model=await served_name(), lora=info.lora, step=info.step,
+                        resident=info.resident, next_seq_id=next_seq)
+
+    async def train(request: Request, run_id: str, forward_only: bool) -> ForwardBackwardOutput:
+        owner = await owner_of(request)
+        req: TrainRequest = await numbered(request, run_id, owner, TrainRequest)
+        inp = ForwardBackwardInput(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config)
+        return await _call(model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
+
+    @post("/runs/{run_id:str}/forward", status_code=200, request_max_body_size=MAX_BODY_BYTES)
+    async def forward(request: Request, run_id: str) -> ForwardBackwardOutput:
+        return await train(request, run_id, True)
+
+    @post("/runs/{run_id:str}/forward_backward", status_code=200, request_max_body_size=MAX_BODY_BYTES)
+    async def forward_backward(request: Request, run_id: str) -> ForwardBackwardOutput:
+        return await train(request, run_id, False)
+
+    @post("/runs/{run_id:str}/optim_step", status_code=200)
+    async def optim_step(request: Request, run_id: str) -> OptimStepOutput:
+        owner = await owner_of(request)
+        req: OptimStepRequest = await numbered(request, run_id, owner, OptimStepRequest)
+        params = AdamParams(learning_rate=req.learning_rate, beta1=req.beta1, beta2=req.beta2, eps=req.eps,
+                            weight_decay=req.weight_decay, grad_clip_norm=req.grad_clip_norm)
+        return await _call(model.optim_step(run_id, owner, req.seq_id, params))
+
+    @post("/runs/{run_id:str}/save", status_code=202)
+    async def save(request: Request, run_id: str) -> FutureRef:
+        owner = await owner_of(request)
+        req: SaveRequest = await numbered(request, run_id, owner, SaveRequest)
+        return await authority.submit_save(owner, await served_name(), run_id, req)
+
+    @post("/runs/{run_id:str}/load", status_code=202)
+    async def load(request: Request, run_id: str) -> FutureRef:
+        owner = await owner_of(request)
+        req: LoadRequest = await numbered(request, run_id, owner, LoadRequest)
+        return await authority.submit_load(owner, await served_name(), run_id, req)
+
+    return [run_state, forward, forward_backward, optim_step, save, load]
+
+
+async def _call(awaitable: Any) -> Any:
+    """Await a service call; a service error wrapped by Ray comes out as itself (no remote traceback)."""
+    try:
+        return await awaitable
+    except UserError as e:
+        cause = unwrap_user_error(e)
+        if cause is not None and cause is not e:
+            raise cause from None
+        raise
+
+
+async def _consume(model: Any, run_id: str, owner: str, seq_id: int) -> None:
+    try:
+        await model.optim_step(run_id, owner, seq_id, _REJECTED)
+    except UserError:
+        pass
+    except Exception:  # noqa: BLE001 - best effort; the run's gap timeout is the fallback
+        log.warning("could not release seq_id %s of run %s", seq_id, run_id, exc_info=True)

@@ -132,7 +132,7 @@ class TrainingBackend(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> BackendInfo: ...
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release resources (processes, spill files)."""
 
 

@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Iterator
 
 import msgspec
-
 from twinkle.common.wire import LoraConfig, NotFoundError, UserError
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -27,7 +27,7 @@ from .app import create_model_app
 _WORKER = "twinkle.model.distributed:ModelWorker"
 _HANDLE_API = (
     "create_run", "forward_backward", "optim_step", "save_state", "save_sampler_weights", "load_state",
-    "delete_run", "run_info", "list_runs", "info", "health",
+    "delete_run", "run_info", "list_runs", "info", "health", "next_seq_id",
 )
 
 
@@ -85,7 +85,10 @@ class ModelManagement:
         return {**info, "app": self.spec.app_name}
 
     def __serve_build_asgi_app__(self) -> Litestar:
-        return create_model_app(self)
+        from twinkle.common.authority import central_authority
+        from twinkle.common.models import served_model_name
+
+        return create_model_app(self, central_authority(self.spec), model_name=served_model_name(self.spec.args["model_id"]))
 
 
 def _delegate(name: str):
@@ -104,4 +107,8 @@ ModelManagement = serve.ingress()(ModelManagement)
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
+    if spec.server_type == "twinkle":  # clients call this app directly: see NATIVE_MAX_ONGOING_REQUESTS
+        from twinkle.common.native import with_native_concurrency
+
+        deployment = with_native_concurrency(deployment, default_name)
     return bind_component(ModelManagement, spec, deployment, default_name)

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import msgspec
-
 from twinkle.common.wire import (
     AdamParams,
     CheckpointInfo,
@@ -420,15 +419,15 @@ class ProcessRank:
     ) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        kwargs = dict(
-            model_id=model_id,
-            rank=rank,
-            world_size=world_size,
-            master_addr=master_addr,
-            master_port=master_port,
-            device=device,
-            spill_dir=spill_dir,
-        )
+        kwargs = {
+            "model_id": model_id,
+            "rank": rank,
+            "world_size": world_size,
+            "master_addr": master_addr,
+            "master_port": master_port,
+            "device": device,
+            "spill_dir": spill_dir,
+        }
         env = {k: v for k, v in os.environ.items() if k.startswith(("TWINKLE_", "HF_", "OMP_", "MKL_"))}
         self._proc = ctx.Process(target=_rank_main, args=(child, kwargs, threads, env), daemon=True)
         self._proc.start()

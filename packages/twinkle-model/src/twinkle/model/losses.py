@@ -54,7 +54,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-
 from twinkle.common.wire import Datum, ForwardBackwardInput, TensorData, UserError
 
 Tensor = torch.Tensor

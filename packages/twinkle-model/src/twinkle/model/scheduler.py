@@ -134,6 +134,14 @@ class Scheduler:
     def has_run(self, run_id: str) -> bool:
         return run_id in self._runs
 
+    def next_seq(self, run_id: str) -> int:
+        """The ``seq_id`` after every one this run has seen (waiting, running or done): where a client that
+        attaches to an existing run continues its numbering."""
+        q = self._runs.get(run_id)
+        if q is None:
+            raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
+        return max(q.next_seq, q.highest_seen + 1)
+
     def pending(self, run_id: str | None = None) -> int:
         if run_id is not None:
             q = self._runs.get(run_id)
@@ -215,7 +223,7 @@ class Scheduler:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=self._next_deadline())
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             queues = [self._runs.get(rid) for rid, _ in batch]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,11 @@ class ModelService:
 
     async def run_info(self, run_id: str, owner: str) -> RunInfo:
         return self._info(self._get(run_id, owner))
+
+    async def next_seq_id(self, run_id: str, owner: str) -> int:
+        """The ``seq_id`` a client attaching to this run should number its next request with."""
+        self._get(run_id, owner)
+        return self.scheduler.next_seq(run_id)
 
     async def list_runs(self, owner: str) -> list[RunInfo]:
         return [self._info(r) for r in sorted(self._runs.values(), key=lambda r: r.run_id) if r.owner == owner]
@@ -242,7 +248,7 @@ class ModelService:
                 continue
             run_id = rec.run_id
             try:
-                await self.scheduler.run_exclusive(lambda: self.backend.offload(run_id))
+                await self.scheduler.run_exclusive(functools.partial(self.backend.offload, run_id))
                 done.append(run_id)
             except NotFoundError:
                 pass  # deleted meanwhile
@@ -271,7 +277,7 @@ class ModelService:
             await asyncio.sleep(self.sweep_interval_s)
             try:
                 await self.offload_idle()
-            except Exception:  # noqa: BLE001 - the sweeper must outlive one failure
+            except Exception:
                 log.exception("idle offload failed")
 
     def _get(self, run_id: str, owner: str) -> _RunRecord:

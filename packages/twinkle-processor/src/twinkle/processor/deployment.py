@@ -35,6 +35,20 @@ class ProcessorManagement:
     async def call(self, method: str, *args: Any) -> Any:
         return await self.host.call(method, *args)
 
+    # The service's operations by name, so the app (and handle callers) use one API for this deployment and
+    # for a ``ProcessorService`` in-process.
+    async def tokenize(self, request: Any) -> Any:
+        return await self.host.call("tokenize", request)
+
+    async def detokenize(self, request: Any) -> Any:
+        return await self.host.call("detokenize", request)
+
+    async def render_chat(self, request: Any) -> Any:
+        return await self.host.call("render_chat", request)
+
+    async def encode(self, request: Any) -> Any:
+        return await self.host.call("encode", request)
+
     async def health(self) -> Any:
         return await self.host.call("health")
 
@@ -43,8 +57,14 @@ class ProcessorManagement:
         return {"app": self.spec.app_name, "processor": info, "host": await self.host.describe()}
 
     def __serve_build_asgi_app__(self) -> Litestar:
-        return create_processor_app(self)
+        from twinkle.common.authority import central_authority
+
+        return create_processor_app(self, central_authority(self.spec))
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
+    if spec.server_type == "twinkle":  # clients call this app directly: see NATIVE_MAX_ONGOING_REQUESTS
+        from twinkle.common.native import with_native_concurrency
+
+        deployment = with_native_concurrency(deployment, default_name)
     return bind_component(ProcessorManagement, spec, deployment, default_name)

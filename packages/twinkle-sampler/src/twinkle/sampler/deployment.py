@@ -61,8 +61,15 @@ class SamplerManagement:
         return {**info, "app": self.spec.app_name, "workers": described}
 
     def __serve_build_asgi_app__(self) -> Litestar:
-        return create_sampler_app(self)
+        from twinkle.common.authority import central_authority
+        from twinkle.common.models import served_model_name
+
+        return create_sampler_app(self, central_authority(self.spec), model_name=served_model_name(self.spec.args["model_id"]))
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
+    if spec.server_type == "twinkle":  # clients call this app directly: see NATIVE_MAX_ONGOING_REQUESTS
+        from twinkle.common.native import with_native_concurrency
+
+        deployment = with_native_concurrency(deployment, default_name)
     return bind_component(SamplerManagement, spec, deployment, default_name)

@@ -94,7 +94,8 @@ class TorchEngine(SamplerEngine):
         args = dict(ENGINE_ARGS)
         unknown = set(engine_args or {}) - set(ENGINE_ARGS)
         if unknown:
-            raise ValueError(f"unknown engine_args for the torch sampler: {sorted(unknown)}; known: {sorted(ENGINE_ARGS)}")
+            raise ValueError(
+                f"unknown engine_args for the torch sampler: {sorted(unknown)}; known: {sorted(ENGINE_ARGS)}")
         args.update(engine_args or {})
         super().__init__(model_id, max_loras=max_loras, max_num_samples=int(args["max_num_samples"]))
         import torch

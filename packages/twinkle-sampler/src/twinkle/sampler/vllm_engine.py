@@ -177,7 +177,7 @@ class VLLMEngine(SamplerEngine):
         self.engine_kwargs = kw
         self._lora_enabled = bool(kw.get("enable_lora"))
         self._engine = self._build(AsyncEngineArgs(**kw))
-        cfg = self._engine.model_config if hasattr(self._engine, "model_config") else self._engine.vllm_config.model_config
+        cfg = getattr(self._engine, "model_config", None) or self._engine.vllm_config.model_config
         self.vocab_size = int(cfg.get_vocab_size())
         self.max_context_length = int(cfg.max_model_len)
         from transformers import AutoTokenizer, GenerationConfig

@@ -186,11 +186,13 @@ class Store:
         return await self._call(run)
 
     async def heartbeat(self, session_id: str, owner: str, now: float) -> SessionRecord | None:
-        """Record a heartbeat of a live session; return the session (finished ones are returned unchanged)."""
+        """Record a heartbeat; return the session. A session closed for silence comes back to life (its client
+        is evidently alive); one finished by its client is returned unchanged."""
 
         def run() -> SessionRecord | None:
             self.conn.execute(
-                "UPDATE sessions SET heartbeat=? WHERE id=? AND owner=? AND finished IS NULL", (now, session_id, owner)
+                "UPDATE sessions SET heartbeat=?, finished=NULL, finish_reason=NULL WHERE id=? AND owner=? "
+                "AND (finished IS NULL OR finish_reason='expired')", (now, session_id, owner)
             )
             r = self.conn.execute(f"SELECT {self._SESSION_COLS} FROM sessions WHERE id=?", (session_id,)).fetchone()
             return None if r is None or r[1] != owner else self._session(r)

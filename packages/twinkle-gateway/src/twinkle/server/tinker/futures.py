@@ -43,7 +43,7 @@ def new_request_id() -> str:
 
 class Futures:
     def __init__(self, store: Store, *, long_poll_s: float = 25.0, cache_size: int = 4096,
-                 foreign_poll_s: float = 0.25) -> None:
+                 cache_bytes: int = 256 * 1024 * 1024, foreign_poll_s: float = 0.25) -> None:
         self.store = store
         self.long_poll_s = long_poll_s
         self._foreign_poll_s = foreign_poll_s
@@ -51,6 +51,8 @@ class Futures:
         self._submitting: dict[tuple[str, int], asyncio.Future] = {}
         self._done: collections.OrderedDict[str, FutureRecord] = collections.OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self._closing = False
 
     async def recover(self) -> int:
@@ -120,21 +122,27 @@ class Futures:
             model_id=record.model_id, seq_id=record.seq_id, status=status, result=result, error=error,
             category=category, meta=record.meta, finished=now,
         )
+        # Waiters get the outcome from memory at once; the store write follows (it is queued on the store's
+        # thread before any 'fetched' mark of the woken poll, so the order of writes is kept).
+        self._remember(done)
+        self._running.pop(record.request_id, None)
+        event.set()
         try:
             await self.store.finish_future(record.request_id, status=status, result=result, error=error,
                                            category=category, now=now)
-        except Exception:  # noqa: BLE001 - the client still gets its answer from memory
+        except Exception:  # noqa: BLE001 - the client has its answer; only durability is lost
             log.exception("could not record the outcome of %s", record.request_id)
-        finally:
-            self._remember(done)
-            self._running.pop(record.request_id, None)
-            event.set()
 
     def _remember(self, record: FutureRecord) -> None:
+        """Keep a finished record in the LRU, bounded by count and by result bytes (the store has them all)."""
+        previous = self._done.pop(record.request_id, None)
+        if previous is not None:
+            self._cached_bytes -= len(previous.result or b"")
         self._done[record.request_id] = record
-        self._done.move_to_end(record.request_id)
-        while len(self._done) > self._cache_size:
-            self._done.popitem(last=False)
+        self._cached_bytes += len(record.result or b"")
+        while len(self._done) > 1 and (len(self._done) > self._cache_size or self._cached_bytes > self._cache_bytes):
+            _, old = self._done.popitem(last=False)
+            self._cached_bytes -= len(old.result or b"")
 
     # ------------------------------------------------------------------------------- retrieve
 

@@ -68,6 +68,9 @@ Work = Callable[[], Awaitable[bytes]]
 # The stand-in for a numbered request the gateway refused (see ``TinkerService._consume_seq``).
 _REJECTED = AdamParams(learning_rate=float("nan"))
 _MAX_NUM_SAMPLES = 1024
+# Rendered results kept for re-polls (the SDK re-fetches after a network error): a few, none huge.
+_RENDER_CACHE_ITEMS = 256
+_RENDER_CACHE_ITEM_BYTES = 1 << 20
 _INFO_TIMEOUT_S = 10.0
 
 
@@ -595,8 +598,9 @@ class TinkerService:
                 raise NotFoundError(f"sampling session {req.sampling_session_id!r} not found",
                                     field="sampling_session_id")
             if s.ephemeral and s.adapter_path is None:
-                raise Gone(f"the weights of sampling session {s.id!r} were cleaned up after its session ended; "
-                           "save weights for sampling again")
+                raise Gone(f"the weights of sampling session {s.id!r} were cleaned up (a run keeps its newest "
+                           f"{self.settings.ephemeral_keep} save_weights_and_get_sampling_client weights, and none "
+                           "long after its session ends); save weights for sampling again")
             base_model, adapter_path = s.base_model, s.adapter_path
             dedupe_id = s.id
             self.store.touch_sampler_background(s.id, time.time())
@@ -647,9 +651,10 @@ class TinkerService:
                 log.error("cannot render the result of %s, correlation id %s", request_id, cid, exc_info=e)
                 body = P.RequestFailedResponse(error=f"internal server error (correlation id {cid})", category="server")
                 return _enc(body), "application/json"
-            self._rendered[key] = cached
-            while len(self._rendered) > 256:
-                self._rendered.popitem(last=False)
+            if len(cached[0]) <= _RENDER_CACHE_ITEM_BYTES:
+                self._rendered[key] = cached
+                while len(self._rendered) > _RENDER_CACHE_ITEMS:
+                    self._rendered.popitem(last=False)
         return cached
 
     # =============================================================================== REST: runs & checkpoints

@@ -1,0 +1,239 @@
+"""What the Tinker-compatible server costs per training step, measured in one run.
+
+Three ways to do the SDK's supervised step (``forward_backward`` + ``optim_step`` submitted together, then
+awaited; cross-entropy over ``--batch`` × ``--seq`` tokens; LoRA rank ``--rank`` on attention, MLP and
+unembedding; AdamW):
+
+1. ``peft``    — in-process with plain transformers + peft + torch.optim.AdamW (no service at all);
+2. ``service`` — the Model service called in-process (its scheduler thread, validation, metrics);
+3. ``server``  — the unmodified official ``tinker`` SDK over HTTP against the Tinker app (uvicorn), which
+   calls the same Model service through a ``LocalPort``. The server runs in a *separate process*, as it
+   would for a real user, so client and server do not share a GIL.
+
+The three are measured in interleaved rounds (peft, service, server, peft, …) so that other load on the
+machine hits all of them alike; medians are reported. Then ``retrieve_future`` latency for a request that
+has already finished (the cost of one poll: auth, store cache, rendering) over a keep-alive connection.
+
+    python bench/tinker_bench.py [--steps 20] [--rounds 4] [--batch 8] [--seq 128] [--rank 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads of one process must not spin on the cores the other process computes on.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+MODEL_ID = "builtin://tiny-qwen2"
+
+
+# ----------------------------------------------------------------------------------------- server process
+
+
+def serve(port: int, root: str) -> None:
+    """Child process: the Tinker app over an in-process Model service, until stdin closes."""
+    from twinkle.server.tinker import TinkerSettings
+    from twinkle.server.tinker.testing import LocalTinkerServer
+
+    settings = TinkerSettings(checkpoint_dir=os.path.join(root, "ckpt"))
+    with LocalTinkerServer(settings, MODEL_ID, port=port, log_level="error"):
+        print("READY", flush=True)
+        sys.stdin.read()
+
+
+# ----------------------------------------------------------------------------------------- the three steps
+
+
+def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(seq + 1)] for _ in range(batch)]
+
+
+class PeftStep:
+    def __init__(self, rank: int, rows: list[list[int]]) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from twinkle.common.models import load_causal_lm
+
+        torch.manual_seed(0)
+        self.torch = torch
+        model = load_causal_lm(MODEL_ID)
+        cfg = LoraConfig(r=rank, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj", "lm_head"],
+                         bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(model, cfg)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4,
+                                     betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        t = torch.tensor(rows)
+        self.inputs, self.targets = t[:, :-1], t[:, 1:]
+
+    def step(self) -> float:
+        torch = self.torch
+        logits = self.model(input_ids=self.inputs).logits
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+        loss = -lp.sum()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+class ServiceStep:
+    def __init__(self, rank: int, rows: list[list[int]]) -> None:
+        from twinkle.common.wire import AdamParams, Datum, ForwardBackwardInput, LoraConfig, TensorData
+        from twinkle.model.service import ModelService
+
+        self.loop = asyncio.new_event_loop()
+        self.svc = ModelService(MODEL_ID)
+        self.loop.run_until_complete(self.svc.create_run("bench", "me", LoraConfig(rank=rank, seed=0)))
+        data = [Datum(model_input=r[:-1], loss_fn_inputs={
+            "target_tokens": TensorData(data=r[1:], dtype="int64"),
+            "weights": TensorData(data=[1.0] * (len(r) - 1), dtype="float32")}) for r in rows]
+        self.inp = ForwardBackwardInput(data=data, loss_fn="cross_entropy")
+        self.adam = AdamParams(learning_rate=1e-4)
+        self.seq = 0
+
+    def step(self) -> float:
+        async def go():
+            self.seq += 2
+            fb = asyncio.ensure_future(self.svc.forward_backward("bench", "me", self.seq - 1, self.inp))
+            op = asyncio.ensure_future(self.svc.optim_step("bench", "me", self.seq, self.adam))
+            out = await fb
+            await op
+            return out.metrics["loss:sum"]
+
+        return self.loop.run_until_complete(go())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.svc.close())
+
+
+class SdkStep:
+    def __init__(self, base_url: str, rank: int, rows: list[list[int]]) -> None:
+        import tinker
+        from tinker import types
+
+        self.types = types
+        self.sc = tinker.ServiceClient(base_url=base_url, api_key="tml-bench")
+        self.tc = self.sc.create_lora_training_client(base_model="tiny-qwen2", rank=rank, seed=0).result()
+        self.data = [types.Datum(model_input=types.ModelInput.from_ints(r[:-1]),
+                                 loss_fn_inputs={"target_tokens": r[1:], "weights": [1.0] * (len(r) - 1)})
+                     for r in rows]
+        self.adam = types.AdamParams(learning_rate=1e-4)
+
+    def step(self) -> float:
+        fb = self.tc.forward_backward(self.data, "cross_entropy")
+        op = self.tc.optim_step(self.adam)
+        out = fb.result()
+        op.result()
+        return out.metrics["loss:sum"]
+
+    def close(self) -> None:
+        self.sc.close("success").result()
+
+
+def timed(step, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def retrieve_latency(base_url: str, n: int) -> list[float]:
+    """p50 of ``retrieve_future`` for a finished request, over one keep-alive connection."""
+    import httpx
+
+    h = {"X-API-Key": "tml-bench-poll", "Content-Type": "application/json"}
+    with httpx.Client(base_url=f"{base_url}/api/v1", headers=h, timeout=30) as c:
+        sid = c.post("/create_session", json={"tags": [], "sdk_version": "bench"}).json()["session_id"]
+        rid = c.post("/create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": "tiny-qwen2",
+                                            "lora_config": {"rank": 4}}).json()["request_id"]
+        while c.post("/retrieve_future", json={"request_id": rid}).json().get("type") == "try_again":
+            pass
+        for _ in range(20):  # warm up
+            c.post("/retrieve_future", json={"request_id": rid})
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = c.post("/retrieve_future", json={"request_id": rid})
+            out.append((time.perf_counter() - t0) * 1000)
+            assert r.status_code == 200 and "model_id" in r.json()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--polls", type=int, default=500)
+    p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve:
+        serve(args.serve, args.root)
+        return
+
+    import logging
+
+    logging.disable(logging.WARNING)
+    from twinkle.common.models import load_tokenizer
+    from twinkle.server.tinker.testing import free_port
+
+    vocab = len(load_tokenizer(MODEL_ID))
+    rows = make_batch(args.batch, args.seq, vocab)
+    port = free_port()
+    root = tempfile.mkdtemp(prefix="tinker-bench-")
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--root", root],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "READY", "the server did not start"
+        base_url = f"http://127.0.0.1:{port}"
+        methods = {"peft": PeftStep(args.rank, rows), "service": ServiceStep(args.rank, rows),
+                   "server": SdkStep(base_url, args.rank, rows)}
+        for m in methods.values():
+            timed(m.step, args.warmup)
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        for _ in range(args.rounds):
+            for name, m in methods.items():
+                times[name] += timed(m.step, args.steps)
+        polls = retrieve_latency(base_url, args.polls)
+        methods["server"].close()
+        methods["service"].close()
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"supervised step, {args.batch}x{args.seq} tokens, LoRA rank {args.rank}, tiny-qwen2 on "
+          f"{os.cpu_count()} CPU(s); median of {args.rounds * args.steps} steps each, interleaved rounds")
+    for k in methods:
+        q = statistics.quantiles(times[k], n=10)
+        print(f"  {k:8s} {med[k]:8.1f} ms   (p10 {q[0]:.1f}, p90 {q[-1]:.1f})")
+    print(f"  server overhead vs plain peft:       {med['server'] - med['peft']:+.1f} ms/step (goal <= 70)")
+    print(f"  of which the gateway + SDK + HTTP:    {med['server'] - med['service']:+.1f} ms/step")
+    print(f"  of which the Model service:           {med['service'] - med['peft']:+.1f} ms/step")
+    q = statistics.quantiles(polls, n=100)
+    print(f"retrieve_future of a finished request: p50 {statistics.median(polls):.2f} ms, p90 {q[89]:.2f} ms, "
+          f"p99 {q[98]:.2f} ms ({len(polls)} polls, keep-alive)")
+    print(json.dumps({"median_ms": med, "retrieve_p50_ms": statistics.median(polls)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Litestar handlers of the native TwinkleServer and its app factory.
+
+Routes (relative to the server app's ``route_prefix``, ``/server`` in ``deploy/local.yaml``); every route but
+``/healthz`` and ``/info`` needs an ``X-API-Key``:
+
+=========  =================================================  ===============================================
+GET        /healthz, /info                                    liveness; the applications this server fronts
+GET        /capabilities                                      models, their app prefixes and limits
+POST       /sessions                                          a client session (heartbeats keep it alive)
+POST       /sessions/{id}/heartbeat, /sessions/{id}/finish
+GET/POST   /training_runs                                     list (paged) / create (a future)
+GET/DELETE /training_runs/{run_id}                            get (with live step) / delete
+GET        /training_runs/{run_id}/checkpoints[/latest]       list / newest (``?kind=state|sampler``)
+DELETE     /training_runs/{run_id}/checkpoints/{kind}/{name}
+GET        /checkpoints                                       every checkpoint of the caller (paged)
+POST       /resume                                            a new run from a checkpoint, or load into a run
+GET        /futures/{request_id}?timeout=s                    long-poll a long operation
+=========  =================================================  ===============================================
+
+``create_twinkle_app`` returns a *fresh* app each call (Ray Serve builds it inside the replica).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, AsyncIterator
+
+from litestar import Litestar, Request, Router, delete, get, post
+from litestar.datastructures import State
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+
+from twinkle.common.http import EXCEPTION_HANDLERS, distribution_version
+from twinkle.common.native import FutureRef, decode
+
+from ..auth import ApiKeyMiddleware, Principal
+from . import protocol as P
+from .serving import NativeService
+
+
+def _svc(request: Request) -> NativeService:
+    return request.app.state.service
+
+
+def _owner(request: Request) -> str:
+    user: Principal = request.user
+    return user.id
+
+
+async def _body(request: Request, type_: type) -> Any:
+    return decode(await request.body(), type_)
+
+
+@get("/healthz", opt={"exclude_from_auth": True})
+async def healthz(request: Request) -> dict[str, Any]:
+    return await _svc(request).health()
+
+
+@get("/info", opt={"exclude_from_auth": True})
+async def info(request: Request) -> dict[str, Any]:
+    return await _svc(request).info()
+
+
+@get("/capabilities")
+async def capabilities(request: Request) -> P.Capabilities:
+    return await _svc(request).capabilities(_owner(request))
+
+
+@post("/sessions", status_code=201)
+async def create_session(request: Request) -> P.SessionOut:
+    body = await request.body()
+    req = decode(body, P.CreateSessionIn) if body.strip() else P.CreateSessionIn()
+    return await _svc(request).create_session(_owner(request), req)
+
+
+@post("/sessions/{session_id:str}/heartbeat", status_code=200)
+async def heartbeat(request: Request, session_id: str) -> dict[str, str]:
+    return await _svc(request).heartbeat(_owner(request), session_id)
+
+
+@post("/sessions/{session_id:str}/finish", status_code=200)
+async def finish_session(request: Request, session_id: str) -> dict[str, str]:
+    await _svc(request).finish_session(_owner(request), session_id)
+    return {"status": "finished"}
+
+
+@get("/training_runs")
+async def list_runs(request: Request, limit: int | None = None, offset: int | None = None) -> P.TrainingRunsOut:
+    return await _svc(request).list_runs(_owner(request), limit, offset)
+
+
+@post("/training_runs", status_code=202)
+async def create_run(request: Request) -> FutureRef:
+    return await _svc(request).create_run(_owner(request), await _body(request, P.CreateRunIn))
+
+
+@get("/training_runs/{run_id:str}")
+async def get_run(request: Request, run_id: str) -> P.TrainingRunOut:
+    return await _svc(request).get_run(_owner(request), run_id)
+
+
+@delete("/training_runs/{run_id:str}", status_code=204)
+async def delete_run(request: Request, run_id: str, checkpoints: bool = False) -> None:
+    await _svc(request).delete_run(_owner(request), run_id, checkpoints=checkpoints)
+
+
+@get("/training_runs/{run_id:str}/checkpoints")
+async def list_checkpoints(request: Request, run_id: str) -> P.CheckpointsOut:
+    return await _svc(request).list_checkpoints(_owner(request), run_id)
+
+
+@get("/training_runs/{run_id:str}/checkpoints/latest")
+async def latest_checkpoint(request: Request, run_id: str, kind: str | None = None) -> P.CheckpointOut:
+    return await _svc(request).latest_checkpoint(_owner(request), run_id, kind)
+
+
+@delete("/training_runs/{run_id:str}/checkpoints/{kind:str}/{name:str}", status_code=204)
+async def delete_checkpoint(request: Request, run_id: str, kind: str, name: str) -> None:
+    await _svc(request).delete_checkpoint(_owner(request), run_id, kind, name)
+
+
+@get("/checkpoints")
+async def list_user_checkpoints(request: Request, limit: int | None = None, offset: int | None = None
+                                ) -> P.CheckpointsOut:
+    return await _svc(request).list_user_checkpoints(_owner(request), limit, offset)
+
+
+@post("/resume", status_code=202)
+async def resume(request: Request) -> FutureRef:
+    return await _svc(request).resume(_owner(request), await _body(request, P.ResumeIn))
+
+
+@get("/futures/{request_id:str}")
+async def wait_future(request: Request, request_id: str, timeout: float | None = None) -> P.FutureOut:
+    return await _svc(request).wait_future(_owner(request), request_id, timeout)
+
+
+ROUTES = [
+    healthz, info, capabilities, create_session, heartbeat, finish_session, list_runs, create_run, get_run,
+    delete_run, list_checkpoints, latest_checkpoint, delete_checkpoint, list_user_checkpoints, resume, wait_future,
+]
+
+
+def create_twinkle_app(service: NativeService, *, path_prefix: str = "", debug: bool = False) -> Litestar:
+    """A fresh TwinkleServer app over ``service``. Its lifespan starts the service (store, keys, futures,
+    sweeper) and closes it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await service.start()
+        app.state.keyring = service.keyring
+        try:
+            yield
+        finally:
+            app.state.keyring = None
+            await service.close()
+
+    handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
+    return Litestar(
+        route_handlers=handlers,
+        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["/docs"])],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[lifespan],
+        state=State({"service": service, "keyring": None}),
+        request_max_body_size=service.settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Twinkle server", version=distribution_version("twinkle-gateway"),
+                                     path="/docs"),
+        debug=debug,
+    )

@@ -1,0 +1,229 @@
+"""The whole native stack in one process, on a real HTTP port: for tests, examples and demos without Ray.
+
+``LocalTwinkleStack`` builds the Model, Sampler and Processor services of one model id and serves the four
+apps exactly where ``deploy/local.yaml`` puts them (``/server``, ``/models/<name>``, ``/sampler/<name>``,
+``/processors``) from one uvicorn server on ``127.0.0.1:<free port>``, in a background thread with its own
+event loop. A small prefix dispatcher stands in for the Ray Serve proxy (it sets the ASGI ``root_path`` the
+way Serve does); the component apps reach the central service directly instead of through a Serve handle
+(the ``Authority`` is the ``NativeService`` object itself), and the central service reaches the engines
+through ``LocalPort``s. Everything else — auth, store, futures, ordering, the engines — is the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from typing import Any
+
+from twinkle.common.component import PeerApp
+
+from ..backends import LocalPort
+from ..tinker.testing import free_port
+from .router import create_twinkle_app
+from .serving import NativeService
+from .settings import NativeSettings
+
+
+class _SyncServiceAdapter:
+    """Presents a service whose ``health``/``info`` are plain methods (the sampler's) as async ones."""
+
+    def __init__(self, service: Any) -> None:
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)
+
+    async def health(self) -> Any:
+        return self._service.health()
+
+    async def info(self) -> Any:
+        return self._service.info()
+
+
+class PrefixDispatcher:
+    """An ASGI app routing by path prefix to sub-apps (longest prefix first), as the Serve proxy does, and
+    running every sub-app's lifespan in order (shut down in reverse)."""
+
+    def __init__(self, apps: dict[str, Any]) -> None:
+        self.apps = apps
+        self._order = sorted(apps, key=len, reverse=True)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        path = scope.get("path", "")
+        for prefix in self._order:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                await self.apps[prefix]({**scope, "root_path": scope.get("root_path", "") + prefix}, receive, send)
+                return
+        body = json.dumps({"detail": f"Path '{path}' not found"}).encode()
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        started: list[_Lifespan] = []
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            for prefix in self.apps:  # insertion order: the central server first
+                span = _Lifespan(self.apps[prefix])
+                await span.start()
+                started.append(span)
+        except BaseException as e:  # noqa: BLE001 - reported to the server
+            for span in reversed(started):
+                await span.stop()
+            await send({"type": "lifespan.startup.failed", "message": repr(e)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        for span in reversed(started):
+            with contextlib.suppress(Exception):
+                await span.stop()
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+class _Lifespan:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._to_app: asyncio.Queue = asyncio.Queue()
+        self._from_app: asyncio.Queue = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+        self._task = asyncio.create_task(self.app(scope, self._to_app.get, self._from_app.put))
+        await self._to_app.put({"type": "lifespan.startup"})
+        reply = await self._from_app.get()
+        if reply["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"an app failed to start: {reply.get('message')}")
+
+    async def stop(self) -> None:
+        await self._to_app.put({"type": "lifespan.shutdown"})
+        await self._from_app.get()
+        if self._task is not None:
+            await self._task
+
+
+class LocalTwinkleStack:
+    """``with LocalTwinkleStack(settings, model_id) as stack: TwinkleClient(stack.base_url, api_key=...)``.
+
+    ``services`` may give already-built ``{"model": ModelService, "sampler": SamplerService,
+    "processor": ProcessorService}`` (shared between stacks, e.g. to restart the server over the same
+    engines); otherwise they are built here and closed on exit.
+    """
+
+    def __init__(self, settings: NativeSettings, model_id: str | None = None, *,
+                 services: dict[str, Any] | None = None, port: int | None = None, log_level: str = "warning",
+                 model_kwargs: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.model_id = model_id
+        self.port = port or free_port()
+        self.log_level = log_level
+        self._given = services
+        self._model_kwargs = model_kwargs or {}
+        self._own: list[Any] = []
+        self.services: dict[str, Any] = {}
+        self.native: NativeService | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _build_services(self) -> dict[str, Any]:
+        if self._given is not None:
+            return self._given
+        from twinkle.model.service import ModelService
+        from twinkle.processor.service import ProcessorService
+        from twinkle.sampler.service import SamplerService
+
+        assert self.model_id is not None, "give model_id or services"
+        services = {
+            "model": ModelService(self.model_id, **self._model_kwargs),
+            "sampler": SamplerService(self.model_id),
+            "processor": ProcessorService(self.model_id, num_workers=1),
+        }
+        self._own = list(services.values())
+        return services
+
+    def build_app(self) -> PrefixDispatcher:
+        from twinkle.common.models import served_model_name
+        from twinkle.model.app import create_model_app
+        from twinkle.processor.app import create_processor_app
+        from twinkle.sampler.app import create_sampler_app
+
+        self.services = self._build_services()
+        model_id = self.model_id or self.services["model"].model_id
+        name = served_model_name(model_id)
+        prefixes = {"model": f"/models/{name}", "sampler": f"/sampler/{name}", "processor": "/processors"}
+        peers = [PeerApp(app_name=f"{kind}-{name}", deployment_name=kind, import_path=kind, route_prefix=prefix,
+                         model_name=name, model_id=model_id) for kind, prefix in prefixes.items()]
+        sampler = _SyncServiceAdapter(self.services["sampler"])
+        self.native = NativeService(
+            self.settings, models={name: LocalPort(self.services["model"])}, samplers={name: LocalPort(sampler)},
+            processors={name: LocalPort(self.services["processor"])}, peers=peers, server_prefix="/server",
+        )
+        return PrefixDispatcher({
+            "/server": create_twinkle_app(self.native),
+            prefixes["model"]: create_model_app(self.services["model"], self.native, model_name=name),
+            prefixes["sampler"]: create_sampler_app(sampler, self.native, model_name=name),
+            prefixes["processor"]: create_processor_app(self.services["processor"], self.native),
+        })
+
+    def start(self) -> "LocalTwinkleStack":
+        import uvicorn
+
+        app = self.build_app()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=self.log_level, lifespan="on",
+                                timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._server.serve())
+                if self._own:
+                    loop.run_until_complete(self._close_services())
+            except BaseException as e:  # noqa: BLE001 - surfaced to the starting thread
+                self._error = e
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"twinkle-stack-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 120
+        while not self._server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"the Twinkle stack did not start: {self._error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Twinkle stack did not start within 120 s")
+            time.sleep(0.02)
+        return self
+
+    async def _close_services(self) -> None:
+        for service in self._own:
+            close = getattr(service, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        self._thread = None
+
+    def __enter__(self) -> "LocalTwinkleStack":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
