@@ -10,11 +10,16 @@ unembedding; AdamW):
    calls the same Model service through a ``LocalPort``. The server runs in a *separate process*, as it
    would for a real user, so client and server do not share a GIL.
 
-The three are measured in interleaved rounds (peft, service, server, peft, …) so that other load on the
-machine hits all of them alike; medians are reported. Then ``retrieve_future`` latency for a request that
-has already finished (the cost of one poll: auth, store cache, rendering) over a keep-alive connection.
+The three are interleaved step by step (peft, service, server, peft, …) so that other load on the machine
+hits all of them alike, and the overhead is the median of the *paired* differences. On a shared machine
+these still move by tens of milliseconds, so the server's own timestamps split each server step exactly:
+client → request recorded (SDK + HTTP), recorded → optim_step finished (the Model service's work, queueing
+included), finished → result in the client's hands (long-poll wake-up + HTTP + SDK).
 
-    python bench/tinker_bench.py [--steps 20] [--rounds 4] [--batch 8] [--seq 128] [--rank 8]
+Then ``retrieve_future`` latency for a request that has already finished (the cost of one poll: auth, the
+finished-result cache, rendering) over a keep-alive connection.
+
+    python bench/tinker_bench.py [--steps 40] [--batch 8] [--seq 128] [--rank 8]
 """
 
 from __future__ import annotations
@@ -131,12 +136,15 @@ class SdkStep:
                                  loss_fn_inputs={"target_tokens": r[1:], "weights": [1.0] * (len(r) - 1)})
                      for r in rows]
         self.adam = types.AdamParams(learning_rate=1e-4)
+        self.spans: list[tuple[float, float]] = []
 
     def step(self) -> float:
+        t0 = time.time()
         fb = self.tc.forward_backward(self.data, "cross_entropy")
         op = self.tc.optim_step(self.adam)
         out = fb.result()
         op.result()
+        self.spans.append((t0, time.time()))
         return out.metrics["loss:sum"]
 
     def close(self) -> None:
@@ -176,8 +184,7 @@ def retrieve_latency(base_url: str, n: int) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
@@ -209,11 +216,13 @@ def main() -> None:
                    "server": SdkStep(base_url, args.rank, rows)}
         for m in methods.values():
             timed(m.step, args.warmup)
+        methods["server"].spans.clear()
         times: dict[str, list[float]] = {k: [] for k in methods}
-        for _ in range(args.rounds):
+        for _ in range(args.steps):
             for name, m in methods.items():
-                times[name] += timed(m.step, args.steps)
+                times[name] += timed(m.step, 1)
         polls = retrieve_latency(base_url, args.polls)
+        spans = methods["server"].spans
         methods["server"].close()
         methods["service"].close()
     finally:
@@ -221,18 +230,48 @@ def main() -> None:
         server.wait(timeout=60)
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    paired = {k: statistics.median(a - b for a, b in zip(times[k], times["peft"])) for k in ("service", "server")}
+    gateway = statistics.median(a - b for a, b in zip(times["server"], times["service"]))
+    split = _server_split(os.path.join(root, "ckpt", "twinkle-state.sqlite"), spans)
     print(f"supervised step, {args.batch}x{args.seq} tokens, LoRA rank {args.rank}, tiny-qwen2 on "
-          f"{os.cpu_count()} CPU(s); median of {args.rounds * args.steps} steps each, interleaved rounds")
+          f"{os.cpu_count()} CPU(s); {args.steps} steps each, interleaved step by step")
     for k in methods:
         q = statistics.quantiles(times[k], n=10)
-        print(f"  {k:8s} {med[k]:8.1f} ms   (p10 {q[0]:.1f}, p90 {q[-1]:.1f})")
-    print(f"  server overhead vs plain peft:       {med['server'] - med['peft']:+.1f} ms/step (goal <= 70)")
-    print(f"  of which the gateway + SDK + HTTP:    {med['server'] - med['service']:+.1f} ms/step")
-    print(f"  of which the Model service:           {med['service'] - med['peft']:+.1f} ms/step")
+        print(f"  {k:8s} median {med[k]:8.1f} ms   (p10 {q[0]:.1f}, p90 {q[-1]:.1f})")
+    print(f"  server - peft   (paired median): {paired['server']:+7.1f} ms/step   (goal <= 70)")
+    print(f"  service - peft  (paired median): {paired['service']:+7.1f} ms/step   (the Model service)")
+    print(f"  server - service (paired median): {gateway:+6.1f} ms/step   (gateway + HTTP + SDK)")
+    print(f"  server step split by the server's timestamps (medians): SDK+HTTP to recorded {split[0]:.1f} ms, "
+          f"Model service {split[1]:.1f} ms, finished to client {split[2]:.1f} ms -> outside the service "
+          f"{split[0] + split[2]:.1f} ms/step")
     q = statistics.quantiles(polls, n=100)
     print(f"retrieve_future of a finished request: p50 {statistics.median(polls):.2f} ms, p90 {q[89]:.2f} ms, "
           f"p99 {q[98]:.2f} ms ({len(polls)} polls, keep-alive)")
-    print(json.dumps({"median_ms": med, "retrieve_p50_ms": statistics.median(polls)}))
+    print(json.dumps({"median_ms": med, "paired_overhead_ms": paired, "gateway_ms": gateway,
+                      "outside_service_ms": split[0] + split[2], "retrieve_p50_ms": statistics.median(polls)}))
+
+
+def _server_split(db_path: str, spans: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Per server step: (client start -> forward_backward recorded, recorded -> optim_step finished,
+    finished -> client done), from the futures table; medians in ms."""
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    rows = conn.execute("SELECT kind, created, finished FROM futures WHERE owner != '' AND kind IN "
+                        "('forward_backward', 'optim_step') AND model_id LIKE '%:train:%' ORDER BY created").fetchall()
+    conn.close()
+    fbs = [r for r in rows if r[0] == "forward_backward"]
+    opts = [r for r in rows if r[0] == "optim_step"]
+    parts = []
+    for t0, t1 in spans:
+        fb = min((r for r in fbs if r[1] >= t0), key=lambda r: r[1], default=None)
+        op = min((r for r in opts if r[1] >= t0), key=lambda r: r[1], default=None)
+        if fb is None or op is None or op[2] is None or op[2] > t1:
+            continue
+        parts.append(((fb[1] - t0) * 1000, (op[2] - fb[1]) * 1000, (t1 - op[2]) * 1000))
+    if not parts:
+        return (float("nan"),) * 3
+    return tuple(statistics.median(col) for col in zip(*parts))  # type: ignore[return-value]
 
 
 if __name__ == "__main__":

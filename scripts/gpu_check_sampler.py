@@ -248,7 +248,7 @@ async def engine_checks(tag, eng, ref, prompts, adapters, tok, *, lp_tol, tie_to
         await eng.generate(reqs)
         dt = time.perf_counter() - t0
         info(f"{tag} {label}: {len(reqs) * 128 / dt:.0f} tok/s")
-    info(f"{tag} resident adapters: {[os.path.basename(e['path']) for e in eng.info()['resident_adapters']]}")
+    info(f"{tag} resident adapters: {[os.path.basename(e['path']) for e in eng.adapters.resident()]}")
 
 
 async def main(args) -> int:

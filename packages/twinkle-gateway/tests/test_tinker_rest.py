@@ -248,6 +248,27 @@ def test_gateway_rejections_release_the_seq_id(alice):
     assert time.monotonic() - t0 < 15  # the service's gap timeout is 60 s here
 
 
+def test_big_bodies_are_decoded_off_the_loop(alice):
+    """Over 1 MiB the protobuf data is decoded in a worker thread; its errors still name the field and release
+    the seq_id, and the Model service still judges the content."""
+    mid = alice.model(alice.session())
+    long = types.Datum(model_input=types.ModelInput.from_ints([7] * 300_000),
+                       loss_fn_inputs={"target_tokens": np.full(300_000, 7, dtype=np.int64)})
+    msg = forward_backward_request_to_proto(types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=[long], loss_fn="cross_entropy"), model_id=mid, seq_id=1))
+    assert msg.ByteSize() > 1 << 20
+    msg.data.add().model_input.add().image.data = b"png"
+    r = alice.post("forward_backward", content=msg.SerializeToString(), headers={"Content-Type": PROTO})
+    assert r.status_code == 400 and "data[1].model_input.chunks[0]" in r.json()["detail"]
+    del msg.data[1]
+    msg.seq_id = 2
+    r = alice.post("forward_backward", content=msg.SerializeToString(), headers={"Content-Type": PROTO})
+    failed = alice.result(r.json()["request_id"], proto=True)
+    assert failed["category"] == "user" and "data[0]" in failed["error"]
+    ok = alice.fwdbwd(mid, 3).json()
+    assert "loss:sum" in deserialize_forward_backward_output(alice.result(ok["request_id"], proto=True)).metrics
+
+
 @pytest.mark.parametrize("body, where", [
     ({"session_id": 5, "model_seq_id": 0, "base_model": MODEL}, "session_id"),
     ({"model_seq_id": 0, "base_model": MODEL}, "session_id"),
@@ -392,6 +413,26 @@ def test_checkpoints_rest(alice, bob):
     assert alice.delete(f"training_runs/{mid}/checkpoints/bogus/s-1").status_code == 400
     assert [c["checkpoint_id"] for c in alice.get(f"training_runs/{mid}/checkpoints").json()["checkpoints"]] == [
         "weights/ck-1"]
+
+
+def test_sampling_a_deleted_checkpoint(alice):
+    sid = alice.session()
+    mid = alice.model(sid)
+    fut = alice.ok("save_weights_for_sampler", {"model_id": mid, "path": "gone-soon", "seq_id": 1})
+    uri = alice.result(fut["request_id"])["path"]
+    ss = alice.ok("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 5,
+                                              "model_path": uri})["sampling_session_id"]
+    assert alice.get(f"samplers/{ss}").json()["model_path"] == uri
+    body = {"prompt": {"chunks": [{"tokens": TOKENS[:3]}]}, "sampling_params": {"max_tokens": 2},
+            "sampling_session_id": ss}
+    ok = alice.ok("asample", {**body, "seq_id": 0})
+    assert len(alice.result(ok["request_id"])["sequences"]) == 1
+    assert alice.delete(f"training_runs/{mid}/checkpoints/sampler_weights/gone-soon").status_code == 204
+    failed = alice.result(alice.ok("asample", {**body, "seq_id": 1})["request_id"])
+    assert failed["category"] == "user" and "no longer exist" in failed["error"]
+    assert "/" not in failed["error"].split("exist")[0]  # no server path in the message
+    r = alice.post("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 6, "model_path": uri})
+    assert r.status_code == 404
 
 
 def test_ttl_is_enforced_by_the_sweeper(services, tmp_path):

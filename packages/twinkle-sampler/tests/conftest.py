@@ -129,10 +129,13 @@ def eos_adapter(adapter_dir) -> str:
 
 @pytest.fixture(scope="session")
 def engine():
-    """One torch engine for the suite (it is event-loop independent: a thread drains its queue)."""
+    """One torch engine for the suite (it is event-loop independent: a thread drains its queue).
+
+    The gather window is 50 ms rather than the default 5 ms so that tests asserting "these concurrent requests
+    ran as one batch" hold on a loaded CI machine, where the event loop may be descheduled between submits."""
     from twinkle.sampler.torch_engine import TorchEngine
 
-    eng = TorchEngine(TINY_MODEL_ID, max_loras=8)
+    eng = TorchEngine(TINY_MODEL_ID, engine_args={"batch_wait_ms": 50}, max_loras=8)
     yield eng
     eng.close_sync()
 

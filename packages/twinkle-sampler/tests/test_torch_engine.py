@@ -375,7 +375,7 @@ async def test_broken_checkpoints_are_user_errors_never_a_base_model_fallback(re
             # the rest of the batch is unharmed, and the base model is intact
             assert ok.sequences[0].tokens == reference.greedy(adapters[2], prompts[0], 8), kind
             assert base.sequences[0].tokens == reference.greedy(None, prompts[0], 8), kind
-            assert all(e["path"] != os.path.realpath(path) for e in svc.info()["resident_adapters"])
+            assert all(e["path"] != os.path.realpath(path) for e in eng.adapters.resident())
     finally:
         await svc.close()
 
@@ -403,6 +403,7 @@ async def test_service_validation_health_info(service, engine):
     info = service.info()
     assert info["engine"] == "torch" and info["vocab_size"] == engine.vocab_size
     assert info["max_context_length"] == 2048 and isinstance(info["resident_adapters"], list)
+    assert all("path" not in e for e in info["resident_adapters"])  # info is public: no server paths
     # a long prompt with no max_tokens is capped by the context window, with stop reason "length"
     (out,) = await sample_all(service, [R([5] * (engine.max_context_length - 3), temperature=0.0, stop=[])])
     assert len(out.sequences[0].tokens) == 3 and out.sequences[0].stop_reason == "length"

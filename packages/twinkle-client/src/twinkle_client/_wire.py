@@ -115,7 +115,9 @@ class FutureOut(msgspec.Struct):
     request_id: str
     status: str
     kind: str
-    result: msgspec.Raw | None = None
+    # The result as raw JSON, decoded by the caller into what it expects (Raw cannot be in a union: a
+    # pending or failed answer carries null).
+    result: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
     error: FutureError | None = None
     elapsed_s: float = 0.0
 

@@ -193,7 +193,7 @@ class TwinkleClient:
             polls += 1
             elapsed = time.monotonic() - start
             if out.status == "done":
-                return bytes(out.result) if out.result is not None else b"null"
+                return bytes(out.result)
             if out.status == "failed":
                 err = out.error or W.FutureError(detail="request failed")
                 if err.category == "user":

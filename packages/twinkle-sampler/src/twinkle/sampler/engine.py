@@ -73,7 +73,9 @@ class SamplerEngine(abc.ABC):
             "vocab_size": self.vocab_size,
             "max_context_length": self.max_context_length,
             "max_loras": self.max_loras,
-            "resident_adapters": self.adapters.resident(),
+            # No checkpoint paths here: info is served over HTTP, and a path names another user's run.
+            "resident_adapters": [{k: e[k] for k in ("name", "version", "state", "pins", "stale", "load_s")}
+                                  for e in self.adapters.resident()],
         }
 
     async def close(self) -> None:  # noqa: B027 - optional hook

@@ -272,6 +272,9 @@ class NativeService:
 
     async def _checkpoint_for(self, owner: str, uri: str, *, field: str,
                               kinds: tuple[str, ...] = ("weights", "sampler_weights")) -> CheckpointRecord:
+        if not isinstance(uri, str) or not uri.startswith(("twinkle://", "tinker://")):
+            raise UserError(f"{uri!r} is not a checkpoint URI; expected twinkle://<run_id>/{kinds[0]}/<name> "
+                            "(server file paths are not accepted)", field=field)
         ref = parse_uri(uri, field=field, kinds=kinds)
         c = await self._store.get_checkpoint(ref.run_id, ref.kind, ref.name)
         if c is None or not (c.owner == owner or c.public):

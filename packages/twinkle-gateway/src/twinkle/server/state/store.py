@@ -158,7 +158,8 @@ class Store:
 
     # --------------------------------------------------------------------------------- sessions
 
-    _SESSION_COLS = "id, owner, protocol, created, heartbeat, finished, finish_reason, tags, user_metadata, display_name, sdk_version"
+    _SESSION_COLS = ("id, owner, protocol, created, heartbeat, finished, finish_reason, tags, user_metadata, "
+                     "display_name, sdk_version")
 
     @staticmethod
     def _session(r: tuple) -> SessionRecord:
@@ -478,7 +479,8 @@ class Store:
 
     # --------------------------------------------------------------------------------- futures
 
-    _FUT_COLS = "request_id, owner, kind, model_id, seq_id, status, result, error, category, meta, created, finished, fetched"
+    _FUT_COLS = ("request_id, owner, kind, model_id, seq_id, status, result, error, category, meta, created, finished, "
+                 "fetched")
 
     @staticmethod
     def _future(r: tuple) -> FutureRecord:

@@ -120,8 +120,10 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, str, str]]]] = [
         ("prompt_tokens", 1, "PromptProvenanceSpan", "oneof:span"),
         ("sampled_tokens", 2, "SampledProvenanceSpan", "oneof:span"),
     ]),
-    ("PromptProvenanceSpan", [("sequence_id", 1, "string", ""), ("offset", 2, "int64", ""), ("length", 3, "int64", "")]),
-    ("SampledProvenanceSpan", [("sequence_id", 1, "string", ""), ("offset", 2, "int64", ""), ("length", 3, "int64", "")]),
+    ("PromptProvenanceSpan", [("sequence_id", 1, "string", ""), ("offset", 2, "int64", ""),
+                              ("length", 3, "int64", "")]),
+    ("SampledProvenanceSpan", [("sequence_id", 1, "string", ""), ("offset", 2, "int64", ""),
+                               ("length", 3, "int64", "")]),
     ("Chunk", [
         ("encoded_text", 1, "EncodedTextChunk", "oneof:chunk"),
         ("image", 2, "ImageChunk", "oneof:chunk"),

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import io
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, post, put
@@ -148,8 +148,7 @@ async def forward_backward(request: Request) -> P.UntypedFuture:
         decoded = parse_forward_backward(body)
         make_input = decoded.input
         if len(body) > _THREAD_PARSE_BYTES:  # decode big batches off the event loop
-            inp = await asyncio.to_thread(_try, decoded.input)
-            make_input = inp if callable(inp) else (lambda: inp)
+            make_input = await asyncio.to_thread(_decode_now, decoded.input)
         return await svc.forward_backward(owner, decoded.model_id, decoded.seq_id, make_input,
                                           forward_only=decoded.forward_only)
     req = await _decode_training(svc, owner, body, P.ForwardBackwardJsonRequest)
@@ -212,14 +211,19 @@ async def _read_body(request: Request, svc: TinkerService, owner: str, *, peek: 
     return bytes(buf)
 
 
-def _try(fn: Any) -> Any:
-    """Run ``fn``; on a ``UserError`` return a callable that re-raises it (so the caller can attribute it)."""
+def _decode_now(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``fn`` now (in a worker thread); return a callable that gives its value or re-raises its
+    ``UserError`` later, where the error can be attributed to the request's ``seq_id``."""
     try:
-        return fn()
+        value = fn()
     except UserError as e:
-        def again() -> Any:
-            raise e
-        return again
+        error = e
+
+        def fail() -> Any:
+            raise error
+
+        return fail
+    return lambda: value
 
 
 async def _decode_training(svc: TinkerService, owner: str, body: bytes, type_: type) -> Any:

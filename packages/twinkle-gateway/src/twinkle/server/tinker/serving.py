@@ -558,7 +558,8 @@ class TinkerService:
                                ) -> tuple[str, str | None, str | None, str | None]:
         """(base model, checkpoint URI, adapter directory, run id) for a base model or a sampler checkpoint."""
         if (base_model is None) == (model_path is None):
-            raise UserError("give exactly one of base_model and model_path", field="base_model")
+            raise UserError("give a sampling_session_id, or exactly one of base_model and model_path",
+                            field="base_model")
         if model_path is not None:
             ref = parse_uri(model_path, field="model_path")
             ckpt = await self._checkpoint(owner, ref, field="model_path")
@@ -612,7 +613,14 @@ class TinkerService:
                                 prompt_logprobs=bool(req.prompt_logprobs), adapter_path=adapter_path)
 
         async def work() -> bytes:
-            out = await port.sample(request)
+            try:
+                out = await port.sample(request)
+            except NotFoundError as e:
+                if e.field != "adapter_path":
+                    raise
+                # the sampler names the server directory; the client knows the checkpoint by its URI
+                raise NotFoundError("the weights of this sampling session no longer exist (the checkpoint was "
+                                    "deleted or expired); create a new sampling client", field="model_path") from None
             if len(out.sequences) != num_samples:
                 raise RuntimeError(f"sampler returned {len(out.sequences)} sequences for {num_samples} samples")
             if last_n is not None and out.prompt_logprobs is not None:
@@ -695,7 +703,8 @@ class TinkerService:
         items = [c for c in await self.store.list_checkpoints(run.id) if c.expires_at is None or c.expires_at > now]
         return P.CheckpointsListResponse(checkpoints=[self._checkpoint_out(c) for c in items], cursor=None)
 
-    async def list_user_checkpoints(self, owner: str, limit: int | None, offset: int | None) -> P.CheckpointsListResponse:
+    async def list_user_checkpoints(self, owner: str, limit: int | None, offset: int | None
+                                    ) -> P.CheckpointsListResponse:
         limit, offset = _limit(limit, default=100), _offset(offset)
         page = await self.store.list_user_checkpoints(owner, limit, offset)
         return P.CheckpointsListResponse(
@@ -884,7 +893,8 @@ def input_from_json(fbi: P.ForwardBackwardInputIn) -> ForwardBackwardInput:
     data = []
     for i, d in enumerate(fbi.data):
         tokens = _tokens(d.model_input, f"data[{i}].model_input")
-        inputs = {name: _tensor(td, f"data[{i}].loss_fn_inputs.{name}") for name, td in (d.loss_fn_inputs or {}).items()}
+        inputs = {name: _tensor(td, f"data[{i}].loss_fn_inputs.{name}")
+                  for name, td in (d.loss_fn_inputs or {}).items()}
         data.append(Datum(model_input=tokens, loss_fn_inputs=inputs))
     return ForwardBackwardInput(data=data, loss_fn=fbi.loss_fn or "cross_entropy", loss_fn_config=fbi.loss_fn_config)
 
@@ -898,7 +908,8 @@ def _sampling_params(sp: P.SamplingParamsIn | None) -> SamplingParams:
         elif all(isinstance(x, int) for x in stop):
             stop = [int(x) for x in stop]
         else:
-            raise UserError("stop must be a string, a list of strings or a list of token ids", field="sampling_params.stop")
+            raise UserError("stop must be a string, a list of strings or a list of token ids",
+                            field="sampling_params.stop")
     if sp.max_tokens is not None and sp.max_tokens < 1:
         raise UserError("must be >= 1", field="sampling_params.max_tokens")
     temperature = 1.0 if sp.temperature is None else sp.temperature
