@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import pytest
 import torch
@@ -16,8 +15,16 @@ from twinkle.common.models import TINY_MODEL_ID, build_tiny_model
 sys.path.insert(0, os.path.dirname(__file__))  # for model_testutil (importlib import mode)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(int(os.environ.get("TWINKLE_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """One intra-op thread by default (TWINKLE_TEST_THREADS): on a shared 2-core box, 2 threads contend badly.
+    Restored after each test so other packages' tests in the same session are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("TWINKLE_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ class Heartbeat:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.interval_s = max(0.5, interval_s)
         self._path = path
+        # A caller-given transport is shared with the client's main connection: do not close it here.
+        self._owns_transport = transport is None
         self._http = httpx.Client(base_url=root, headers=headers, timeout=httpx.Timeout(10.0), transport=transport)
         self._stop = threading.Event()
         self.beats = 0
@@ -55,4 +57,5 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=15)
-        self._http.close()
+        if self._owns_transport:
+            self._http.close()

@@ -244,12 +244,18 @@ class TwinkleClient:
                             idempotency_key=secrets.token_hex(12))
         ref = self._transport.call("POST", f"{self.server_prefix}/resume", body, type_=W.FutureRef)
         info = self._run_future(ref, "resume", timeout)
+        if isinstance(into, TrainingRun):
+            into.info, into._dirty = info, True  # an unnumbered load: the handle's numbering still holds
+            return into
         if into_id is not None:
             return self.training_run(into_id)
         return TrainingRun(self, info, next_seq_id=1)
 
     def training_run(self, run_id: str) -> TrainingRun:
-        """A handle on an existing run, numbering its requests where the run's sequence stands."""
+        """A handle on an existing run (e.g. after the process that created it is gone), numbering its
+        requests where the run's sequence stands. Use one live handle per run: two handles numbering the
+        same run would take the same numbers, and the server answers a repeated number from its first
+        request."""
         run = TrainingRun(self, self.get_training_run(run_id))
         run._resync = True
         return run

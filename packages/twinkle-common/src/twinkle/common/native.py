@@ -159,11 +159,22 @@ class ResolvedCheckpoint(msgspec.Struct, frozen=True):
 # --- decoding ------------------------------------------------------------------------------------------
 
 
-def decode(body: bytes, type_: type[T], *, what: str = "request body") -> T:
-    """Decode a JSON body into ``type_``; a mistake becomes a ``UserError`` naming the field."""
+def decode(body: bytes, type_: type[T], *, what: str = "request body", strict: bool = False) -> T:
+    """Decode a JSON body into ``type_``; a mistake becomes a ``UserError`` naming the field.
+
+    ``strict``: refuse top-level keys ``type_`` does not have, also for structs declared without
+    ``forbid_unknown_fields`` (a misspelt option must not be silently ignored)."""
     if not body.strip():
         raise UserError(f"the {what} is empty; expected a JSON object")
     try:
+        if strict:
+            raw = msgspec.json.decode(body)
+            if isinstance(raw, dict):
+                unknown = sorted(set(raw) - set(getattr(type_, "__struct_fields__", raw)))
+                if unknown:
+                    raise UserError(f"unknown field(s) {', '.join(map(repr, unknown))}; expected some of "
+                                    f"{', '.join(type_.__struct_fields__)}", field=unknown[0])
+            return msgspec.convert(raw, type_)
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as e:
         message, field = _split_validation(str(e))

@@ -18,6 +18,7 @@ a ~90 MB Ray worker process and a pickling hop per call, and nothing needs pinni
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import inspect
 import os
@@ -114,6 +115,13 @@ class InProcessWorker:
         return info
 
 
+def unwrap_ray_error(error: BaseException) -> BaseException:
+    """The exception a worker raised, not Ray's wrapper: a ``UserError`` must reach the client as itself
+    (status, field), whichever process raised it."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
+
+
 class RayWorker:
     """A handle on one worker actor with the same async interface as ``InProcessWorker``."""
 
@@ -122,7 +130,23 @@ class RayWorker:
         self.spec = spec
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await self.actor.call.remote(method, *args, **kwargs)
+        try:
+            return await self.actor.call.remote(method, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised as the worker's own exception
+            raise unwrap_ray_error(e) from None
+
+    def submit(self, method: str, *args: Any) -> concurrent.futures.Future:
+        """The same call for a caller on a plain thread (the model's compute thread)."""
+        result: concurrent.futures.Future = concurrent.futures.Future()
+
+        def _done(ray_future: concurrent.futures.Future) -> None:
+            try:
+                result.set_result(ray_future.result())
+            except Exception as e:  # noqa: BLE001
+                result.set_exception(unwrap_ray_error(e))
+
+        self.actor.call.remote(method, *args).future().add_done_callback(_done)
+        return result
 
     async def describe(self) -> dict[str, Any]:
         return await self.actor.describe.remote()

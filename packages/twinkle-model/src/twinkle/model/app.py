@@ -92,7 +92,8 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         owner = await owner_of(request)
         req: TrainRequest = await numbered(request, run_id, owner, TrainRequest)
         inp = ForwardBackwardInput(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config)
-        return await _call(model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
+        out = await _call(model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
+        return _expect(out, ForwardBackwardOutput, req.seq_id, run_id)
 
     @post("/runs/{run_id:str}/forward", status_code=200, request_max_body_size=MAX_BODY_BYTES)
     async def forward(request: Request, run_id: str) -> ForwardBackwardOutput:
@@ -108,7 +109,8 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         req: OptimStepRequest = await numbered(request, run_id, owner, OptimStepRequest)
         params = AdamParams(learning_rate=req.learning_rate, beta1=req.beta1, beta2=req.beta2, eps=req.eps,
                             weight_decay=req.weight_decay, grad_clip_norm=req.grad_clip_norm)
-        return await _call(model.optim_step(run_id, owner, req.seq_id, params))
+        out = await _call(model.optim_step(run_id, owner, req.seq_id, params))
+        return _expect(out, OptimStepOutput, req.seq_id, run_id)
 
     @post("/runs/{run_id:str}/save", status_code=202)
     async def save(request: Request, run_id: str) -> FutureRef:
@@ -134,6 +136,15 @@ async def _call(awaitable: Any) -> Any:
         if cause is not None and cause is not e:
             raise cause from None
         raise
+
+
+def _expect(out: Any, type_: type, seq_id: int | None, run_id: str) -> Any:
+    """A repeated ``seq_id`` is answered with its first request's result; if that request was a different
+    operation (two clients numbering one run), say so instead of returning the wrong kind of result."""
+    if not isinstance(out, type_):
+        raise UserError(f"seq_id {seq_id} of run {run_id!r} was already used by another kind of request; continue "
+                        "from the run's next_seq_id (GET …/runs/{run_id})", field="seq_id", status=409)
+    return out
 
 
 async def _consume(model: Any, run_id: str, owner: str, seq_id: int) -> None:

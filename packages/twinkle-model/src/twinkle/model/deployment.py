@@ -31,16 +31,6 @@ _HANDLE_API = (
 )
 
 
-class _RayRank:
-    """A worker actor as the ``RankHandle`` the data-parallel backend drives (from its compute thread)."""
-
-    def __init__(self, worker) -> None:
-        self._worker = worker
-
-    def submit(self, method: str, *args: Any):
-        return self._worker.actor.call.remote(method, *args).future()
-
-
 class ModelManagement:
     def __init__(self, spec: ComponentSpec) -> None:
         from .service import ModelService
@@ -64,7 +54,8 @@ class ModelManagement:
                 lambda w: ((model_id,), dict(rank=w.rank, world_size=w.world_size, master_addr=master_addr,
                                              master_port=master_port)),
             )
-            backend = DataParallelBackend([_RayRank(w) for w in self.workers], model_id=model_id)
+            # Each RayWorker is the RankHandle the backend drives: submit(method, *args) -> Future.
+            backend = DataParallelBackend(self.workers, model_id=model_id)
         self.service = ModelService(
             model_id,
             adapter_limit_per_owner=adapter.get("per_token_adapter_limit", 30),

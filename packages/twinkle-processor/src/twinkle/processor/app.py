@@ -61,7 +61,7 @@ def create_processor_app(processor: Any, authority: Authority | None = None) -> 
 def _data_routes(processor: Any, authority: Authority) -> list:
     async def body_of(request: Request, type_: type) -> Any:
         await principal_of(request, authority)
-        return decode(await request.body(), type_)
+        return decode(await request.body(), type_, strict=True)
 
     @post("/tokenize", status_code=200, request_max_body_size=MAX_BODY_BYTES)
     async def tokenize(request: Request) -> TokenizeResponse:

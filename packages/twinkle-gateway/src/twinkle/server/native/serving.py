@@ -187,6 +187,7 @@ class NativeService:
                     info = await port.save_state(run.id, owner, req.seq_id, path, include_optimizer=req.optimizer)
                 else:
                     info = await port.save_sampler_weights(run.id, owner, req.seq_id, path)
+                _expect(info, "size_bytes", run.id, req.seq_id)
                 record = await self._record_checkpoint(owner, run, kind, name, path, info, expires)
                 return _enc(self._checkpoint_out(record))
 
@@ -207,6 +208,7 @@ class NativeService:
 
             async def work() -> bytes:
                 info = await port.load_state(run.id, owner, req.seq_id, ckpt.path, req.optimizer, create=False)
+                _expect(info, "lora", run.id, req.seq_id)
                 return _enc({"run_id": run.id, "uri": req.uri, "step": getattr(info, "step", None)})
 
             return work, req.uri
@@ -609,6 +611,14 @@ async def _consume_seq(port: ModelPort, run_id: str, owner: str, seq_id: int) ->
         pass
     except Exception:  # noqa: BLE001 - best effort; the service's gap timeout is the fallback
         log.warning("could not release seq_id %s of run %s", seq_id, run_id, exc_info=True)
+
+
+def _expect(out: Any, attribute: str, run_id: str, seq_id: int | None) -> None:
+    """The Model service answers a repeated ``seq_id`` with its first request's result; if that was another
+    operation (two clients numbering one run), fail instead of recording a checkpoint that was not written."""
+    if not hasattr(out, attribute):
+        raise UserError(f"seq_id {seq_id} of run {run_id!r} was already used by another kind of request; continue "
+                        "from the run's next_seq_id", field="seq_id", status=409)
 
 
 def _future_out(record: FutureRecord) -> P.FutureOut:

@@ -31,7 +31,8 @@ from ..state import Store
 from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
 from .proto import parse_forward_backward, peek_header
-from .serving import TinkerService, input_from_json
+from .convert import input_from_json
+from .serving import TinkerService
 from .settings import TinkerSettings
 
 log = logging.getLogger("twinkle.server.tinker")

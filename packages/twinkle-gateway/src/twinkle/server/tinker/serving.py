@@ -21,7 +21,6 @@ import asyncio
 import collections
 import inspect
 import logging
-import math
 import secrets
 import time
 from datetime import datetime, timezone
@@ -31,15 +30,9 @@ import msgspec
 
 from twinkle.common.wire import (
     AdamParams,
-    Datum,
     ForwardBackwardInput,
-    ForwardBackwardOutput,
-    LoraConfig,
     NotFoundError,
-    SampleOutput,
     SampleRequest,
-    SamplingParams,
-    TensorData,
     UserError,
 )
 
@@ -55,9 +48,22 @@ from ..checkpoints import (
     validate_name,
     validate_run_id,
 )
-from ..state import CheckpointRecord, FutureRecord, RunRecord, SamplerRecord, SessionRecord, Store
-from . import proto
+from ..state import CheckpointRecord, RunRecord, SamplerRecord, SessionRecord, Store
 from . import protocol as P
+from .convert import (
+    adam_params,
+    check_optimizer,
+    default_name,
+    expiry,
+    input_tokens,
+    lora_config,
+    page_limit,
+    page_offset,
+    reject_unsupported_sampling,
+    render_result,
+    sampling_params,
+    str_metadata,
+)
 from .futures import Futures
 from .settings import TinkerSettings
 
@@ -224,7 +230,7 @@ class TinkerService:
         self._spawn(self._drop_ephemeral(session_ids=[session_id]), f"cleanup {session_id}")
 
     async def list_sessions(self, owner: str, limit: int | None, offset: int | None) -> P.ListSessionsResponse:
-        page = await self.store.list_sessions(owner, _limit(limit), _offset(offset))
+        page = await self.store.list_sessions(owner, page_limit(limit), page_offset(offset))
         return P.ListSessionsResponse(sessions=[s.id for s in page.items])
 
     async def get_session(self, owner: str, session_id: str) -> P.GetSessionResponse:
@@ -251,8 +257,8 @@ class TinkerService:
     async def create_model(self, owner: str, req: P.CreateModelRequest) -> P.UntypedFuture:
         await self._session(owner, req.session_id, live=True)
         port = self._model_port(req.base_model)
-        lora = _lora_config(req.lora_config)
-        _check_optimizer(req.optimizer_config)
+        lora = lora_config(req.lora_config)
+        check_optimizer(req.optimizer_config)
         if req.model_seq_id < 0:
             raise UserError("must be >= 0", field="model_seq_id")
         run_id = validate_run_id(f"{req.session_id}:train:{req.model_seq_id}")
@@ -262,7 +268,7 @@ class TinkerService:
             now = time.time()
             run = RunRecord(id=run_id, owner=owner, session_id=req.session_id, base_model=req.base_model,
                             lora=msgspec.to_builtins(getattr(info, "lora", lora)), created=now, last_request=now,
-                            user_metadata=_str_metadata(req.user_metadata))
+                            user_metadata=str_metadata(req.user_metadata))
             await self.store.create_run(run)
             self._runs[run_id] = run
             return _enc({"type": "create_model", "model_id": run_id})
@@ -311,7 +317,7 @@ class TinkerService:
 
     async def optim_step(self, owner: str, req: P.OptimStepRequest) -> P.UntypedFuture:
         def prepare(run: RunRecord, port: ModelPort) -> Work:
-            params = _adam_params(req)
+            params = adam_params(req)
 
             async def work() -> bytes:
                 out = await port.optim_step(run.id, owner, req.seq_id, params)
@@ -323,8 +329,8 @@ class TinkerService:
 
     async def save_weights(self, owner: str, req: P.SaveWeightsRequest) -> P.UntypedFuture:
         async def prepare(run: RunRecord, port: ModelPort) -> Work:
-            name = validate_name(req.path, field="path") if req.path else _default_name()
-            expires = _expiry(req.ttl_seconds)
+            name = validate_name(req.path, field="path") if req.path else default_name()
+            expires = expiry(req.ttl_seconds)
             ref = CheckpointRef(run_id=run.id, kind="weights", name=name)
             path = self.layout.path_for(owner, run.id, ref.kind, name)
             if not req.overwrite and await self.store.get_checkpoint(run.id, ref.kind, name) is not None:
@@ -353,7 +359,7 @@ class TinkerService:
     async def _named_sampler_save(self, owner: str, run: RunRecord, port: ModelPort,
                                   req: P.SaveWeightsForSamplerRequest) -> Work:
         name = validate_name(req.path or "", field="path")
-        expires = _expiry(req.ttl_seconds)
+        expires = expiry(req.ttl_seconds)
         ref = CheckpointRef(run_id=run.id, kind="sampler_weights", name=name)
         path = self.layout.path_for(owner, run.id, ref.kind, name)
         if await self.store.get_checkpoint(run.id, ref.kind, name) is not None:
@@ -429,7 +435,7 @@ class TinkerService:
             if include_optimizer:
                 raise UserError("optimizer_config applies only when the optimizer state is not loaded",
                                 field="optimizer_config")
-            _check_optimizer(req.optimizer_config)
+            check_optimizer(req.optimizer_config)
         base_model = ckpt.base_model or (await self._run_of_checkpoint(ckpt)).base_model
         return ref, ckpt, base_model, include_optimizer
 
@@ -453,7 +459,7 @@ class TinkerService:
             now = time.time()
             lora = msgspec.to_builtins(info.lora) if getattr(info, "lora", None) is not None else (ckpt.lora or {})
             run = RunRecord(id=run_id, owner=owner, session_id=req.session_id, base_model=base_model, lora=lora,
-                            created=now, last_request=now, user_metadata=_str_metadata(req.user_metadata))
+                            created=now, last_request=now, user_metadata=str_metadata(req.user_metadata))
             await self.store.create_run(run)
             self._runs[run_id] = run
             return _enc({"type": "load_weights", "path": ref.uri, "model_id": run_id})
@@ -577,14 +583,14 @@ class TinkerService:
         return P.GetSamplerResponse(sampler_id=s.id, base_model=s.base_model, model_path=s.model_path)
 
     async def sample(self, owner: str, req: P.SampleRequestIn) -> P.UntypedFuture:
-        _reject_unsupported_sampling(req)
-        prompt = _tokens(req.prompt, "prompt")
+        reject_unsupported_sampling(req)
+        prompt = input_tokens(req.prompt, "prompt")
         if not prompt:
             raise UserError("the prompt is empty", field="prompt")
         num_samples = 1 if req.num_samples is None else req.num_samples
         if not 1 <= num_samples <= _MAX_NUM_SAMPLES:
             raise UserError(f"must be between 1 and {_MAX_NUM_SAMPLES}", field="num_samples")
-        params = _sampling_params(req.sampling_params)
+        params = sampling_params(req.sampling_params)
         last_n = req.prompt_logprobs_last_n
         if last_n is not None:
             if not req.prompt_logprobs:
@@ -653,7 +659,7 @@ class TinkerService:
         cached = self._rendered.get(key)
         if cached is None:
             try:
-                cached = _render(record, proto_ok)
+                cached = render_result(record, proto_ok)
             except Exception as e:  # noqa: BLE001 - a 5xx here would make the SDK re-poll forever
                 cid = secrets.token_hex(6)
                 log.error("cannot render the result of %s, correlation id %s", request_id, cid, exc_info=e)
@@ -682,7 +688,7 @@ class TinkerService:
             last_request_time=iso(run.last_request) or "", corrupted=run.corrupted, lora_rank=run.lora.get("rank"),
             last_checkpoint=self._checkpoint_out(last) if last else None,
             last_sampler_checkpoint=self._checkpoint_out(last_sampler) if last_sampler else None,
-            user_metadata=_str_metadata(run.user_metadata),
+            user_metadata=str_metadata(run.user_metadata),
         )
 
     async def get_training_run(self, owner: str, run_id: str) -> P.TrainingRunOut:
@@ -690,7 +696,7 @@ class TinkerService:
         return await self._run_out(run, await self.store.latest_checkpoints([run.id]))
 
     async def list_training_runs(self, owner: str, limit: int | None, offset: int | None) -> P.TrainingRunsResponse:
-        limit, offset = _limit(limit), _offset(offset)
+        limit, offset = page_limit(limit), page_offset(offset)
         page = await self.store.list_runs(owner, limit, offset)
         latest = await self.store.latest_checkpoints([r.id for r in page.items])
         runs = [await self._run_out(r, latest) for r in page.items]
@@ -705,7 +711,7 @@ class TinkerService:
 
     async def list_user_checkpoints(self, owner: str, limit: int | None, offset: int | None
                                     ) -> P.CheckpointsListResponse:
-        limit, offset = _limit(limit, default=100), _offset(offset)
+        limit, offset = page_limit(limit, default=100), page_offset(offset)
         page = await self.store.list_user_checkpoints(owner, limit, offset)
         return P.CheckpointsListResponse(
             checkpoints=[self._checkpoint_out(c) for c in page.items],
@@ -732,7 +738,7 @@ class TinkerService:
 
     async def set_ttl(self, owner: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None) -> None:
         c = await self._own_checkpoint(owner, run_id, checkpoint_id)
-        await self.store.update_checkpoint(c.run_id, c.kind, c.name, expires_at=_expiry(ttl_seconds, "ttl_seconds"))
+        await self.store.update_checkpoint(c.run_id, c.kind, c.name, expires_at=expiry(ttl_seconds, "ttl_seconds"))
 
     async def weights_info(self, owner: str, tinker_path: str) -> P.WeightsInfoResponse:
         ref = parse_uri(tinker_path, field="tinker_path")
@@ -782,191 +788,3 @@ class TinkerService:
             task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-
-
-# =================================================================================== request conversion
-
-
-def _limit(limit: int | None, *, default: int = 20, cap: int = 1000) -> int:
-    if limit is None:
-        return default
-    if limit < 1:
-        raise UserError("must be >= 1", field="limit")
-    return min(limit, cap)
-
-
-def _offset(offset: int | None) -> int:
-    if offset is None:
-        return 0
-    if offset < 0:
-        raise UserError("must be >= 0", field="offset")
-    return offset
-
-
-def _default_name() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def _expiry(ttl_seconds: int | None, field: str = "ttl_seconds") -> float | None:
-    if ttl_seconds is None:
-        return None
-    if ttl_seconds <= 0:
-        raise UserError("must be a positive number of seconds (or null for no expiry)", field=field)
-    return time.time() + ttl_seconds
-
-
-def _str_metadata(md: dict[str, Any] | None) -> dict[str, str] | None:
-    if not md:
-        return None
-    return {str(k): v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in md.items()}
-
-
-def _lora_config(cfg: P.LoraConfigIn | None) -> LoraConfig:
-    cfg = cfg or P.LoraConfigIn()
-    rank = 32 if cfg.rank is None else cfg.rank
-    if not 1 <= rank <= 1024:
-        raise UserError("must be between 1 and 1024", field="lora_config.rank")
-    flags = {k: (True if getattr(cfg, k) is None else getattr(cfg, k)) for k in ("train_attn", "train_mlp",
-                                                                               "train_unembed")}
-    if not any(flags.values()):
-        raise UserError("at least one of train_attn, train_mlp and train_unembed must be true", field="lora_config")
-    return LoraConfig(rank=rank, seed=cfg.seed, **flags)
-
-
-def _check_optimizer(cfg: P.OptimizerConfigIn | None) -> None:
-    if cfg is not None and cfg.type not in (None, "adamw", "adam"):
-        raise UserError(f"optimizer {cfg.type!r} is not supported; this server trains with adamw",
-                        field="optimizer_config.type")
-
-
-def _adam_params(req: P.OptimStepRequest) -> AdamParams:
-    given = [(name, p) for name, p in (("adam_params", req.adam_params), ("optimizer_params", req.optimizer_params),
-                                       ("optim_params", req.optim_params)) if p is not None]
-    if len(given) != 1:
-        raise UserError("give exactly one of adam_params, optimizer_params and optim_params", field="adam_params")
-    field, p = given[0]
-    if p.type not in (None, "adam", "adamw"):
-        raise UserError(f"optimizer {p.type!r} is not supported; this server trains with adamw",
-                        field=f"{field}.type")
-    defaults = AdamParams()
-    # Ranges are the Model service's to check (it names the field); it refuses before touching the run.
-    values = {k: getattr(defaults, k) if getattr(p, k) is None else float(getattr(p, k))
-              for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")}
-    return AdamParams(**values)
-
-
-def _tokens(mi: P.ModelInputIn, field: str) -> list[int]:
-    tokens: list[int] = []
-    for j, chunk in enumerate(mi.chunks):
-        kind = chunk.type or "encoded_text"
-        if kind != "encoded_text":
-            raise UserError(f"{kind} chunks are not supported; this server's models take text tokens only",
-                            field=f"{field}.chunks[{j}]")
-        if chunk.tokens is None:
-            raise UserError("an encoded_text chunk needs tokens", field=f"{field}.chunks[{j}].tokens")
-        tokens.extend(chunk.tokens)
-    return tokens
-
-
-def _tensor(td: P.TensorDataIn, where: str) -> TensorData:
-    dtype = td.dtype or ("int64" if all(isinstance(x, int) for x in td.data) else "float32")
-    if dtype not in ("int64", "float32"):
-        raise UserError(f"dtype must be int64 or float32, got {dtype!r}", field=where)
-    data: list = [int(x) for x in td.data] if dtype == "int64" else [float(x) for x in td.data]
-    if td.sparse_crow_indices is not None or td.sparse_col_indices is not None:
-        shape = td.shape or []
-        crow, cols = td.sparse_crow_indices or [], td.sparse_col_indices or []
-        if len(shape) != 2 or len(crow) != shape[0] + 1 or len(cols) != len(data) or (crow and crow[-1] != len(data)):
-            raise UserError("inconsistent sparse CSR tensor (shape, crow and col indices)", field=where)
-        dense: list = [0 if dtype == "int64" else 0.0] * (shape[0] * shape[1])
-        for r in range(shape[0]):
-            for k in range(crow[r], crow[r + 1]):
-                if not 0 <= cols[k] < shape[1]:
-                    raise UserError("sparse CSR column index out of range", field=where)
-                dense[r * shape[1] + cols[k]] = data[k]
-        return TensorData(data=dense, dtype=dtype, shape=list(shape))
-    return TensorData(data=data, dtype=dtype, shape=td.shape)
-
-
-def input_from_json(fbi: P.ForwardBackwardInputIn) -> ForwardBackwardInput:
-    """A JSON (pre-0.25 SDK) forward/backward input as our wire type."""
-    data = []
-    for i, d in enumerate(fbi.data):
-        tokens = _tokens(d.model_input, f"data[{i}].model_input")
-        inputs = {name: _tensor(td, f"data[{i}].loss_fn_inputs.{name}")
-                  for name, td in (d.loss_fn_inputs or {}).items()}
-        data.append(Datum(model_input=tokens, loss_fn_inputs=inputs))
-    return ForwardBackwardInput(data=data, loss_fn=fbi.loss_fn or "cross_entropy", loss_fn_config=fbi.loss_fn_config)
-
-
-def _sampling_params(sp: P.SamplingParamsIn | None) -> SamplingParams:
-    sp = sp or P.SamplingParamsIn()
-    stop = sp.stop
-    if isinstance(stop, list):
-        if all(isinstance(x, str) for x in stop):
-            stop = [str(x) for x in stop]
-        elif all(isinstance(x, int) for x in stop):
-            stop = [int(x) for x in stop]
-        else:
-            raise UserError("stop must be a string, a list of strings or a list of token ids",
-                            field="sampling_params.stop")
-    if sp.max_tokens is not None and sp.max_tokens < 1:
-        raise UserError("must be >= 1", field="sampling_params.max_tokens")
-    temperature = 1.0 if sp.temperature is None else sp.temperature
-    if not math.isfinite(temperature) or temperature < 0:
-        raise UserError("must be >= 0 (0 = greedy)", field="sampling_params.temperature")
-    top_p = 1.0 if sp.top_p is None else sp.top_p
-    if not 0 < top_p <= 1:
-        raise UserError("must be in (0, 1]", field="sampling_params.top_p")
-    top_k = -1 if sp.top_k is None else sp.top_k
-    if top_k == 0 or top_k < -1:
-        raise UserError("must be -1 (off) or >= 1", field="sampling_params.top_k")
-    return SamplingParams(max_tokens=sp.max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=sp.seed, stop=stop)
-
-
-def _reject_unsupported_sampling(req: P.SampleRequestIn) -> None:
-    """Fail loudly on features the engine does not implement (the SDK raises on silently missing ones)."""
-    unsupported = [
-        ("topk_prompt_logprobs", bool(req.topk_prompt_logprobs)),
-        ("topk_sample_logprobs", bool(req.topk_sample_logprobs)),
-        ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
-        ("prompt_alt_tokens_k", bool(req.prompt_alt_tokens_k)),
-        ("record_stability_info", bool(req.record_stability_info)),
-    ]
-    for name, used in unsupported:
-        if used:
-            raise UserError(f"{name} is not supported by this server", field=name)
-
-
-# =================================================================================== result rendering
-
-
-def _fb_output(d: dict[str, Any]) -> ForwardBackwardOutput:
-    """A stored forward/backward result (JSON builtins) as the wire struct (msgspec cannot decode
-    ``TensorData.data``'s ``list[float] | list[int]`` union by type)."""
-    outputs = [
-        {name: TensorData(data=t["data"], dtype=t.get("dtype") or "float32", shape=t.get("shape"))
-         for name, t in item.items()}
-        for item in d.get("loss_fn_outputs") or []
-    ]
-    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=d.get("metrics") or {},
-                                 loss_fn_output_type=d.get("loss_fn_output_type") or "ArrayRecord")
-
-
-def _render(record: FutureRecord, proto_ok: bool) -> tuple[bytes, str]:
-    """A finished result as the client expects it: protobuf for forward/backward and sample results when the
-    client accepts it (0.18+), JSON otherwise (older SDKs)."""
-    raw = record.result or b"{}"
-    if record.kind in ("forward_backward", "forward"):
-        if proto_ok:
-            return proto.encode_forward_backward_output(_fb_output(msgspec.json.decode(raw))), "application/x-protobuf"
-        return raw, "application/json"
-    if record.kind == "sample":
-        if proto_ok:
-            return proto.encode_sample_output(msgspec.json.decode(raw, type=SampleOutput)), "application/x-protobuf"
-        body = msgspec.json.decode(raw)
-        body["type"] = "sample"
-        return _enc(body), "application/json"
-    return raw, "application/json"
-

@@ -1,0 +1,219 @@
+"""Tinker request bodies → our wire types, and stored results → what the client expects.
+
+Pure functions (no I/O): every check raises ``UserError`` naming the field, so the service can report it
+before anything runs.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+
+from twinkle.common.wire import (
+    AdamParams,
+    Datum,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoraConfig,
+    SampleOutput,
+    SamplingParams,
+    TensorData,
+    UserError,
+)
+
+from ..state import FutureRecord
+from . import proto
+from . import protocol as P
+
+_enc = msgspec.json.encode
+
+
+def page_limit(limit: int | None, *, default: int = 20, cap: int = 1000) -> int:
+    if limit is None:
+        return default
+    if limit < 1:
+        raise UserError("must be >= 1", field="limit")
+    return min(limit, cap)
+
+
+def page_offset(offset: int | None) -> int:
+    if offset is None:
+        return 0
+    if offset < 0:
+        raise UserError("must be >= 0", field="offset")
+    return offset
+
+
+def default_name() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def expiry(ttl_seconds: int | None, field: str = "ttl_seconds") -> float | None:
+    if ttl_seconds is None:
+        return None
+    if ttl_seconds <= 0:
+        raise UserError("must be a positive number of seconds (or null for no expiry)", field=field)
+    return time.time() + ttl_seconds
+
+
+def str_metadata(md: dict[str, Any] | None) -> dict[str, str] | None:
+    if not md:
+        return None
+    return {str(k): v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in md.items()}
+
+
+def lora_config(cfg: P.LoraConfigIn | None) -> LoraConfig:
+    cfg = cfg or P.LoraConfigIn()
+    rank = 32 if cfg.rank is None else cfg.rank
+    if not 1 <= rank <= 1024:
+        raise UserError("must be between 1 and 1024", field="lora_config.rank")
+    flags = {k: (True if getattr(cfg, k) is None else getattr(cfg, k)) for k in ("train_attn", "train_mlp",
+                                                                               "train_unembed")}
+    if not any(flags.values()):
+        raise UserError("at least one of train_attn, train_mlp and train_unembed must be true", field="lora_config")
+    return LoraConfig(rank=rank, seed=cfg.seed, **flags)
+
+
+def check_optimizer(cfg: P.OptimizerConfigIn | None) -> None:
+    if cfg is not None and cfg.type not in (None, "adamw", "adam"):
+        raise UserError(f"optimizer {cfg.type!r} is not supported; this server trains with adamw",
+                        field="optimizer_config.type")
+
+
+def adam_params(req: P.OptimStepRequest) -> AdamParams:
+    given = [(name, p) for name, p in (("adam_params", req.adam_params), ("optimizer_params", req.optimizer_params),
+                                       ("optim_params", req.optim_params)) if p is not None]
+    if len(given) != 1:
+        raise UserError("give exactly one of adam_params, optimizer_params and optim_params", field="adam_params")
+    field, p = given[0]
+    if p.type not in (None, "adam", "adamw"):
+        raise UserError(f"optimizer {p.type!r} is not supported; this server trains with adamw",
+                        field=f"{field}.type")
+    defaults = AdamParams()
+    # Ranges are the Model service's to check (it names the field); it refuses before touching the run.
+    values = {k: getattr(defaults, k) if getattr(p, k) is None else float(getattr(p, k))
+              for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")}
+    return AdamParams(**values)
+
+
+def input_tokens(mi: P.ModelInputIn, field: str) -> list[int]:
+    tokens: list[int] = []
+    for j, chunk in enumerate(mi.chunks):
+        kind = chunk.type or "encoded_text"
+        if kind != "encoded_text":
+            raise UserError(f"{kind} chunks are not supported; this server's models take text tokens only",
+                            field=f"{field}.chunks[{j}]")
+        if chunk.tokens is None:
+            raise UserError("an encoded_text chunk needs tokens", field=f"{field}.chunks[{j}].tokens")
+        tokens.extend(chunk.tokens)
+    return tokens
+
+
+def tensor_from_json(td: P.TensorDataIn, where: str) -> TensorData:
+    dtype = td.dtype or ("int64" if all(isinstance(x, int) for x in td.data) else "float32")
+    if dtype not in ("int64", "float32"):
+        raise UserError(f"dtype must be int64 or float32, got {dtype!r}", field=where)
+    data: list = [int(x) for x in td.data] if dtype == "int64" else [float(x) for x in td.data]
+    if td.sparse_crow_indices is not None or td.sparse_col_indices is not None:
+        shape = td.shape or []
+        crow, cols = td.sparse_crow_indices or [], td.sparse_col_indices or []
+        if len(shape) != 2 or len(crow) != shape[0] + 1 or len(cols) != len(data) or (crow and crow[-1] != len(data)):
+            raise UserError("inconsistent sparse CSR tensor (shape, crow and col indices)", field=where)
+        dense: list = [0 if dtype == "int64" else 0.0] * (shape[0] * shape[1])
+        for r in range(shape[0]):
+            for k in range(crow[r], crow[r + 1]):
+                if not 0 <= cols[k] < shape[1]:
+                    raise UserError("sparse CSR column index out of range", field=where)
+                dense[r * shape[1] + cols[k]] = data[k]
+        return TensorData(data=dense, dtype=dtype, shape=list(shape))
+    return TensorData(data=data, dtype=dtype, shape=td.shape)
+
+
+def input_from_json(fbi: P.ForwardBackwardInputIn) -> ForwardBackwardInput:
+    """A JSON (pre-0.25 SDK) forward/backward input as our wire type."""
+    data = []
+    for i, d in enumerate(fbi.data):
+        tokens = input_tokens(d.model_input, f"data[{i}].model_input")
+        inputs = {name: tensor_from_json(td, f"data[{i}].loss_fn_inputs.{name}")
+                  for name, td in (d.loss_fn_inputs or {}).items()}
+        data.append(Datum(model_input=tokens, loss_fn_inputs=inputs))
+    return ForwardBackwardInput(data=data, loss_fn=fbi.loss_fn or "cross_entropy", loss_fn_config=fbi.loss_fn_config)
+
+
+def sampling_params(sp: P.SamplingParamsIn | None) -> SamplingParams:
+    sp = sp or P.SamplingParamsIn()
+    stop = sp.stop
+    if isinstance(stop, list):
+        if all(isinstance(x, str) for x in stop):
+            stop = [str(x) for x in stop]
+        elif all(isinstance(x, int) for x in stop):
+            stop = [int(x) for x in stop]
+        else:
+            raise UserError("stop must be a string, a list of strings or a list of token ids",
+                            field="sampling_params.stop")
+    if sp.max_tokens is not None and sp.max_tokens < 1:
+        raise UserError("must be >= 1", field="sampling_params.max_tokens")
+    temperature = 1.0 if sp.temperature is None else sp.temperature
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError("must be >= 0 (0 = greedy)", field="sampling_params.temperature")
+    top_p = 1.0 if sp.top_p is None else sp.top_p
+    if not 0 < top_p <= 1:
+        raise UserError("must be in (0, 1]", field="sampling_params.top_p")
+    top_k = -1 if sp.top_k is None else sp.top_k
+    if top_k == 0 or top_k < -1:
+        raise UserError("must be -1 (off) or >= 1", field="sampling_params.top_k")
+    return SamplingParams(max_tokens=sp.max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=sp.seed, stop=stop)
+
+
+def reject_unsupported_sampling(req: P.SampleRequestIn) -> None:
+    """Fail loudly on features the engine does not implement (the SDK raises on silently missing ones)."""
+    unsupported = [
+        ("topk_prompt_logprobs", bool(req.topk_prompt_logprobs)),
+        ("topk_sample_logprobs", bool(req.topk_sample_logprobs)),
+        ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
+        ("prompt_alt_tokens_k", bool(req.prompt_alt_tokens_k)),
+        ("record_stability_info", bool(req.record_stability_info)),
+    ]
+    for name, used in unsupported:
+        if used:
+            raise UserError(f"{name} is not supported by this server", field=name)
+
+
+# =================================================================================== result rendering
+
+
+def fb_output_from_json(d: dict[str, Any]) -> ForwardBackwardOutput:
+    """A stored forward/backward result (JSON builtins) as the wire struct (msgspec cannot decode
+    ``TensorData.data``'s ``list[float] | list[int]`` union by type)."""
+    outputs = [
+        {name: TensorData(data=t["data"], dtype=t.get("dtype") or "float32", shape=t.get("shape"))
+         for name, t in item.items()}
+        for item in d.get("loss_fn_outputs") or []
+    ]
+    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=d.get("metrics") or {},
+                                 loss_fn_output_type=d.get("loss_fn_output_type") or "ArrayRecord")
+
+
+def render_result(record: FutureRecord, proto_ok: bool) -> tuple[bytes, str]:
+    """A finished result as the client expects it: protobuf for forward/backward and sample results when the
+    client accepts it (0.18+), JSON otherwise (older SDKs)."""
+    raw = record.result or b"{}"
+    if record.kind in ("forward_backward", "forward"):
+        if proto_ok:
+            out = fb_output_from_json(msgspec.json.decode(raw))
+            return proto.encode_forward_backward_output(out), "application/x-protobuf"
+        return raw, "application/json"
+    if record.kind == "sample":
+        if proto_ok:
+            return proto.encode_sample_output(msgspec.json.decode(raw, type=SampleOutput)), "application/x-protobuf"
+        body = msgspec.json.decode(raw)
+        body["type"] = "sample"
+        return _enc(body), "application/json"
+    return raw, "application/json"
+
