@@ -103,6 +103,22 @@ async def test_errors_name_fields_and_do_not_stall_the_run(service):
     assert ei.value.field == "lora.dropout"
 
 
+async def test_skipped_seq_id_does_not_stall_the_run(service):
+    """A front end that refused seq 1 (e.g. an undecodable body) skips it; seq 2 runs at once."""
+    await service.create_run("skp", "u", LoraConfig(rank=2, seed=5))
+    later = asyncio.create_task(service.forward_backward("skp", "u", 2, make_batch([3], 1)))
+    await asyncio.sleep(0.05)
+    assert not later.done()  # waits for seq 1
+    t0 = time.monotonic()
+    await service.skip("skp", "u", 1, "refused by the gateway")
+    out = await asyncio.wait_for(later, timeout=10)
+    assert out.metrics["loss:sum"] != 0 and time.monotonic() - t0 < 10
+    with pytest.raises(UserError, match="refused by the gateway"):  # a retry of seq 1 gets the refusal
+        await service.forward_backward("skp", "u", 1, make_batch([3], 1))
+    with pytest.raises(NotFoundError):
+        await service.skip("skp", "someone-else", 3, "x")
+
+
 async def test_health_answers_fast_during_a_long_step(service):
     """Compute runs on the model thread, so a health request (a task on the loop) is answered in milliseconds
     while a multi-second step runs. Percentile bound: a loaded CI box may deschedule the process briefly."""

@@ -62,6 +62,8 @@ class ModelPort(Protocol):
 
     async def health(self) -> dict: ...
 
+    async def skip(self, run_id: str, owner: str, seq_id: int, reason: str) -> None: ...
+
 
 @runtime_checkable
 class SamplerPort(Protocol):
@@ -115,6 +117,9 @@ class _Port:
 
     async def health(self) -> dict:
         return await self._call("health")
+
+    async def skip(self, run_id: str, owner: str, seq_id: int, reason: str) -> None:
+        return await self._call("skip", run_id, owner, seq_id, reason)
 
     async def sample(self, req: SampleRequest) -> SampleOutput:
         return await self._call("sample", req)

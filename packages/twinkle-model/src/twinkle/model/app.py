@@ -148,8 +148,13 @@ def _expect(out: Any, type_: type, seq_id: int | None, run_id: str) -> Any:
 
 
 async def _consume(model: Any, run_id: str, owner: str, seq_id: int) -> None:
+    """Use up ``seq_id`` (``skip`` where the service has it, else a request it refuses in the run's queue)."""
     try:
-        await model.optim_step(run_id, owner, seq_id, _REJECTED)
+        skip = getattr(model, "skip", None)
+        if skip is not None:
+            await skip(run_id, owner, seq_id, "this request's body could not be decoded")
+        else:
+            await model.optim_step(run_id, owner, seq_id, _REJECTED)
     except UserError:
         pass
     except Exception:  # noqa: BLE001 - best effort; the run's gap timeout is the fallback

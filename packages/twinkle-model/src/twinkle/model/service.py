@@ -210,6 +210,19 @@ class ModelService:
 
     # --- service --------------------------------------------------------------------------------------
 
+    async def skip(self, run_id: str, owner: str, seq_id: int, reason: str) -> None:
+        """Use up ``seq_id`` for a request a front end refused before it reached the service (undecodable,
+        oversize...). Later requests of the run must not wait for it; a repeat of it gets ``reason``."""
+        self._get(run_id, owner)
+
+        def refuse() -> None:
+            raise UserError(reason, field="seq_id")
+
+        try:
+            await self._submit(run_id, seq_id, refuse)
+        except UserError:
+            pass
+
     async def info(self) -> ModelInfo:
         d = self.backend.describe()
         return ModelInfo(

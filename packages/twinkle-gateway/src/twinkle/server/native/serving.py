@@ -603,10 +603,15 @@ class NativeService:
 
 
 async def _consume_seq(port: ModelPort, run_id: str, owner: str, seq_id: int) -> None:
-    """Occupy ``seq_id`` with a request the Model service refuses without touching the run (a NaN learning
-    rate is rejected inside the run's queue), so it moves on to ``seq_id + 1`` at once."""
+    """Use up ``seq_id`` at the Model service so the run moves on to ``seq_id + 1`` at once: with the
+    service's ``skip`` where it has one, else as a request it refuses without touching the run (a NaN
+    learning rate is rejected inside the run's queue)."""
     try:
-        await port.optim_step(run_id, owner, seq_id, _REJECTED)
+        skip = getattr(port, "skip", None)
+        if skip is not None:
+            await skip(run_id, owner, seq_id, "this request was refused by the server before it ran")
+        else:
+            await port.optim_step(run_id, owner, seq_id, _REJECTED)
     except UserError:
         pass
     except Exception:  # noqa: BLE001 - best effort; the service's gap timeout is the fallback

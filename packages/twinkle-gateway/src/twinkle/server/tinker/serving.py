@@ -71,8 +71,6 @@ log = logging.getLogger("twinkle.server.tinker")
 
 _enc = msgspec.json.encode
 Work = Callable[[], Awaitable[bytes]]
-# The stand-in for a numbered request the gateway refused (see ``TinkerService._consume_seq``).
-_REJECTED = AdamParams(learning_rate=float("nan"))
 _MAX_NUM_SAMPLES = 1024
 # Rendered results kept for re-polls (the SDK re-fetches after a network error): a few, none huge.
 _RENDER_CACHE_ITEMS = 256
@@ -518,17 +516,12 @@ class TinkerService:
 
     @staticmethod
     async def _consume_seq(port: ModelPort, run_id: str, owner: str, seq_id: int) -> None:
-        """Occupy ``seq_id`` with a request the service is bound to refuse without touching the run (its
-        contract: a bad request raises ``UserError`` and leaves the adapter untouched; a NaN learning rate is
-        refused before the run is even looked at). The service then moves on to ``seq_id + 1`` at once."""
+        """Tell the Model service that ``seq_id`` was refused here, so the run moves on to ``seq_id + 1``
+        at once instead of waiting out its gap timeout."""
         try:
-            await port.optim_step(run_id, owner, seq_id, _REJECTED)
-        except UserError:
-            pass
+            await port.skip(run_id, owner, seq_id, "the server refused this request (see its submit response)")
         except Exception:  # noqa: BLE001 - best effort; the service's gap timeout is the fallback
             log.warning("could not release seq_id %s of run %s", seq_id, run_id, exc_info=True)
-        else:  # pragma: no cover - would mean the service accepted a NaN learning rate
-            log.error("the model service accepted the placeholder for rejected seq_id %s of %s", seq_id, run_id)
 
     async def _record_checkpoint(self, owner: str, run: RunRecord, ref: CheckpointRef, path: str, info: Any,
                                  expires: float | None, user_metadata: dict[str, str] | None) -> None:
