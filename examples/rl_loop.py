@@ -52,7 +52,7 @@ def main() -> None:
                 scores = [_reward(s.text or "", args.letters) for s in out.sequences]
                 mean = statistics.fmean(scores)
                 rewards.extend(scores)
-                for s, r in zip(out.sequences, scores):
+                for s, r in zip(out.sequences, scores, strict=True):
                     if s.tokens and r != mean:  # a zero advantage teaches nothing
                         data.append(Datum.rl(prompt, s.tokens, s.logprobs, advantage=r - mean))
             if data:

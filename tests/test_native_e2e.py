@@ -15,7 +15,6 @@ import time
 
 import httpx
 import pytest
-
 from _cluster import REPO, base_env, free_port, terminate, wait_http
 from twinkle_client import Datum, TwinkleAuthError, TwinkleClient, TwinkleNotFoundError, TwinkleUserError
 

@@ -28,7 +28,7 @@ def test_the_client_installs_without_torch(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     install = subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", str(PACKAGE)],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600, check=False)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
     listed = subprocess.run([str(py), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
                             check=True).stdout.lower()
@@ -37,7 +37,7 @@ def test_the_client_installs_without_torch(tmp_path):
     assert not names & {"torch", "transformers", "ray", "twinkle-common", "twinkle-gateway", "numpy"}, names
     probe = ("import sys, twinkle_client; from twinkle_client import TwinkleClient, Datum; "
              "assert 'torch' not in sys.modules and 'twinkle' not in sys.modules; print(twinkle_client.__version__)")
-    out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "0.1.0", out.stderr
     (site,) = (venv / "lib").glob("python*/site-packages")
     installed = sum(_size(p) for p in site.iterdir() if not p.name.startswith(_BOOTSTRAP))

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-
 from twinkle.common.models import TINY_MODEL_ID, served_model_name
 from twinkle.server.auth import principal_id
 from twinkle.server.native import NativeSettings

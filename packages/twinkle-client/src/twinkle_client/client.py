@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -90,6 +91,7 @@ class TwinkleClient:
         self._caps: Capabilities | None = None
         self.session_id: str | None = None
         self._heartbeat: Heartbeat | None = None
+        self._session_lock = threading.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -163,6 +165,10 @@ class TwinkleClient:
 
     def _session(self) -> str | None:
         """This client's session id, created (with its heartbeat) on first use."""
+        with self._session_lock:
+            return self._open_session()
+
+    def _open_session(self) -> str | None:
         if self.session_id is None and not self._closed:
             out = self._transport.call("POST", f"{self.server_prefix}/sessions", W.SessionBody(
                 user_metadata=self._session_metadata, client_version=__version__), type_=W.SessionOut)
@@ -329,7 +335,7 @@ class TwinkleClient:
         out = self._transport.call("POST", f"{model.sampler_prefix}/sample", body, type_=SampleOutput)
         if decode and out.sequences:
             texts = self.detokenize([s.tokens for s in out.sequences], base_model=model.name)
-            for s, text in zip(out.sequences, texts):
+            for s, text in zip(out.sequences, texts, strict=True):
                 s.text = text
         return out
 

@@ -26,7 +26,6 @@ import math
 from typing import Any
 
 from litestar import Litestar, Request, get, post
-
 from twinkle.common.authority import Authority, principal_of
 from twinkle.common.http import component_app
 from twinkle.common.native import (

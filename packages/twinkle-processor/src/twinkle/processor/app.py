@@ -28,7 +28,6 @@ from typing import Any, AsyncIterator
 import msgspec
 from litestar import Litestar, Request, post
 from litestar.response import Stream
-
 from twinkle.common.authority import Authority, principal_of
 from twinkle.common.http import component_app
 from twinkle.common.native import decode, unwrap_user_error

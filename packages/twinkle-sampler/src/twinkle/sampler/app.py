@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Litestar, Request, post
-
 from twinkle.common.authority import Authority, principal_of
 from twinkle.common.http import component_app
 from twinkle.common.native import MAX_BODY_BYTES, SampleRequestIn, decode, unwrap_user_error

@@ -359,6 +359,8 @@ class ServerArgs(_Strict, tag_field="import_path", tag="server"):
     """How long a ``retrieve_future`` poll is held before ``try_again``; below the SDK's 45 s read timeout."""
     future_ttl_s: PositiveFloat = 86400.0
     """How long a finished request's result is kept for retrieval."""
+    max_body_bytes: PositiveInt = 64 * 1024 * 1024
+    """Largest request body accepted; a bigger one gets 413 with a message."""
 
     def __post_init__(self) -> None:
         if self.long_poll_timeout_s >= TINKER_CLIENT_READ_TIMEOUT_S:

@@ -29,7 +29,6 @@ from litestar import Litestar, Request, Router, delete, get, post
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
-
 from twinkle.common.http import EXCEPTION_HANDLERS, distribution_version
 from twinkle.common.native import FutureRef, decode
 

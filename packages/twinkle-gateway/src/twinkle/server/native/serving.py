@@ -29,7 +29,6 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import msgspec
-
 from twinkle.common.component import PeerApp
 from twinkle.common.http import distribution_version
 from twinkle.common.native import (

@@ -1,0 +1,137 @@
+"""Pure pieces of the native protocol: the components' principal cache, body decoding, sampling params,
+the launcher's wiring of components to the central server, the native concurrency default."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+from twinkle.common.authority import CachingAuthority, central_authority
+from twinkle.common.component import ComponentSpec, PeerApp
+from twinkle.common.native import (
+    NATIVE_MAX_ONGOING_REQUESTS,
+    SampleParamsIn,
+    TrainRequest,
+    decode,
+    peek_seq_id,
+    unwrap_user_error,
+    with_native_concurrency,
+)
+from twinkle.common.wire import NotFoundError, UserError
+
+
+class _Counting:
+    def __init__(self):
+        self.calls = 0
+
+    async def authenticate(self, api_key):
+        self.calls += 1
+        if api_key != "tml-good":
+            raise UserError("invalid API key", status=401)
+        return "p-1"
+
+
+def test_principals_are_cached_failures_are_not():
+    inner = _Counting()
+    auth = CachingAuthority(inner, ttl_s=60)
+
+    async def go():
+        assert await auth.authenticate("tml-good") == "p-1"
+        assert await auth.authenticate("tml-good") == "p-1"
+        for _ in range(2):
+            with pytest.raises(UserError) as e:
+                await auth.authenticate("tml-bad")
+            assert e.value.status == 401
+        assert "tml-good" not in repr(auth._cache)  # digests, not raw keys
+
+    asyncio.run(go())
+    assert inner.calls == 3
+
+
+def test_cache_expires():
+    inner = _Counting()
+    auth = CachingAuthority(inner, ttl_s=0.0)
+    asyncio.run(auth.authenticate("tml-good"))
+    asyncio.run(auth.authenticate("tml-good"))
+    assert inner.calls == 2
+
+
+def test_decode_names_the_field():
+    with pytest.raises(UserError) as e:
+        decode(b'{"data": [{"model_input": [1, "x"]}]}', TrainRequest)
+    assert e.value.field == "data[0].model_input[1]"
+    with pytest.raises(UserError) as e:
+        decode(b'{"data": [], "bogus": 1}', TrainRequest)
+    assert "bogus" in e.value.message
+    with pytest.raises(UserError, match="empty"):
+        decode(b"  ", TrainRequest)
+    with pytest.raises(UserError, match="not valid JSON"):
+        decode(b"{", TrainRequest)
+
+
+def test_strict_decode_refuses_unknown_keys_of_lenient_structs():
+    class Lenient(msgspec.Struct):
+        a: int = 0
+
+    assert decode(b'{"a": 1, "b": 2}', Lenient).a == 1
+    with pytest.raises(UserError) as e:
+        decode(b'{"a": 1, "b": 2}', Lenient, strict=True)
+    assert e.value.field == "b"
+
+
+def test_peek_seq_id():
+    assert peek_seq_id(b'{"seq_id": 4, "data": "garbage"}') == 4
+    assert peek_seq_id(b'{"seq_id": -1}') is None
+    assert peek_seq_id(b"not json") is None
+
+
+def test_sampling_params():
+    assert SampleParamsIn(stop=[1, 2]).to_wire().stop == [1, 2]
+    assert SampleParamsIn(stop=["a"]).to_wire().stop == ["a"]
+    for bad, field in ((dict(stop=["a", 1]), "stop"), (dict(max_tokens=0), "max_tokens"),
+                       (dict(temperature=float("nan")), "temperature"), (dict(top_k=0), "top_k")):
+        with pytest.raises(UserError) as e:
+            SampleParamsIn(**bad).to_wire()
+        assert e.value.field == f"sampling_params.{field}"
+
+
+def test_unwrap_finds_the_service_error_inside_a_wrapper():
+    inner = NotFoundError("training run 'x' not found", field="run_id")
+
+    class Wrapper(Exception):
+        def __init__(self, cause):
+            super().__init__("Traceback (most recent call last): ...")
+            self.cause = cause
+
+    assert unwrap_user_error(Wrapper(inner)) is inner
+    assert unwrap_user_error(RuntimeError("x")) is None
+
+
+def test_native_concurrency_default():
+    from twinkle.common.config.schema import Deployment
+
+    assert with_native_concurrency(None, "X").max_ongoing_requests == NATIVE_MAX_ONGOING_REQUESTS
+    assert with_native_concurrency(Deployment(name="X"), "X").max_ongoing_requests == NATIVE_MAX_ONGOING_REQUESTS
+    assert with_native_concurrency(Deployment(name="X", max_ongoing_requests=3), "X").max_ongoing_requests == 3
+
+
+def test_components_know_the_central_server(tmp_path):
+    from twinkle.common.config import load_config
+    from twinkle.server import launcher
+
+    config = load_config(str(launcher.Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"))
+
+    class _Plan:  # no workers planned: only the wiring between applications is looked at
+        apps: dict = {}
+
+    specs = launcher.component_specs(config, _Plan(), {"checkpoint_dir": str(tmp_path), "state_db": ""})
+    by_kind = {s.import_path: s for s in specs}
+    assert by_kind["server"].central is None
+    for kind in ("model", "sampler", "processor"):
+        central = by_kind[kind].central
+        assert (central.app_name, central.deployment_name, central.route_prefix) == ("server", "TwinkleServer", "/server")
+    assert central_authority(by_kind["model"]) is not None
+    tinker = ComponentSpec(app_name="m", route_prefix="/m", import_path="model", server_type="tinker", args={},
+                           central=PeerApp(app_name="s", deployment_name="d", import_path="server", route_prefix="/"))
+    assert central_authority(tinker) is None
