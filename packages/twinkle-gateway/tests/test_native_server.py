@@ -63,8 +63,8 @@ class Api:
         return out["result"]
 
     def create_run(self, rank=4, **body):
-        ref = self.ok("POST", "/server/training_runs", 202, json={"base_model": MODEL, "lora": {"rank": rank, "seed": 0},
-                                                                 **body})
+        body = {"base_model": MODEL, "lora": {"rank": rank, "seed": 0}, **body}
+        ref = self.ok("POST", "/server/training_runs", 202, json=body)
         return self.done(ref["request_id"])["run_id"]
 
 
@@ -125,9 +125,10 @@ def test_create_is_idempotent_with_a_key(alice):
 
 
 def test_bad_create_requests(alice):
-    for body, field in (({"base_model": "nope"}, "base_model"), ({"base_model": MODEL, "lora": {"rank": 0}}, "lora.rank"),
-                        ({"base_model": MODEL, "lora": {"train_attn": False, "train_mlp": False,
-                                                        "train_unembed": False}}, "lora")):
+    no_targets = {"train_attn": False, "train_mlp": False, "train_unembed": False}
+    for body, field in (({"base_model": "nope"}, "base_model"),
+                        ({"base_model": MODEL, "lora": {"rank": 0}}, "lora.rank"),
+                        ({"base_model": MODEL, "lora": no_targets}, "lora")):
         r = alice.post("/server/training_runs", json=body)
         assert r.status_code == 400 and r.json()["field"] == field, r.text
     r = alice.post("/server/training_runs", json={"base_model": MODEL, "lr": 1})
@@ -181,11 +182,13 @@ def test_save_load_and_checkpoint_uris(alice, bob):
     assert sampler["uri"] == f"twinkle://{run}/sampler_weights/s1" and sampler["kind"] == "sampler_weights"
     listed = alice.ok("GET", f"/server/training_runs/{run}/checkpoints")["checkpoints"]
     assert {c["uri"] for c in listed} == {ref["uri"], sampler["uri"]}
-    assert alice.ok("GET", f"/server/training_runs/{run}/checkpoints/latest", params={"kind": "state"})["uri"] == ref["uri"]
+    latest = alice.ok("GET", f"/server/training_runs/{run}/checkpoints/latest", params={"kind": "state"})
+    assert latest["uri"] == ref["uri"]
     assert alice.ok("GET", f"/server/training_runs/{run}/checkpoints/latest")["uri"] == sampler["uri"]
     assert ref["uri"] in [c["uri"] for c in alice.ok("GET", "/server/checkpoints")["checkpoints"]]
     # load: server paths are refused, other keys' checkpoints do not exist, a sampler checkpoint is no state
-    refused = (("/etc/passwd", 400), ("file:///tmp/x", 400), (sampler["uri"], 400), (f"twinkle://{run}/weights/no", 404))
+    refused = (("/etc/passwd", 400), ("file:///tmp/x", 400), (sampler["uri"], 400),
+               (f"twinkle://{run}/weights/no", 404))
     for seq, (uri, status) in enumerate(refused, start=8):
         r = alice.post(f"{M}/runs/{run}/load", json={"uri": uri, "seq_id": seq})
         assert r.status_code == status and r.json()["field"] == "uri", (uri, r.text)
@@ -218,7 +221,8 @@ def test_sampling_base_model_and_checkpoints(alice, bob):
     r = bob.post(f"{S}/sample", json=body)
     assert r.status_code == 404 and r.json()["field"] == "model_uri"
     for bad, field in (({"model_uri": "/tmp"}, "model_uri"), ({"prompt_tokens": []}, "prompt_tokens"),
-                       ({"num_samples": 0}, "num_samples"), ({"sampling_params": {"top_p": 0}}, "sampling_params.top_p"),
+                       ({"num_samples": 0}, "num_samples"),
+                       ({"sampling_params": {"top_p": 0}}, "sampling_params.top_p"),
                        ({"sampling_params": {"temperature": -1}}, "sampling_params.temperature")):
         r = alice.post(f"{S}/sample", json={**body, **bad})
         assert r.status_code == 400 and r.json()["field"] == field, (bad, r.text)
@@ -230,7 +234,8 @@ def test_resume_from_a_uri_or_a_run(alice, bob):
     assert r.status_code == 404 and "no saved state" in r.json()["detail"]
     alice.ok("POST", f"{M}/runs/{run}/forward_backward", json={"data": [_datum()], "seq_id": 1})
     alice.ok("POST", f"{M}/runs/{run}/optim_step", json={"learning_rate": 1e-2, "seq_id": 2})
-    uri = alice.done(alice.ok("POST", f"{M}/runs/{run}/save", 202, json={"name": "r", "seq_id": 3})["request_id"])["uri"]
+    saved = alice.ok("POST", f"{M}/runs/{run}/save", 202, json={"name": "r", "seq_id": 3})
+    uri = alice.done(saved["request_id"])["uri"]
     before = alice.ok("POST", f"{M}/runs/{run}/forward", json={"data": [_datum()], "seq_id": 4})
     new = alice.done(alice.ok("POST", "/server/resume", 202, json={"source": run})["request_id"])
     assert new["run_id"] != run and new["step"] == 1 and new["user_metadata"]["resumed_from"] == uri
@@ -238,7 +243,8 @@ def test_resume_from_a_uri_or_a_run(alice, bob):
     assert after["loss_fn_outputs"] == before["loss_fn_outputs"]
     # into an existing run
     target = alice.create_run()
-    into = alice.done(alice.ok("POST", "/server/resume", 202, json={"source": uri, "into_run_id": target})["request_id"])
+    ref = alice.ok("POST", "/server/resume", 202, json={"source": uri, "into_run_id": target})
+    into = alice.done(ref["request_id"])
     assert into["run_id"] == target and into["step"] == 1
     assert alice.ok("POST", f"{M}/runs/{target}/forward", json={"data": [_datum()], "seq_id": 1}) == after
     assert bob.post("/server/resume", json={"source": uri}).status_code == 404

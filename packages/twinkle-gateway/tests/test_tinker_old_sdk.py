@@ -1,11 +1,11 @@
 """Older official SDKs against the server: ``tinker==0.16.1`` (JSON requests and results, no client/config,
 ``POST /forward``) and ``tinker==0.24.1`` (client/config, protobuf results accepted but JSON still understood).
 
-They cannot share a virtualenv with the current SDK, so each runs in its own interpreter, listed in
-``TWINKLE_TEST_OLD_TINKER_PYTHONS`` (comma-separated; default ``/tmp/tinker-old/bin/python`` and
-``/tmp/tinker-old24/bin/python``; create one with
-``python -m venv /tmp/tinker-old && /tmp/tinker-old/bin/pip install tinker==0.16.1``). Missing interpreters
-are skipped. ``TWINKLE_TEST_BASE_URL`` points the test at a deployed server instead of the in-process one.
+They cannot share a virtualenv with the current SDK, so each runs in its own interpreter: a virtualenv
+per version, created on first use under ``$TWINKLE_CACHE_DIR/sdk-venvs`` (pip, from the package index), or
+the interpreters listed in ``TWINKLE_TEST_OLD_TINKER_PYTHONS`` (comma-separated). A version whose venv cannot
+be built (no package index) is skipped with that reason. ``TWINKLE_TEST_BASE_URL`` points the test at a
+deployed server instead of the in-process one.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import pytest
 
 pytestmark = pytest.mark.acceptance
 
-OLD_PYTHONS = [p.strip() for p in os.environ.get(
-    "TWINKLE_TEST_OLD_TINKER_PYTHONS", "/tmp/tinker-old/bin/python,/tmp/tinker-old24/bin/python").split(",")]
+OLD_VERSIONS = ("0.16.1", "0.24.1")  # JSON-era requests and results; protobuf results but JSON still read
+_GIVEN = os.environ.get("TWINKLE_TEST_OLD_TINKER_PYTHONS")
+OLD_PYTHONS = [p.strip() for p in _GIVEN.split(",") if p.strip()] if _GIVEN is not None else list(OLD_VERSIONS)
 BASE_URL = os.environ.get("TWINKLE_TEST_BASE_URL")
 KEY = os.environ.get("TWINKLE_TEST_API_KEYS", "tml-old-sdk").split(",")[0].strip()
 
@@ -65,10 +66,30 @@ print(json.dumps({
 '''
 
 
+def _sdk_python(version_or_path: str) -> str:
+    """An interpreter with that tinker version: an explicit path, or a cached venv built on first use."""
+    if os.sep in version_or_path:
+        if not os.path.exists(version_or_path):
+            pytest.skip(f"no interpreter at {version_or_path}")
+        return version_or_path
+    from twinkle.common.env import cache_dir
+
+    venv = os.path.join(cache_dir(), "sdk-venvs", f"tinker-{version_or_path}")
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(os.path.join(venv, ".complete")):
+        build = subprocess.run(
+            f"{sys.executable} -m venv --clear {venv} && {python} -m pip install -q tinker=={version_or_path}",
+            shell=True, capture_output=True, text=True, timeout=600)
+        if build.returncode != 0:
+            pytest.skip(f"cannot build a venv with tinker=={version_or_path}: {build.stderr[-500:]}")
+        open(os.path.join(venv, ".complete"), "w").close()
+    return python
+
+
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    if not any(os.path.exists(p) for p in OLD_PYTHONS):
-        pytest.skip(f"no older tinker SDK interpreter in {OLD_PYTHONS} (see this module's docstring)")
+    if not OLD_PYTHONS:
+        pytest.skip("TWINKLE_TEST_OLD_TINKER_PYTHONS is empty")
     if BASE_URL:
         yield BASE_URL.rstrip("/")
         return
@@ -83,8 +104,7 @@ def base_url(tmp_path_factory):
 
 @pytest.mark.parametrize("python", OLD_PYTHONS)
 def test_older_sdk_end_to_end(base_url, python):
-    if not os.path.exists(python):
-        pytest.skip(f"no interpreter at {python}")
+    python = _sdk_python(python)
     version = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('tinker'))"],
                              capture_output=True, text=True, check=True).stdout.strip()
     proc = subprocess.run([python, "-c", SCRIPT, base_url, KEY], capture_output=True, text=True, timeout=600,

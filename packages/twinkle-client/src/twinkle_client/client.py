@@ -327,7 +327,10 @@ class TwinkleClient:
         model = self.capabilities().model(name)
         if not model.sampler_prefix:
             raise ValueError(f"the server does not sample {model.name!r}")
-        tokens = self.tokenize([prompt], base_model=model.name)[0] if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            tokens = self.tokenize([prompt], base_model=model.name)[0]
+        else:
+            tokens = [int(t) for t in prompt]
         body = W.SampleBody(prompt_tokens=tokens, num_samples=num_samples, prompt_logprobs=prompt_logprobs,
                             model_uri=model_uri, sampling_params=W.SamplingParamsBody(
                                 max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
