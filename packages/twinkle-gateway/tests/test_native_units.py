@@ -10,13 +10,11 @@ import pytest
 from twinkle.common.authority import CachingAuthority, central_authority
 from twinkle.common.component import ComponentSpec, PeerApp
 from twinkle.common.native import (
-    NATIVE_MAX_ONGOING_REQUESTS,
     SampleParamsIn,
     TrainRequest,
     decode,
     peek_seq_id,
     unwrap_user_error,
-    with_native_concurrency,
 )
 from twinkle.common.wire import NotFoundError, UserError
 
@@ -108,12 +106,15 @@ def test_unwrap_finds_the_service_error_inside_a_wrapper():
     assert unwrap_user_error(RuntimeError("x")) is None
 
 
-def test_native_concurrency_default():
+def test_deployments_admit_many_concurrent_requests_unless_the_yaml_says_otherwise():
     from twinkle.common.config.schema import Deployment
+    from twinkle.common.serving import DEFAULT_MAX_ONGOING_REQUESTS, deployment_options
 
-    assert with_native_concurrency(None, "X").max_ongoing_requests == NATIVE_MAX_ONGOING_REQUESTS
-    assert with_native_concurrency(Deployment(name="X"), "X").max_ongoing_requests == NATIVE_MAX_ONGOING_REQUESTS
-    assert with_native_concurrency(Deployment(name="X", max_ongoing_requests=3), "X").max_ongoing_requests == 3
+    assert deployment_options(None, "X") == ("X", deployment_options(Deployment(name="X"), "X")[1])
+    assert deployment_options(None, "X")[1]["max_ongoing_requests"] == DEFAULT_MAX_ONGOING_REQUESTS
+    name, options = deployment_options(Deployment(name="Y", max_ongoing_requests=3), "X")
+    assert (name, options["max_ongoing_requests"]) == ("Y", 3)
+    assert options["ray_actor_options"]["num_cpus"] == 0.1
 
 
 def test_components_know_the_central_server(tmp_path):

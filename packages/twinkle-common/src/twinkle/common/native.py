@@ -217,23 +217,3 @@ def unwrap_user_error(e: BaseException) -> UserError | None:
             return cur
         cur = getattr(cur, "cause", None) or cur.__cause__
     return None
-
-
-# --- serving -------------------------------------------------------------------------------------------
-
-#: Ray Serve admits 5 concurrent requests per replica unless told otherwise. In twinkle mode every app is
-#: reached directly by every client (training steps, long-polls) and by the other apps' handle calls, so 5
-#: would make users queue behind each other's long-polls; each app queues and orders work itself.
-NATIVE_MAX_ONGOING_REQUESTS = 256
-
-
-def with_native_concurrency(deployment: Any, default_name: str) -> Any:
-    """The YAML's ``Deployment`` with ``max_ongoing_requests`` defaulted for the native protocol (a value
-    the YAML gives is kept)."""
-    from .config.schema import Deployment
-
-    if deployment is None:
-        return Deployment(name=default_name, max_ongoing_requests=NATIVE_MAX_ONGOING_REQUESTS)
-    if getattr(deployment, "max_ongoing_requests", None) is None:
-        return msgspec.structs.replace(deployment, max_ongoing_requests=NATIVE_MAX_ONGOING_REQUESTS)
-    return deployment

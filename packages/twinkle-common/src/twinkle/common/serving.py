@@ -16,12 +16,15 @@ from .workers import FORWARDED_ENV, InProcessWorker, RayWorker, WorkerSpec, set_
 # A replica is an orchestrator: it needs no whole CPU, and on a 2-core laptop four whole-CPU replicas would
 # never all be scheduled. The YAML can say otherwise per deployment.
 DEFAULT_REPLICA_CPUS = 0.1
+# Ray Serve admits 5 concurrent requests per replica unless told otherwise. Every app is reached by many
+# clients at once (training steps, 25 s long-polls) and by the other apps' handle calls, and each app queues
+# and orders its work itself: 5 would make users wait behind each other's long-polls.
+DEFAULT_MAX_ONGOING_REQUESTS = 256
 
 
-def bind_component(cls: type, spec: ComponentSpec, deployment: Any | None, default_name: str):
-    """Return the Serve ``Application`` for one component."""
-    from ray import serve
-
+def deployment_options(deployment: Any | None, default_name: str) -> tuple[str, dict[str, Any]]:
+    """The Serve deployment name and ``.options(...)`` for a component: the YAML's values, over defaults
+    that suit Twinkle (fractional CPUs, many concurrent requests, a short graceful shutdown)."""
     options: dict[str, Any] = deployment.serve_options() if deployment is not None else {}
     name = getattr(deployment, "name", None) or default_name
     actor_options = dict(options.pop("ray_actor_options", None) or {})
@@ -33,12 +36,22 @@ def bind_component(cls: type, spec: ComponentSpec, deployment: Any | None, defau
         runtime_env["env_vars"] = env_vars
     if runtime_env:
         actor_options["runtime_env"] = runtime_env
+    options["ray_actor_options"] = actor_options
+    options.setdefault("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)
     if not options.get("autoscaling_config") and "num_replicas" not in options:
         options["num_replicas"] = 1
     # Serve waits up to 20 s per replica by default; a stopping server should not take a minute.
     options.setdefault("graceful_shutdown_timeout_s", 5.0)
     options.setdefault("graceful_shutdown_wait_loop_s", 0.5)
-    return serve.deployment(cls).options(name=name, ray_actor_options=actor_options, **options).bind(spec)
+    return name, options
+
+
+def bind_component(cls: type, spec: ComponentSpec, deployment: Any | None, default_name: str):
+    """Return the Serve ``Application`` for one component."""
+    from ray import serve
+
+    name, options = deployment_options(deployment, default_name)
+    return serve.deployment(cls).options(name=name, **options).bind(spec)
 
 
 def start_workers(spec: ComponentSpec, target: str, args_for) -> list[InProcessWorker | RayWorker]:

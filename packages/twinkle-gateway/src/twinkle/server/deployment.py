@@ -108,8 +108,4 @@ def build_native_service(spec: ComponentSpec):
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
-    from twinkle.common.native import with_native_concurrency
-
-    if spec.server_type == "twinkle":
-        deployment = with_native_concurrency(deployment, default_name)
     return bind_component(CentralServer, spec, deployment, default_name)

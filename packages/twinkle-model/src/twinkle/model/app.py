@@ -15,14 +15,13 @@ POST        /runs/{run_id}/load                    a ``twinkle://`` state checkp
 
 These call the very ``ModelService`` methods the Tinker front-end calls, with the client's ``seq_id``: the
 same per-run ordering and de-duplication (a retried ``seq_id`` is answered from its first execution).
-A numbered request whose body cannot even be decoded still consumes its ``seq_id`` (as a request the
-service refuses), so a bad request never stalls the run's later ones.
+A numbered request whose body cannot even be decoded still uses up its ``seq_id`` (``ModelService.skip``),
+so a bad request never stalls the run's later ones.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from litestar import Litestar, Request, get, post
@@ -44,8 +43,6 @@ from twinkle.common.wire import AdamParams, ForwardBackwardInput, ForwardBackwar
 
 log = logging.getLogger("twinkle.model.app")
 
-# Refused by the service inside the run's queue (validate_adam), without touching the adapter.
-_REJECTED = AdamParams(learning_rate=math.nan)
 
 
 def create_model_app(model: Any, authority: Authority | None = None, *, model_name: str | None = None) -> Litestar:
@@ -147,13 +144,9 @@ def _expect(out: Any, type_: type, seq_id: int | None, run_id: str) -> Any:
 
 
 async def _consume(model: Any, run_id: str, owner: str, seq_id: int) -> None:
-    """Use up ``seq_id`` (``skip`` where the service has it, else a request it refuses in the run's queue)."""
+    """Use up ``seq_id`` (``ModelService.skip``): later requests of the run must not wait for it."""
     try:
-        skip = getattr(model, "skip", None)
-        if skip is not None:
-            await skip(run_id, owner, seq_id, "this request's body could not be decoded")
-        else:
-            await model.optim_step(run_id, owner, seq_id, _REJECTED)
+        await model.skip(run_id, owner, seq_id, "this request's body could not be decoded")
     except UserError:
         pass
     except Exception:  # noqa: BLE001 - best effort; the run's gap timeout is the fallback

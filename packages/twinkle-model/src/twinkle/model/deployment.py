@@ -27,7 +27,7 @@ from .app import create_model_app
 _WORKER = "twinkle.model.distributed:ModelWorker"
 _HANDLE_API = (
     "create_run", "forward_backward", "optim_step", "save_state", "save_sampler_weights", "load_state",
-    "delete_run", "run_info", "list_runs", "info", "health", "skip", "next_seq_id", "next_seq_id",
+    "delete_run", "run_info", "list_runs", "info", "health", "skip", "next_seq_id",
 )
 
 
@@ -98,8 +98,4 @@ ModelManagement = serve.ingress()(ModelManagement)
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
-    if spec.server_type == "twinkle":  # clients call this app directly: see NATIVE_MAX_ONGOING_REQUESTS
-        from twinkle.common.native import with_native_concurrency
-
-        deployment = with_native_concurrency(deployment, default_name)
     return bind_component(ModelManagement, spec, deployment, default_name)

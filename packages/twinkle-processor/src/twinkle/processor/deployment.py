@@ -63,8 +63,4 @@ class ProcessorManagement:
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
-    if spec.server_type == "twinkle":  # clients call this app directly: see NATIVE_MAX_ONGOING_REQUESTS
-        from twinkle.common.native import with_native_concurrency
-
-        deployment = with_native_concurrency(deployment, default_name)
     return bind_component(ProcessorManagement, spec, deployment, default_name)

@@ -38,7 +38,7 @@ from twinkle.common.native import (
     ResolvedCheckpoint,
     SaveRequest,
 )
-from twinkle.common.wire import AdamParams, LoraConfig, NotFoundError, UserError
+from twinkle.common.wire import LoraConfig, NotFoundError, UserError
 
 from ..auth import KeyRing, check_auth_settings
 from ..backends import ModelPort, SamplerPort
@@ -53,8 +53,6 @@ log = logging.getLogger("twinkle.server.native")
 _enc = msgspec.json.encode
 Work = Callable[[], Awaitable[bytes]]
 _SCHEME = "twinkle://"
-# A numbered request refused here still has to occupy its seq_id at the Model service (see _consume_seq).
-_REJECTED = AdamParams(learning_rate=float("nan"))
 _INFO_TIMEOUT_S = 10.0
 _IDEMPOTENCY_KEY_MAX = 128
 
@@ -602,15 +600,10 @@ class NativeService:
 
 
 async def _consume_seq(port: ModelPort, run_id: str, owner: str, seq_id: int) -> None:
-    """Use up ``seq_id`` at the Model service so the run moves on to ``seq_id + 1`` at once: with the
-    service's ``skip`` where it has one, else as a request it refuses without touching the run (a NaN
-    learning rate is rejected inside the run's queue)."""
+    """Use up ``seq_id`` at the Model service (``skip``) so the run moves on to ``seq_id + 1`` at once; a
+    repeat of the refused request is answered with the refusal."""
     try:
-        skip = getattr(port, "skip", None)
-        if skip is not None:
-            await skip(run_id, owner, seq_id, "this request was refused by the server before it ran")
-        else:
-            await port.optim_step(run_id, owner, seq_id, _REJECTED)
+        await port.skip(run_id, owner, seq_id, "this request was refused by the server before it ran")
     except UserError:
         pass
     except Exception:  # noqa: BLE001 - best effort; the service's gap timeout is the fallback
