@@ -76,6 +76,18 @@ def test_workers_get_their_planned_gpus(tmp_path):
         # Every worker is its own process, not the replica's.
         assert len({w["pid"] for w in model_workers + sampler_workers}) == 3
 
+        # Training runs data-parallel over the two pinned workers (gloo): the loss falls.
+        from twinkle_client import Datum, TwinkleClient
+
+        with TwinkleClient(base, api_key="tml-cluster-test") as client:
+            run = client.create_training_run("tiny-qwen2", rank=4, seed=0)
+            data = [Datum.from_tokens([5 + i, 17, 29, 31, 37, 41, 43]) for i in range(4)]  # 2 per rank
+            losses = []
+            for _ in range(4):
+                losses.append(run.forward_backward(data).metrics["loss:sum"])
+                run.optim_step(learning_rate=1e-2)
+            assert losses[-1] < losses[0]
+
         stop = subprocess.run([sys.executable, "-m", "twinkle.server", "stop", "--address", head.address],
                               env=env, capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0, stop.stderr
