@@ -14,9 +14,8 @@ from twinkle.common.native import (
     TrainRequest,
     decode,
     peek_seq_id,
-    unwrap_user_error,
 )
-from twinkle.common.wire import NotFoundError, UserError
+from twinkle.common.wire import NotFoundError, UserError, unwrap_user_error
 
 
 class _Counting:

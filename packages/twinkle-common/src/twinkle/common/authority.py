@@ -27,8 +27,8 @@ import hashlib
 import time
 from typing import Any, Protocol, runtime_checkable
 
-from .native import FutureRef, LoadRequest, ResolvedCheckpoint, SaveRequest, unwrap_user_error
-from .wire import UserError
+from .native import FutureRef, LoadRequest, ResolvedCheckpoint, SaveRequest
+from .wire import UserError, unwrap_user_error
 
 API_KEY_HEADER = "x-api-key"
 

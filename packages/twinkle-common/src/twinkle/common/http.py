@@ -1,4 +1,5 @@
-"""What every component's Litestar app shares: error mapping, the health/info routes, OpenAPI.
+"""What every component's Litestar app shares: error mapping, the health/info routes, OpenAPI, awaiting a
+service call through Ray (``service_call``) and the served model name (``served_model_name``).
 
 Errors: a ``UserError`` becomes its 4xx with ``{"detail": message, "field": ...}``; a validation error of a
 request body becomes 400 naming the field; anything else becomes a 500 with a correlation id, and the
@@ -9,16 +10,18 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from .wire import UserError
+from .wire import UserError, unwrap_user_error
 
 log = logging.getLogger("twinkle")
+
+T = TypeVar("T")
 
 
 def _user_error(_: Request, exc: UserError) -> Response:
@@ -67,6 +70,32 @@ def health_routes(health: Callable[[], Awaitable[dict]], info: Callable[[], Awai
         return await info()
 
     return [healthz, info_route]
+
+
+async def service_call(awaitable: Awaitable[T]) -> T:
+    """Await a service call; a service error wrapped by Ray comes out as itself (no remote traceback)."""
+    try:
+        return await awaitable
+    except UserError as e:
+        cause = unwrap_user_error(e)
+        if cause is not None and cause is not e:
+            raise cause from None
+        raise
+
+
+def served_model_name(component: Any, model_name: str | None = None) -> Callable[[], Awaitable[str]]:
+    """``async () -> name``: ``model_name`` if given, else the component's ``info().model_name`` (asked once)."""
+    names: dict[str, str] = {}
+
+    async def served_name() -> str:
+        if model_name:
+            return model_name
+        if "name" not in names:
+            info = await component.info()
+            names["name"] = info["model_name"] if isinstance(info, dict) else info.model_name
+        return names["name"]
+
+    return served_name
 
 
 def distribution_version(distribution: str) -> str:

@@ -204,16 +204,3 @@ def peek_seq_id(body: bytes) -> int | None:
         return None
     return seq if seq is not None and seq >= 0 else None
 
-
-def unwrap_user_error(e: BaseException) -> UserError | None:
-    """The ``UserError`` a Ray task error wraps, if any (``RayTaskError.cause``, possibly nested). Ray's
-    wrapper is an instance of the cause's class too, but its message is the remote traceback, which must not
-    reach a client."""
-    cur: BaseException | None = e
-    for _ in range(6):
-        if cur is None:
-            return None
-        if isinstance(cur, UserError) and type(cur).__module__.startswith("twinkle."):
-            return cur
-        cur = getattr(cur, "cause", None) or cur.__cause__
-    return None

@@ -149,6 +149,20 @@ def _rebuild_user_error(cls, message, field, status):
     return cls(message, field=field, status=status)
 
 
+def unwrap_user_error(e: BaseException) -> UserError | None:
+    """The ``UserError`` a Ray task error wraps, if any (``RayTaskError.cause``, possibly nested). Ray's
+    wrapper is an instance of the cause's class too, but its message is the remote traceback, which must not
+    reach a client."""
+    cur: BaseException | None = e
+    for _ in range(6):
+        if cur is None:
+            return None
+        if isinstance(cur, UserError) and type(cur).__module__.startswith("twinkle."):
+            return cur
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    return None
+
+
 # --- service descriptions -----------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 
 from .env import CACHE_DIR_ENV, TRUST_REMOTE_CODE_ENV
+from .wire import unwrap_user_error
 
 # Environment variables every worker inherits from the launcher when set there.
 FORWARDED_ENV = (TRUST_REMOTE_CODE_ENV, CACHE_DIR_ENV, "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -117,7 +118,10 @@ class InProcessWorker:
 
 def unwrap_ray_error(error: BaseException) -> BaseException:
     """The exception a worker raised, not Ray's wrapper: a ``UserError`` must reach the client as itself
-    (status, field), whichever process raised it."""
+    (status, field), whichever process raised it; any other exception is Ray's ``cause`` (one level)."""
+    user = unwrap_user_error(error)
+    if user is not None:
+        return user
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, Exception) else error
 

@@ -2,7 +2,8 @@
 
 The gateway never talks HTTP to them (upstream's double hop through the Serve proxy cost ~10 ms per hop and
 re-encoded every tensor as JSON). It calls the services' async methods with the msgspec structs of
-``twinkle.common.wire``:
+``twinkle.common.wire``. ``ModelPort`` and ``SamplerPort`` are those APIs, one typed method each (forwarded to
+the port's ``_call``); both ports below are both:
 
 - ``LocalPort(service)`` calls a service object living in this process (tests, single-process runs);
 - ``HandlePort(handle)`` calls a Ray Serve ``DeploymentHandle`` (``await handle.<method>.remote(...)``). The
@@ -16,7 +17,7 @@ removed here so the caller sees the service's error with its ``field`` and ``sta
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable
 
 from twinkle.common.wire import (
     AdamParams,
@@ -24,63 +25,30 @@ from twinkle.common.wire import (
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
-    ModelInfo,
     OptimStepOutput,
     RunInfo,
     SampleOutput,
     SampleRequest,
-    UserError,
+    unwrap_user_error,
 )
 
 
-@runtime_checkable
-class ModelPort(Protocol):
-    """The async API of ``twinkle.model.service.ModelService``."""
-
-    async def create_run(self, run_id: str, owner: str, lora: LoraConfig) -> RunInfo: ...
-
-    async def forward_backward(self, run_id: str, owner: str, seq_id: int | None, inp: ForwardBackwardInput,
-                               forward_only: bool = False) -> ForwardBackwardOutput: ...
-
-    async def optim_step(self, run_id: str, owner: str, seq_id: int | None, params: AdamParams) -> OptimStepOutput: ...
-
-    async def save_state(self, run_id: str, owner: str, seq_id: int | None, path: str,
-                         include_optimizer: bool = True) -> CheckpointInfo: ...
-
-    async def save_sampler_weights(self, run_id: str, owner: str, seq_id: int | None, path: str) -> CheckpointInfo: ...
-
-    async def load_state(self, run_id: str, owner: str, seq_id: int | None, path: str, include_optimizer: bool,
-                         create: bool = False) -> RunInfo: ...
-
-    async def delete_run(self, run_id: str, owner: str) -> Any: ...
-
-    async def run_info(self, run_id: str, owner: str) -> RunInfo: ...
-
-    async def list_runs(self, owner: str) -> Any: ...
-
-    async def info(self) -> ModelInfo: ...
-
-    async def health(self) -> dict: ...
-
-    async def skip(self, run_id: str, owner: str, seq_id: int, reason: str) -> None: ...
-
-
-@runtime_checkable
-class SamplerPort(Protocol):
-    """The async API of ``twinkle.sampler.service.SamplerService``."""
-
-    async def sample(self, req: SampleRequest) -> SampleOutput: ...
-
-    async def info(self) -> Any: ...
-
-    async def health(self) -> dict: ...
-
-
-class _Port:
-    """Forwards each port method to ``_call(name, *args, **kwargs)``."""
+class _Forwarding:
+    """Forwards each port method to ``_call(name, *args, **kwargs)``: ``LocalPort`` calls the service object,
+    ``HandlePort`` the deployment."""
 
     async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    async def info(self) -> Any:
+        return await self._call("info")
+
+    async def health(self) -> dict:
+        return await self._call("health")
+
+
+class ModelPort(_Forwarding):
+    """The async API of ``twinkle.model.service.ModelService`` (``info()`` answers its ``ModelInfo``)."""
 
     async def create_run(self, run_id: str, owner: str, lora: LoraConfig) -> RunInfo:
         return await self._call("create_run", run_id, owner, lora)
@@ -112,17 +80,19 @@ class _Port:
     async def list_runs(self, owner: str) -> Any:
         return await self._call("list_runs", owner)
 
-    async def info(self) -> Any:
-        return await self._call("info")
-
-    async def health(self) -> dict:
-        return await self._call("health")
-
     async def skip(self, run_id: str, owner: str, seq_id: int, reason: str) -> None:
         return await self._call("skip", run_id, owner, seq_id, reason)
 
+
+class SamplerPort(_Forwarding):
+    """The async API of ``twinkle.sampler.service.SamplerService``."""
+
     async def sample(self, req: SampleRequest) -> SampleOutput:
         return await self._call("sample", req)
+
+
+class _Port(ModelPort, SamplerPort):
+    """A port to either kind of service: the peer decides which methods it answers."""
 
 
 class LocalPort(_Port):
@@ -163,7 +133,7 @@ class HandlePort(_Port):
         try:
             return await getattr(self.handle, name).remote(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - unwrap Ray's wrapper around a service error
-            cause = _service_error(e)
+            cause = unwrap_user_error(e)
             if cause is not None:
                 raise cause from None
             raise
@@ -175,18 +145,6 @@ def _is_handle(obj: Any) -> bool:
     except ImportError:  # pragma: no cover - ray is a dependency of the gateway
         return False
     return isinstance(obj, DeploymentHandle)
-
-
-def _service_error(e: BaseException) -> UserError | None:
-    """The ``UserError`` a Ray task error wraps, if any (``RayTaskError.cause``, possibly nested)."""
-    seen = 0
-    cur: BaseException | None = e
-    while cur is not None and seen < 5:
-        if isinstance(cur, UserError) and type(cur).__module__.startswith("twinkle."):
-            return cur
-        cur = getattr(cur, "cause", None) or cur.__cause__
-        seen += 1
-    return None
 
 
 PortFactory = Callable[[], Any]

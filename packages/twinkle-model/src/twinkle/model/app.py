@@ -26,7 +26,7 @@ from typing import Any
 
 from litestar import Litestar, Request, get, post
 from twinkle.common.authority import Authority, principal_of
-from twinkle.common.http import component_app
+from twinkle.common.http import component_app, served_model_name, service_call
 from twinkle.common.native import (
     MAX_BODY_BYTES,
     FutureRef,
@@ -37,12 +37,10 @@ from twinkle.common.native import (
     TrainRequest,
     decode,
     peek_seq_id,
-    unwrap_user_error,
 )
 from twinkle.common.wire import AdamParams, ForwardBackwardInput, ForwardBackwardOutput, OptimStepOutput, UserError
 
 log = logging.getLogger("twinkle.model.app")
-
 
 
 def create_model_app(model: Any, authority: Authority | None = None, *, model_name: str | None = None) -> Litestar:
@@ -51,15 +49,7 @@ def create_model_app(model: Any, authority: Authority | None = None, *, model_na
 
 
 def _native_routes(model: Any, authority: Authority, model_name: str | None) -> list:
-    names: dict[str, str] = {}
-
-    async def served_name() -> str:
-        if model_name:
-            return model_name
-        if "name" not in names:
-            info = await model.info()
-            names["name"] = info["model_name"] if isinstance(info, dict) else info.model_name
-        return names["name"]
+    served_name = served_model_name(model, model_name)
 
     async def owner_of(request: Request) -> str:
         return await principal_of(request, authority)
@@ -79,8 +69,8 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
     @get("/runs/{run_id:str}")
     async def run_state(request: Request, run_id: str) -> RunState:
         owner = await owner_of(request)
-        info = await _call(model.run_info(run_id, owner))
-        next_seq = await _call(model.next_seq_id(run_id, owner))
+        info = await service_call(model.run_info(run_id, owner))
+        next_seq = await service_call(model.next_seq_id(run_id, owner))
         return RunState(run_id=info.run_id, base_model=await served_name(), lora=info.lora, step=info.step,
                         resident=info.resident, next_seq_id=next_seq)
 
@@ -88,7 +78,7 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         owner = await owner_of(request)
         req: TrainRequest = await numbered(request, run_id, owner, TrainRequest)
         inp = ForwardBackwardInput(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config)
-        out = await _call(model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
+        out = await service_call(model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
         return _expect(out, ForwardBackwardOutput, req.seq_id, run_id)
 
     @post("/runs/{run_id:str}/forward", status_code=200, request_max_body_size=MAX_BODY_BYTES)
@@ -105,7 +95,7 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         req: OptimStepRequest = await numbered(request, run_id, owner, OptimStepRequest)
         params = AdamParams(learning_rate=req.learning_rate, beta1=req.beta1, beta2=req.beta2, eps=req.eps,
                             weight_decay=req.weight_decay, grad_clip_norm=req.grad_clip_norm)
-        out = await _call(model.optim_step(run_id, owner, req.seq_id, params))
+        out = await service_call(model.optim_step(run_id, owner, req.seq_id, params))
         return _expect(out, OptimStepOutput, req.seq_id, run_id)
 
     @post("/runs/{run_id:str}/save", status_code=202)
@@ -121,17 +111,6 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         return await authority.submit_load(owner, await served_name(), run_id, req)
 
     return [run_state, forward, forward_backward, optim_step, save, load]
-
-
-async def _call(awaitable: Any) -> Any:
-    """Await a service call; a service error wrapped by Ray comes out as itself (no remote traceback)."""
-    try:
-        return await awaitable
-    except UserError as e:
-        cause = unwrap_user_error(e)
-        if cause is not None and cause is not e:
-            raise cause from None
-        raise
 
 
 def _expect(out: Any, type_: type, seq_id: int | None, run_id: str) -> Any:

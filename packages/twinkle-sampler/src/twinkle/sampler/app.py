@@ -14,8 +14,8 @@ from typing import Any
 
 from litestar import Litestar, Request, post
 from twinkle.common.authority import Authority, principal_of
-from twinkle.common.http import component_app
-from twinkle.common.native import MAX_BODY_BYTES, SampleRequestIn, decode, unwrap_user_error
+from twinkle.common.http import component_app, served_model_name, service_call
+from twinkle.common.native import MAX_BODY_BYTES, SampleRequestIn, decode
 from twinkle.common.wire import SampleOutput, SampleRequest, UserError
 
 #: Most continuations of one prompt per request (the Tinker front-end's limit too).
@@ -28,15 +28,7 @@ def create_sampler_app(sampler: Any, authority: Authority | None = None, *, mode
 
 
 def _sample_route(sampler: Any, authority: Authority, model_name: str | None):
-    names: dict[str, str] = {}
-
-    async def served_name() -> str:
-        if model_name:
-            return model_name
-        if "name" not in names:
-            info = await sampler.info()
-            names["name"] = info["model_name"] if isinstance(info, dict) else info.model_name
-        return names["name"]
+    served_name = served_model_name(sampler, model_name)
 
     @post("/sample", status_code=200, request_max_body_size=MAX_BODY_BYTES)
     async def sample(request: Request) -> SampleOutput:
@@ -53,12 +45,11 @@ def _sample_route(sampler: Any, authority: Authority, model_name: str | None):
         wire = SampleRequest(prompt=list(req.prompt_tokens), sampling_params=params, num_samples=req.num_samples,
                              prompt_logprobs=req.prompt_logprobs, adapter_path=adapter_path)
         try:
-            return await sampler.sample(wire)
+            return await service_call(sampler.sample(wire))
         except UserError as e:
-            cause = unwrap_user_error(e) or e
-            if cause.field == "adapter_path":  # the client named a URI: speak of it, never of the path
-                message = cause.message.replace(adapter_path or "\0", str(req.model_uri))
-                raise UserError(message, field="model_uri", status=cause.status) from None
-            raise cause from None
+            if e.field == "adapter_path":  # the client named a URI: speak of it, never of the path
+                message = e.message.replace(adapter_path or "\0", str(req.model_uri))
+                raise UserError(message, field="model_uri", status=e.status) from None
+            raise
 
     return sample

@@ -25,7 +25,6 @@ import logging
 import math
 import secrets
 import time
-from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import msgspec
@@ -40,6 +39,17 @@ from twinkle.common.native import (
 )
 from twinkle.common.wire import LoraConfig, NotFoundError, UserError
 
+from .._common import (
+    Gone,
+    ServedModels,
+    expiry,
+    info_field,
+    iso,
+    page_limit,
+    page_offset,
+    sweep_forever,
+    visible_checkpoint,
+)
 from ..auth import KeyRing, check_auth_settings
 from ..backends import ModelPort, SamplerPort
 from ..checkpoints import CheckpointLayout, CheckpointRef, dir_size, parse_uri, validate_name, validate_run_id
@@ -57,36 +67,14 @@ _INFO_TIMEOUT_S = 10.0
 _IDEMPOTENCY_KEY_MAX = 128
 
 
-def iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def _field(info: Any, name: str) -> Any:
-    """A field of a service's ``info()``: a struct in-process, a dict through a deployment."""
-    if info is None:
-        return None
-    if isinstance(info, dict):
-        return info.get(name)
-    return getattr(info, name, None)
-
-
-class Gone(UserError):
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message, field=field, status=410)
-
-
-class NativeService:
+class NativeService(ServedModels):
     """State and behaviour of one TwinkleServer process. ``start()`` opens the store; ``close()`` ends it."""
 
     def __init__(self, settings: NativeSettings, *, models: dict[str, ModelPort], samplers: dict[str, SamplerPort],
                  processors: dict[str, Any] | None = None, peers: list[PeerApp] | None = None,
                  server_prefix: str = "/server") -> None:
+        super().__init__(models, samplers, settings.supported_models)
         self.settings = settings
-        allowed = set(settings.supported_models) if settings.supported_models is not None else None
-        self.models = {k: v for k, v in models.items() if allowed is None or k in allowed}
-        self.samplers = {k: v for k, v in samplers.items() if allowed is None or k in allowed}
         self.processors = dict(processors or {})
         self.peers = list(peers or [])
         self.server_prefix = server_prefix
@@ -96,7 +84,6 @@ class NativeService:
         self.futures: Futures | None = None
         self.keyring: KeyRing | None = None
         self._started = asyncio.Event()
-        self._model_info: dict[str, Any] = {}
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
 
@@ -107,7 +94,7 @@ class NativeService:
         self.futures = Futures(self.store, long_poll_s=self.settings.long_poll_timeout_s)
         await self.futures.recover()
         self.keyring = await KeyRing.load(self.store, self.keys, host=self.settings.host)
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="twinkle sweeper")
+        self._sweeper = asyncio.create_task(sweep_forever(self.sweep, self.settings.sweep_interval_s, log), name="twinkle sweeper")
         self._started.set()
 
     async def ready(self, timeout: float = 60.0) -> None:
@@ -172,7 +159,7 @@ class NativeService:
 
         async def prepare(run: RunRecord, port: ModelPort) -> tuple[Work, str]:
             name = validate_name(req.name, field="name")
-            expires = _expiry(req.ttl_seconds)
+            expires = expiry(req.ttl_seconds)
             ref = CheckpointRef(run_id=run.id, kind=kind, name=name, scheme=_SCHEME)
             path = self.layout.path_for(owner, run.id, kind, name)
             if not req.overwrite and await self._store.get_checkpoint(run.id, kind, name) is not None:
@@ -262,25 +249,13 @@ class NativeService:
             raise NotFoundError(f"training run {run_id!r} not found", field=field)
         return run
 
-    def _model_port(self, base_model: str, *, field: str = "base_model") -> ModelPort:
-        port = self.models.get(base_model)
-        if port is None:
-            served = ", ".join(sorted(self.models)) or "none"
-            raise UserError(f"unknown base_model {base_model!r}; this server trains: {served}", field=field)
-        return port
-
     async def _checkpoint_for(self, owner: str, uri: str, *, field: str,
                               kinds: tuple[str, ...] = ("weights", "sampler_weights")) -> CheckpointRecord:
         if not isinstance(uri, str) or not uri.startswith(("twinkle://", "tinker://")):
             raise UserError(f"{uri!r} is not a checkpoint URI; expected twinkle://<run_id>/{kinds[0]}/<name> "
                             "(server file paths are not accepted)", field=field)
         ref = parse_uri(uri, field=field, kinds=kinds)
-        c = await self._store.get_checkpoint(ref.run_id, ref.kind, ref.name)
-        if c is None or not (c.owner == owner or c.public):
-            raise NotFoundError(f"checkpoint {uri} not found", field=field)
-        if c.expires_at is not None and c.expires_at <= time.time():
-            raise NotFoundError(f"checkpoint {uri} has expired", field=field)
-        return c
+        return await visible_checkpoint(self._store, owner, ref.run_id, ref.kind, ref.name, uri=uri, field=field)
 
     async def _base_model_of(self, c: CheckpointRecord) -> str:
         if c.base_model:
@@ -307,21 +282,6 @@ class NativeService:
 
     def _prefix(self, kind: str, model: str) -> str | None:
         return next((p.route_prefix for p in self.peers if p.import_path == kind and p.model_name == model), None)
-
-    async def _info(self, name: str) -> Any | None:
-        """``info()`` of the model (or sampler) serving ``name``, cached; None while it cannot answer."""
-        if name in self._model_info:
-            return self._model_info[name]
-        port = self.models.get(name) or self.samplers.get(name)
-        if port is None:
-            return None
-        try:
-            info = await asyncio.wait_for(port.info(), _INFO_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - capabilities degrade while a peer starts
-            log.warning("could not read info of model %s: %s", name, e)
-            return None
-        self._model_info[name] = info
-        return info
 
     async def _run_out(self, run: RunRecord, latest: dict[tuple[str, str], CheckpointRecord], *,
                        live: bool = False) -> P.TrainingRunOut:
@@ -371,15 +331,15 @@ class NativeService:
         names = sorted(set(self.models) | set(self.samplers))
         models = []
         for name in names:
-            info = await self._info(name)
-            model_id = _field(info, "model_id") or next(
+            info = await self.model_info(name)
+            model_id = info_field(info, "model_id") or next(
                 (p.model_id for p in self.peers if p.model_name == name and p.model_id), None)
             models.append(P.ModelCapability(
                 name=name, model_id=model_id, trainable=name in self.models, sampleable=name in self.samplers,
                 model_prefix=self._prefix("model", name), sampler_prefix=self._prefix("sampler", name),
                 processor_prefix=self._prefix("processor", name),
-                max_context_length=_field(info, "max_context_length"), vocab_size=_field(info, "vocab_size"),
-                backend=_field(info, "backend"),
+                max_context_length=info_field(info, "max_context_length"), vocab_size=info_field(info, "vocab_size"),
+                backend=info_field(info, "backend"),
             ))
         return P.Capabilities(
             server_type="twinkle", version=distribution_version("twinkle-gateway"), api_version=P.API_VERSION,
@@ -492,7 +452,7 @@ class NativeService:
         return await self._idempotent(owner, "resume", req.idempotency_key, load_new, run_id=run_id)
 
     async def list_runs(self, owner: str, limit: int | None, offset: int | None) -> P.TrainingRunsOut:
-        limit, offset = _limit(limit), _offset(offset)
+        limit, offset = page_limit(limit), page_offset(offset)
         page = await self._store.list_runs(owner, limit, offset)
         latest = await self._store.latest_checkpoints([r.id for r in page.items])
         runs = [await self._run_out(r, latest) for r in page.items]
@@ -538,7 +498,7 @@ class NativeService:
         return self._checkpoint_out(max(items, key=lambda c: c.created))
 
     async def list_user_checkpoints(self, owner: str, limit: int | None, offset: int | None) -> P.CheckpointsOut:
-        limit, offset = _limit(limit, default=100), _offset(offset)
+        limit, offset = page_limit(limit, default=100), page_offset(offset)
         page = await self._store.list_user_checkpoints(owner, limit, offset)
         end = offset + len(page.items)
         return P.CheckpointsOut(checkpoints=[self._checkpoint_out(c) for c in page.items], cursor=P.Cursor(
@@ -582,18 +542,6 @@ class NativeService:
         pruned = await store.prune_futures(now - self.settings.future_ttl_s, now - self.settings.fetched_result_ttl_s)
         closed = await store.expire_sessions(now - self.settings.session_timeout_s, now)
         return {"checkpoints": len(expired), "futures": pruned, "sessions": len(closed)}
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                counts = await self.sweep()
-                if any(counts.values()):
-                    log.info("cleanup: %s", counts)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the sweeper must survive a bad pass
-                log.exception("cleanup pass failed")
-            await asyncio.sleep(self.settings.sweep_interval_s)
 
 
 # =================================================================================== helpers
@@ -651,26 +599,3 @@ def _kinds(kind: str | None) -> tuple[str, ...]:
         raise UserError(f"kind {kind!r} must be state, sampler, weights, sampler_weights or any", field="kind")
     return (mapped,)
 
-
-def _limit(limit: int | None, *, default: int = 20, cap: int = 1000) -> int:
-    if limit is None:
-        return default
-    if limit < 1:
-        raise UserError("must be >= 1", field="limit")
-    return min(limit, cap)
-
-
-def _offset(offset: int | None) -> int:
-    if offset is None:
-        return 0
-    if offset < 0:
-        raise UserError("must be >= 0", field="offset")
-    return offset
-
-
-def _expiry(ttl_seconds: int | None) -> float | None:
-    if ttl_seconds is None:
-        return None
-    if ttl_seconds <= 0:
-        raise UserError("must be a positive number of seconds (or null for no expiry)", field="ttl_seconds")
-    return time.time() + ttl_seconds

@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
-import time
 from typing import Any
 
 from twinkle.common.component import PeerApp
 
+from .._uvicorn import BackgroundServer
 from ..backends import LocalPort
-from ..tinker.testing import free_port
 from .router import create_twinkle_app
 from .serving import NativeService
 from .settings import NativeSettings
@@ -109,7 +107,7 @@ class _Lifespan:
             await self._task
 
 
-class LocalTwinkleStack:
+class LocalTwinkleStack(BackgroundServer):
     """``with LocalTwinkleStack(settings, model_id) as stack: TwinkleClient(stack.base_url, api_key=...)``.
 
     ``services`` may give already-built ``{"model": ModelService, "sampler": SamplerService,
@@ -117,25 +115,21 @@ class LocalTwinkleStack:
     engines); otherwise they are built here and closed on exit.
     """
 
+    what = "the Twinkle stack"
+    thread_name = "twinkle-stack"
+    start_timeout_s = 120
+    stop_timeout_s = 60
+
     def __init__(self, settings: NativeSettings, model_id: str | None = None, *,
                  services: dict[str, Any] | None = None, port: int | None = None, log_level: str = "warning",
                  model_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__(port=port, log_level=log_level)
         self.settings = settings
         self.model_id = model_id
-        self.port = port or free_port()
-        self.log_level = log_level
         self._given = services
         self._model_kwargs = model_kwargs or {}
-        self._own: list[Any] = []
         self.services: dict[str, Any] = {}
         self.native: NativeService | None = None
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def _build_services(self) -> dict[str, Any]:
         if self._given is not None:
@@ -176,54 +170,3 @@ class LocalTwinkleStack:
             prefixes["sampler"]: create_sampler_app(sampler, self.native, model_name=name),
             prefixes["processor"]: create_processor_app(self.services["processor"], self.native),
         })
-
-    def start(self) -> "LocalTwinkleStack":
-        import uvicorn
-
-        app = self.build_app()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=self.log_level, lifespan="on",
-                                timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._server.serve())
-                if self._own:
-                    loop.run_until_complete(self._close_services())
-            except BaseException as e:  # noqa: BLE001 - surfaced to the starting thread
-                self._error = e
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"twinkle-stack-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 120
-        while not self._server.started:
-            if self._error is not None or not self._thread.is_alive():
-                raise RuntimeError(f"the Twinkle stack did not start: {self._error!r}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("the Twinkle stack did not start within 120 s")
-            time.sleep(0.02)
-        return self
-
-    async def _close_services(self) -> None:
-        for service in self._own:
-            close = getattr(service, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await close()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-        self._thread = None
-
-    def __enter__(self) -> "LocalTwinkleStack":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,32 +32,8 @@ from . import protocol as P
 _enc = msgspec.json.encode
 
 
-def page_limit(limit: int | None, *, default: int = 20, cap: int = 1000) -> int:
-    if limit is None:
-        return default
-    if limit < 1:
-        raise UserError("must be >= 1", field="limit")
-    return min(limit, cap)
-
-
-def page_offset(offset: int | None) -> int:
-    if offset is None:
-        return 0
-    if offset < 0:
-        raise UserError("must be >= 0", field="offset")
-    return offset
-
-
 def default_name() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def expiry(ttl_seconds: int | None, field: str = "ttl_seconds") -> float | None:
-    if ttl_seconds is None:
-        return None
-    if ttl_seconds <= 0:
-        raise UserError("must be a positive number of seconds (or null for no expiry)", field=field)
-    return time.time() + ttl_seconds
 
 
 def str_metadata(md: dict[str, Any] | None) -> dict[str, str] | None:

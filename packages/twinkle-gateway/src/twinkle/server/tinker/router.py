@@ -25,6 +25,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from twinkle.common.wire import UserError
 
+from .._common import sweep_forever
 from ..auth import ApiKeyMiddleware, KeyRing, Principal, check_auth_settings
 from ..backends import ModelPort, SamplerPort
 from ..state import Store
@@ -421,7 +422,7 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
             await service.futures.recover()
             app.state.keyring = await KeyRing.load(store, keys, host=settings.host)
             app.state.service = service
-            sweeper = asyncio.create_task(_sweep_forever(service, settings.sweep_interval_s), name="tinker sweeper")
+            sweeper = asyncio.create_task(sweep_forever(service.sweep, settings.sweep_interval_s, log), name="tinker sweeper")
             yield
         finally:
             if sweeper is not None:
@@ -444,15 +445,3 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
         debug=debug,
     )
 
-
-async def _sweep_forever(service: TinkerService, interval: float) -> None:
-    while True:
-        try:
-            counts = await service.sweep()
-            if any(counts.values()):
-                log.info("cleanup: %s", counts)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the sweeper must survive a bad pass
-            log.exception("cleanup pass failed")
-        await asyncio.sleep(interval)

@@ -23,19 +23,18 @@ import inspect
 import logging
 import secrets
 import time
-from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import msgspec
 
 from twinkle.common.wire import (
-    AdamParams,
     ForwardBackwardInput,
     NotFoundError,
     SampleRequest,
     UserError,
 )
 
+from .._common import Gone, ServedModels, expiry, info_field, iso, page_limit, page_offset, visible_checkpoint
 from ..backends import ModelPort, SamplerPort
 from ..checkpoints import (
     CHECKPOINT_TYPE,
@@ -54,11 +53,8 @@ from .convert import (
     adam_params,
     check_optimizer,
     default_name,
-    expiry,
     input_tokens,
     lora_config,
-    page_limit,
-    page_offset,
     reject_unsupported_sampling,
     render_result,
     sampling_params,
@@ -75,45 +71,19 @@ _MAX_NUM_SAMPLES = 1024
 # Rendered results kept for re-polls (the SDK re-fetches after a network error): a few, none huge.
 _RENDER_CACHE_ITEMS = 256
 _RENDER_CACHE_ITEM_BYTES = 1 << 20
-_INFO_TIMEOUT_S = 10.0
 
 
-def _field(info: Any, name: str) -> Any:
-    """A field of a service's ``info()``: the model service answers a struct, the sampler a dict."""
-    if info is None:
-        return None
-    if isinstance(info, dict):
-        return info.get(name)
-    return getattr(info, name, None)
-
-
-def iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-class Gone(UserError):
-    """The resource existed but is finished (HTTP 410; the SDK stops heartbeating on it)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=410)
-
-
-class TinkerService:
+class TinkerService(ServedModels):
     """State and behaviour of one Tinker-compatible server process."""
 
     def __init__(self, settings: TinkerSettings, store: Store, models: dict[str, ModelPort],
                  samplers: dict[str, SamplerPort]) -> None:
+        super().__init__(models, samplers, settings.supported_models)
         self.settings = settings
         self.store = store
-        allowed = set(settings.supported_models) if settings.supported_models is not None else None
-        self.models = {k: v for k, v in models.items() if allowed is None or k in allowed}
-        self.samplers = {k: v for k, v in samplers.items() if allowed is None or k in allowed}
         self.layout = CheckpointLayout(settings.checkpoint_dir)
         self.futures = Futures(store, long_poll_s=settings.long_poll_timeout_s)
         self._runs: dict[str, RunRecord] = {}
-        self._model_info: dict[str, Any] = {}
         self._rendered: collections.OrderedDict[tuple[str, bool], tuple[bytes, str]] = collections.OrderedDict()
         self._background: set[asyncio.Task] = set()
 
@@ -148,13 +118,6 @@ class TinkerService:
             raise NotFoundError(f"training run {run_id!r} not found", field=field)
         return run
 
-    def _model_port(self, base_model: str, *, field: str = "base_model") -> ModelPort:
-        port = self.models.get(base_model)
-        if port is None:
-            served = ", ".join(sorted(self.models)) or "none"
-            raise UserError(f"unknown base_model {base_model!r}; this server trains: {served}", field=field)
-        return port
-
     def _sampler_port(self, base_model: str, *, field: str = "base_model") -> SamplerPort:
         port = self.samplers.get(base_model)
         if port is None:
@@ -165,27 +128,8 @@ class TinkerService:
 
     async def _checkpoint(self, owner: str, ref: CheckpointRef, *, field: str = "path",
                           allow_public: bool = True) -> CheckpointRecord:
-        c = await self.store.get_checkpoint(ref.run_id, ref.kind, ref.name)
-        if c is None or not (c.owner == owner or (allow_public and c.public)):
-            raise NotFoundError(f"checkpoint {ref.uri} not found", field=field)
-        if c.expires_at is not None and c.expires_at <= time.time():
-            raise NotFoundError(f"checkpoint {ref.uri} has expired", field=field)
-        return c
-
-    async def model_info(self, name: str) -> Any | None:
-        """``ModelInfo`` of a served model, cached; None while the model service cannot answer."""
-        if name in self._model_info:
-            return self._model_info[name]
-        port = self.models.get(name) or self.samplers.get(name)
-        if port is None:
-            return None
-        try:
-            info = await asyncio.wait_for(port.info(), _INFO_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - capabilities degrade gracefully while a peer starts
-            log.warning("could not read info of model %s: %s", name, e)
-            return None
-        self._model_info[name] = info
-        return info
+        return await visible_checkpoint(self.store, owner, ref.run_id, ref.kind, ref.name, uri=ref.uri, field=field,
+                                        allow_public=allow_public)
 
     # =============================================================================== handshake & sessions
 
@@ -245,7 +189,7 @@ class TinkerService:
         for name in names:
             info = await self.model_info(name)
             out.append(P.SupportedModelOut(
-                model_name=name, max_context_length=_field(info, "max_context_length"),
+                model_name=name, max_context_length=info_field(info, "max_context_length"),
                 trainable=name in self.models, sampleable=name in self.samplers,
             ))
         return P.ServerCapabilitiesResponse(supported_models=out)
@@ -278,10 +222,10 @@ class TinkerService:
     async def get_info(self, owner: str, model_id: str) -> P.GetInfoResponse:
         run = await self._run(owner, model_id)
         info = await self.model_info(run.base_model)
-        tokenizer = _field(info, "tokenizer_id") or run.base_model
+        tokenizer = info_field(info, "tokenizer_id") or run.base_model
         return P.GetInfoResponse(
             model_id=run.id,
-            model_data=P.ModelDataOut(model_name=run.base_model, arch=_field(info, "arch"),
+            model_data=P.ModelDataOut(model_name=run.base_model, arch=info_field(info, "arch"),
                                       tokenizer_id=tokenizer),
             lora_rank=run.lora.get("rank"), model_name=run.base_model,
         )
