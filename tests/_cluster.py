@@ -55,9 +55,22 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
 
 
 def ray_processes(marker: str) -> list[str]:
-    """Command lines of live processes that mention ``marker`` (a per-test temp dir or session)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+    """``"<pid> <command line>"`` of live processes whose command line mentions ``marker`` (a per-test temp
+    dir or session). Read from /proc: ``ps`` cuts lines to $COLUMNS, which test runners set."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(f"{entry} {cmdline}")
+    return found
 
 
 class RayHead:
