@@ -73,3 +73,15 @@ def test_plan_overlap_without_sharing_is_an_error(tmp_path, capsys):
 def test_plan_missing_topology_file_is_a_clear_error(capsys):
     assert main(["plan", str(REPO / "deploy" / "local.yaml"), "--topology", "/nonexistent/topology.yaml"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+
+def test_launch_says_loudly_that_megatron_configs_train_with_transformers(caplog):
+    import logging
+
+    from twinkle.common.config import load_config
+    from twinkle.server.launcher import _warn_about_substitutions
+
+    with caplog.at_level(logging.WARNING, logger="twinkle.server"):
+        _warn_about_substitutions(load_config(REPO / "deploy" / "examples" / "twinkle-megatron.yaml"))
+    assert "megatron-core backend is not in this release" in caplog.text
