@@ -5,6 +5,8 @@ thread: the common part of ``tinker.testing.LocalTinkerServer`` and ``native.tes
 
 from __future__ import annotations
 
+import abc
+
 import asyncio
 import contextlib
 import socket
@@ -21,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class BackgroundServer:
+class BackgroundServer(abc.ABC):
     """Serves ``build_app()`` until ``stop()``; services listed in ``_own`` are closed (``await close()``)
     after the server has stopped, on its loop."""
 
@@ -44,8 +46,9 @@ class BackgroundServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def build_app(self) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build_app(self) -> Any:
+        """The ASGI app to serve."""
 
     def start(self: S) -> S:
         import uvicorn

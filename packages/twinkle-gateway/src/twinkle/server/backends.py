@@ -16,6 +16,8 @@ removed here so the caller sees the service's error with its ``field`` and ``sta
 
 from __future__ import annotations
 
+import abc
+
 import inspect
 from typing import Any, Callable
 
@@ -33,12 +35,13 @@ from twinkle.common.wire import (
 )
 
 
-class _Forwarding:
+class _Forwarding(abc.ABC):
     """Forwards each port method to ``_call(name, *args, **kwargs)``: ``LocalPort`` calls the service object,
     ``HandlePort`` the deployment."""
 
-    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the service's method ``name``."""
 
     async def info(self) -> Any:
         return await self._call("info")
