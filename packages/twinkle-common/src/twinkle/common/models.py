@@ -120,9 +120,23 @@ def _from_modelscope(repo_id: str) -> str:
 
 
 def load_tokenizer(model_id: str):
-    from transformers import AutoTokenizer
+    """The model's tokenizer. The class its ``tokenizer_config.json`` names is loaded directly when
+    transformers has it: ``AutoTokenizer``'s module imports torch (~190 MB), which a process that only
+    tokenizes (the processor) does not need. Anything else goes through ``AutoTokenizer``."""
+    import transformers
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(model_id), trust_remote_code=trust_remote_code())
+    path = resolve_model_path(model_id)
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            declared = json.load(f).get("tokenizer_class")
+        # AutoTokenizer would prefer the fast (tokenizers) variant of the declared class; so do we.
+        names = [declared + "Fast", declared] if isinstance(declared, str) and not declared.endswith("Fast") else [declared]
+        cls = next((getattr(transformers, n) for n in names if isinstance(n, str) and hasattr(transformers, n)), None)
+    except (OSError, ValueError, AttributeError, ImportError):
+        cls = None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoTokenizer
+    return cls.from_pretrained(path, trust_remote_code=trust_remote_code())
 
 
 def load_causal_lm(model_id: str, *, dtype=None, device: str | None = None):

@@ -23,6 +23,7 @@ import importlib
 import inspect
 import os
 import socket
+import sys
 from typing import Any
 
 import msgspec
@@ -193,12 +194,12 @@ def start_ray_workers(target: str, specs: list[WorkerSpec], args_for: Any) -> li
 
 
 def set_torch_threads(n: int) -> None:
+    """Use ``n`` intra-op threads. Before torch is imported, the environment is enough (torch reads
+    OMP_NUM_THREADS at import), so a process that never needs torch (the processor) never imports it."""
     os.environ["OMP_NUM_THREADS"] = str(n)
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
 
 
 def free_port_on_node(node_id: str | None) -> tuple[str, int]:
