@@ -85,3 +85,19 @@ def test_launch_says_loudly_that_megatron_configs_train_with_transformers(caplog
     with caplog.at_level(logging.WARNING, logger="twinkle.server"):
         _warn_about_substitutions(load_config(REPO / "deploy" / "examples" / "twinkle-megatron.yaml"))
     assert "megatron-core backend is not in this release" in caplog.text
+
+
+def test_a_taken_port_is_a_clear_error_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("twinkle.server._ray_runtime._existing_cluster_address", lambda: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "busy.yaml"
+        cfg.write_text((REPO / "deploy" / "local-tinker.yaml").read_text().replace("port: 8000", f"port: {port}"))
+        assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is not available" in err and "Traceback" not in err

@@ -19,6 +19,9 @@ from twinkle.common.config import ConfigError, dump_config, load_config
 from twinkle.common.placement import PlacementError
 from twinkle.common.topology import TopologyError
 
+from .auth import AuthConfigError
+from .launcher import LaunchError
+
 _SUBCOMMANDS = ("launch", "check-config", "print-config", "plan", "stop")
 
 
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = _plan(cfg, args.topology, args.allow_shared_gpus)
             print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
         return 0
-    except (ConfigError, PlacementError, TopologyError) as e:
+    except (ConfigError, PlacementError, TopologyError, LaunchError, AuthConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -42,6 +42,24 @@ _COMPONENTS = {
 _SERVER_DEPLOYMENT = {"twinkle": "TwinkleServer", "tinker": "TinkerCompatServer"}
 
 
+class LaunchError(RuntimeError):
+    """The server cannot start as configured (e.g. its port is taken); the message says what to change."""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """An embedded Ray would start, then Serve's proxy would fail to bind with a traceback; say it first."""
+    import socket
+
+    bind_host = "" if host in ("0.0.0.0", "::") else host
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((bind_host, port))
+        except OSError as e:
+            raise LaunchError(f"http_options: {host}:{port} is not available ({e.strerror}); is another server "
+                              "running? Stop it or set http_options.port to a free port") from None
+
+
 class LaunchedServer:
     """What ``launch_server(wait=False)`` returns: enough to find and stop what it started."""
 
@@ -90,6 +108,8 @@ def launch_server(
 
     from . import _ray_runtime
 
+    if address is None and not _ray_runtime._existing_cluster_address():
+        _check_port_free(config.http_options.host, config.http_options.port)
     if not wait and address is None and not _ray_runtime._existing_cluster_address():
         # An embedded Ray dies with this process; --no-wait needs one that outlives it.
         address = _ray_runtime.start_detached_head(log_level)
