@@ -79,32 +79,32 @@ def peer_handle(spec: ComponentSpec, app_name: str):
     return serve.get_deployment_handle(peer.deployment_name, app_name=peer.app_name)
 
 
-def build_tinker_app(spec: ComponentSpec) -> Litestar:
+def peer_ports(spec: ComponentSpec, kind: str) -> dict:
+    """Served model name -> a port on that application's deployment, for every peer of ``kind``. Handles
+    are resolved on first use: the peers may still be starting when this replica is built."""
     from .backends import HandlePort
+
+    return {p.model_name: HandlePort(lambda p=p: peer_handle(spec, p.app_name))
+            for p in spec.peers if p.import_path == kind and p.model_name}
+
+
+def build_tinker_app(spec: ComponentSpec) -> Litestar:
     from .tinker import TinkerSettings, create_tinker_app
 
-    models = {p.model_name: HandlePort(lambda p=p: peer_handle(spec, p.app_name))
-              for p in spec.peers if p.import_path == "model"}
-    samplers = {p.model_name: HandlePort(lambda p=p: peer_handle(spec, p.app_name))
-                for p in spec.peers if p.import_path == "sampler"}
     settings = TinkerSettings.from_server_args(spec.args, checkpoint_dir=spec.checkpoint_dir,
                                                state_db=spec.state_db, host=spec.http_host)
-    return create_tinker_app(settings, models=models, samplers=samplers)
+    return create_tinker_app(settings, models=peer_ports(spec, "model"), samplers=peer_ports(spec, "sampler"))
 
 
 def build_native_service(spec: ComponentSpec):
     """The TwinkleServer state over Serve handles on the model, sampler and processor applications."""
-    from .backends import HandlePort
     from .native import NativeService, NativeSettings
-
-    def ports(kind: str) -> dict[str, HandlePort]:
-        return {p.model_name: HandlePort(lambda p=p: peer_handle(spec, p.app_name))
-                for p in spec.peers if p.import_path == kind and p.model_name}
 
     settings = NativeSettings.from_server_args(spec.args, checkpoint_dir=spec.checkpoint_dir,
                                                state_db=spec.state_db, host=spec.http_host)
-    return NativeService(settings, models=ports("model"), samplers=ports("sampler"), processors=ports("processor"),
-                         peers=list(spec.peers), server_prefix=spec.route_prefix)
+    return NativeService(settings, models=peer_ports(spec, "model"), samplers=peer_ports(spec, "sampler"),
+                         processors=peer_ports(spec, "processor"), peers=list(spec.peers),
+                         server_prefix=spec.route_prefix)
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):

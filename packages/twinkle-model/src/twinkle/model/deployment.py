@@ -13,6 +13,7 @@ The central server calls the service's methods through this deployment's handle 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from litestar import Litestar
@@ -44,7 +45,8 @@ class ModelManagement:
         specs = list(spec.workers)
         in_process = len(specs) <= 1 and (not specs or specs[0].cuda_visible_devices is None)
         if in_process:
-            set_torch_threads((specs[0].threads if specs else None) or None)
+            # Ray set OMP_NUM_THREADS to this replica's CPU request (0.1 -> 1 thread): use the planned cores.
+            set_torch_threads((specs[0].threads if specs else None) or os.cpu_count() or 1)
         else:
             from .distributed import DataParallelBackend
 
