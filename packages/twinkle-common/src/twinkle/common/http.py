@@ -120,3 +120,16 @@ def create_app(title: str, version: str, route_handlers: list, **kwargs: Any) ->
         openapi_config=OpenAPIConfig(title=title, version=version, path="/docs"),
         **kwargs,
     )
+
+
+async def release_seq_id(model: Any, run_id: str, owner: str, seq_id: int, reason: str) -> None:
+    """Tell the Model service (a ``ModelService``, a port or a handle wrapper with ``skip``) that request
+    ``seq_id`` of a run was refused before it reached the service, so the run moves on to ``seq_id + 1`` at
+    once; a repeat of the refused request is answered with ``reason``. Best effort: the run's gap timeout
+    is the fallback."""
+    try:
+        await model.skip(run_id, owner, seq_id, reason)
+    except UserError:
+        pass
+    except Exception:  # noqa: BLE001
+        log.warning("could not release seq_id %s of run %s", seq_id, run_id, exc_info=True)

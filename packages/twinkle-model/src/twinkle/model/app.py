@@ -26,7 +26,7 @@ from typing import Any
 
 from litestar import Litestar, Request, get, post
 from twinkle.common.authority import Authority, principal_of
-from twinkle.common.http import component_app, served_model_name, service_call
+from twinkle.common.http import component_app, release_seq_id, served_model_name, service_call
 from twinkle.common.native import (
     MAX_BODY_BYTES,
     FutureRef,
@@ -63,7 +63,7 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         except UserError:
             seq_id = peek_seq_id(body)
             if seq_id is not None:
-                await _consume(model, run_id, owner, seq_id)
+                await release_seq_id(model, run_id, owner, seq_id, "this request's body could not be decoded")
             raise
 
     @get("/runs/{run_id:str}")
@@ -121,12 +121,3 @@ def _expect(out: Any, type_: type, seq_id: int | None, run_id: str) -> Any:
                         "from the run's next_seq_id (GET …/runs/{run_id})", field="seq_id", status=409)
     return out
 
-
-async def _consume(model: Any, run_id: str, owner: str, seq_id: int) -> None:
-    """Use up ``seq_id`` (``ModelService.skip``): later requests of the run must not wait for it."""
-    try:
-        await model.skip(run_id, owner, seq_id, "this request's body could not be decoded")
-    except UserError:
-        pass
-    except Exception:  # noqa: BLE001 - best effort; the run's gap timeout is the fallback
-        log.warning("could not release seq_id %s of run %s", seq_id, run_id, exc_info=True)

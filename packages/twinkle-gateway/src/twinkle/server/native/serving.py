@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 from twinkle.common.component import PeerApp
-from twinkle.common.http import distribution_version
+from twinkle.common.http import distribution_version, release_seq_id
 from twinkle.common.native import (
     SAVE_KINDS,
     FutureRef,
@@ -234,7 +234,8 @@ class NativeService(ServedModels):
             work, uri = await prepare(run, port)
         except UserError:
             if seq_id is not None:
-                self._spawn(_consume_seq(port, run.id, owner, seq_id), f"reject {run.id}#{seq_id}")
+                self._spawn(release_seq_id(port, run.id, owner, seq_id, "this request was refused by the server before it ran"),
+                            f"reject {run.id}#{seq_id}")
             raise
         record = await self._futures.submit(owner=owner, kind=kind, work=work, model_id=run.id, seq_id=seq_id,
                                             meta={"uri": uri}, touch_run=run.id)
@@ -546,16 +547,6 @@ class NativeService(ServedModels):
 
 # =================================================================================== helpers
 
-
-async def _consume_seq(port: ModelPort, run_id: str, owner: str, seq_id: int) -> None:
-    """Use up ``seq_id`` at the Model service (``skip``) so the run moves on to ``seq_id + 1`` at once; a
-    repeat of the refused request is answered with the refusal."""
-    try:
-        await port.skip(run_id, owner, seq_id, "this request was refused by the server before it ran")
-    except UserError:
-        pass
-    except Exception:  # noqa: BLE001 - best effort; the service's gap timeout is the fallback
-        log.warning("could not release seq_id %s of run %s", seq_id, run_id, exc_info=True)
 
 
 def _expect(out: Any, attribute: str, run_id: str, seq_id: int | None) -> None:

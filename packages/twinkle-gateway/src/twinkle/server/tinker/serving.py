@@ -27,6 +27,8 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 
+from twinkle.common.http import release_seq_id
+
 from twinkle.common.wire import (
     ForwardBackwardInput,
     NotFoundError,
@@ -64,6 +66,7 @@ from .futures import Futures
 from .settings import TinkerSettings
 
 log = logging.getLogger("twinkle.server.tinker")
+_REFUSED = "the server refused this request (see its submit response)"
 
 _enc = msgspec.json.encode
 Work = Callable[[], Awaitable[bytes]]
@@ -420,7 +423,7 @@ class TinkerService(ServedModels):
         """Submit a numbered request of a training run.
 
         ``prepare`` checks the request and returns the work to run. If it rejects the request, its ``seq_id``
-        is still handed to the Model service as a request that fails there (``_consume_seq``): the service runs
+        is still handed to the Model service as a request that fails there (``release_seq_id``): the service runs
         each run's requests strictly in order and would otherwise hold every later request of this run until
         its gap timeout. A repeat of an already accepted ``seq_id`` gets the first request's id instead of
         being checked again (a retried ``save_state`` must not fail on the checkpoint its first try wrote).
@@ -439,7 +442,7 @@ class TinkerService(ServedModels):
             first = await self.futures.find(run.id, seq_id)
             if first is not None and first.owner == owner:
                 return P.UntypedFuture(request_id=first.request_id, model_id=run.id)
-            self._spawn(self._consume_seq(port, run.id, owner, seq_id), f"reject {run.id}#{seq_id}")
+            self._spawn(release_seq_id(port, run.id, owner, seq_id, _REFUSED), f"reject {run.id}#{seq_id}")
             raise
         record = await self.futures.submit(owner=owner, kind=kind, work=work, model_id=run.id, seq_id=seq_id,
                                            touch_run=run.id)
@@ -456,16 +459,7 @@ class TinkerService(ServedModels):
         except UserError:
             return
         if await self.futures.find(run.id, seq_id) is None:
-            self._spawn(self._consume_seq(port, run.id, owner, seq_id), f"reject {run.id}#{seq_id}")
-
-    @staticmethod
-    async def _consume_seq(port: ModelPort, run_id: str, owner: str, seq_id: int) -> None:
-        """Tell the Model service that ``seq_id`` was refused here, so the run moves on to ``seq_id + 1``
-        at once instead of waiting out its gap timeout."""
-        try:
-            await port.skip(run_id, owner, seq_id, "the server refused this request (see its submit response)")
-        except Exception:  # noqa: BLE001 - best effort; the service's gap timeout is the fallback
-            log.warning("could not release seq_id %s of run %s", seq_id, run_id, exc_info=True)
+            self._spawn(release_seq_id(port, run.id, owner, seq_id, _REFUSED), f"reject {run.id}#{seq_id}")
 
     async def _record_checkpoint(self, owner: str, run: RunRecord, ref: CheckpointRef, path: str, info: Any,
                                  expires: float | None, user_metadata: dict[str, str] | None) -> None:
