@@ -14,7 +14,7 @@ from twinkle.server.auth import (
     is_loopback,
     principal_id,
 )
-from twinkle.server.state import Store
+from twinkle.server.core.state import Store
 from twinkle.server.tinker import TinkerSettings, create_tinker_app
 
 KEY_A = "tml-alice-0123456789abcdef"

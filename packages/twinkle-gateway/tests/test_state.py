@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from twinkle.server.state import (
+from twinkle.server.core.state import (
     ApiKeyRecord,
     CheckpointRecord,
     FutureRecord,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from twinkle.common.wire import AdamParams, NotFoundError, UserError
-from twinkle.server.backends import HandlePort, LocalPort, ModelPort, SamplerPort
-from twinkle.server.checkpoints import CheckpointLayout, parse_checkpoint_id, parse_uri
+from twinkle.server.core.ports import HandlePort, LocalPort, ModelPort, SamplerPort
+from twinkle.server.core.checkpoints import CheckpointLayout, parse_checkpoint_id, parse_uri
 from twinkle.server.tinker import TinkerSettings
 
 

@@ -24,14 +24,16 @@ import logging
 import os
 import secrets
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import msgspec
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, ServiceUnavailableException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.types import ASGIApp
 
-from .state import ApiKeyRecord, Store
+if TYPE_CHECKING:  # the store imports nothing from here; importing it lazily keeps core -> auth acyclic
+    from .core.state import Store
 
 log = logging.getLogger("twinkle.server.auth")
 
@@ -109,6 +111,8 @@ class KeyRing:
     @classmethod
     async def load(cls, store: Store, keys: list[str], *, host: str) -> "KeyRing":
         """Sync the configured keys into the store and build the ring. ``keys`` are already validated."""
+        from .core.state import ApiKeyRecord
+
         salt = bytes.fromhex(await store.meta_setdefault(_SALT_META, secrets.token_hex(16)))
         now = time.time()
         await store.replace_keys(
@@ -153,13 +157,26 @@ class KeyRing:
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     """Litestar authentication middleware: sets ``request.user`` to the caller's ``Principal``.
 
-    Routes opt out with ``opt={"exclude_from_auth": True}`` (health checks). The key ring is read from
-    ``app.state.keyring``, which the app's startup hook fills once the store is open.
+    Routes opt out with ``opt={"exclude_from_auth": True}`` (health checks); ``public`` names whole path
+    prefixes served without a key (the OpenAPI docs), matched exactly from the app's root — never anywhere
+    in a path. The key ring is read from ``app.state.keyring``, which the app's startup fills.
     """
 
+    def __init__(self, app: ASGIApp, public: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.public = tuple(p.rstrip("/") for p in public)
+
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+        if self.public and self._is_public(connection.scope):
+            return AuthenticationResult(user=None, auth=None)
         keyring: KeyRing | None = getattr(connection.app.state, "keyring", None)
         if keyring is None:
             raise ServiceUnavailableException(detail="the server is still starting; retry in a moment")
         principal = keyring.authenticate(connection.headers.get(API_KEY_HEADER))
         return AuthenticationResult(user=principal, auth=None)
+
+    def _is_public(self, scope: Any) -> bool:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return any(path == p or path.startswith(p + "/") for p in self.public)

@@ -62,16 +62,16 @@ class CentralServer:
         return self.native
 
     async def authenticate(self, api_key: str | None) -> str:
-        return await self._native_service().authenticate(api_key)
+        return await self._native_service().authority.authenticate(api_key)
 
     async def submit_save(self, owner: str, base_model: str, run_id: str, req: Any) -> Any:
-        return await self._native_service().submit_save(owner, base_model, run_id, req)
+        return await self._native_service().authority.submit_save(owner, base_model, run_id, req)
 
     async def submit_load(self, owner: str, base_model: str, run_id: str, req: Any) -> Any:
-        return await self._native_service().submit_load(owner, base_model, run_id, req)
+        return await self._native_service().authority.submit_load(owner, base_model, run_id, req)
 
     async def resolve_checkpoint(self, owner: str, uri: str, base_model: str) -> Any:
-        return await self._native_service().resolve_checkpoint(owner, uri, base_model)
+        return await self._native_service().authority.resolve_checkpoint(owner, uri, base_model)
 
 
 def peer_handle(spec: ComponentSpec, app_name: str):
@@ -82,7 +82,7 @@ def peer_handle(spec: ComponentSpec, app_name: str):
 def peer_ports(spec: ComponentSpec, kind: str) -> dict:
     """Served model name -> a port on that application's deployment, for every peer of ``kind``. Handles
     are resolved on first use: the peers may still be starting when this replica is built."""
-    from .backends import HandlePort
+    from .core.ports import HandlePort
 
     return {p.model_name: HandlePort(lambda p=p: peer_handle(spec, p.app_name))
             for p in spec.peers if p.import_path == kind and p.model_name}
@@ -103,8 +103,7 @@ def build_native_service(spec: ComponentSpec):
     settings = NativeSettings.from_server_args(spec.args, checkpoint_dir=spec.checkpoint_dir,
                                                state_db=spec.state_db, host=spec.http_host)
     return NativeService(settings, models=peer_ports(spec, "model"), samplers=peer_ports(spec, "sampler"),
-                         processors=peer_ports(spec, "processor"), peers=list(spec.peers),
-                         server_prefix=spec.route_prefix)
+                         peers=list(spec.peers), server_prefix=spec.route_prefix)
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):

@@ -133,7 +133,7 @@ class FutureOut(msgspec.Struct):
     request_id: str
     status: Literal["pending", "done", "failed"]
     kind: str
-    result: msgspec.Raw | None = None
+    result: Any = None
     error: FutureError | None = None
     elapsed_s: float = 0.0
 

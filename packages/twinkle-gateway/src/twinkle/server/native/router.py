@@ -147,7 +147,7 @@ def create_twinkle_app(service: NativeService, *, path_prefix: str = "", debug: 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await service.start()
-        app.state.keyring = service.keyring
+        app.state.keyring = service.plane.keyring
         try:
             yield
         finally:
@@ -157,7 +157,7 @@ def create_twinkle_app(service: NativeService, *, path_prefix: str = "", debug: 
     handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
     return Litestar(
         route_handlers=handlers,
-        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["/docs"])],
+        middleware=[DefineMiddleware(ApiKeyMiddleware, public=("/docs",))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         state=State({"service": service, "keyring": None}),

@@ -19,7 +19,7 @@ from typing import Any
 from twinkle.common.component import PeerApp
 
 from .._uvicorn import BackgroundServer
-from ..backends import LocalPort
+from ..core.ports import LocalPort
 from .router import create_twinkle_app
 from .serving import NativeService
 from .settings import NativeSettings
@@ -162,11 +162,11 @@ class LocalTwinkleStack(BackgroundServer):
         sampler = _SyncServiceAdapter(self.services["sampler"])
         self.native = NativeService(
             self.settings, models={name: LocalPort(self.services["model"])}, samplers={name: LocalPort(sampler)},
-            processors={name: LocalPort(self.services["processor"])}, peers=peers, server_prefix="/server",
+            peers=peers, server_prefix="/server",
         )
         return PrefixDispatcher({
             "/server": create_twinkle_app(self.native),
-            prefixes["model"]: create_model_app(self.services["model"], self.native, model_name=name),
-            prefixes["sampler"]: create_sampler_app(sampler, self.native, model_name=name),
-            prefixes["processor"]: create_processor_app(self.services["processor"], self.native),
+            prefixes["model"]: create_model_app(self.services["model"], self.native.authority, model_name=name),
+            prefixes["sampler"]: create_sampler_app(sampler, self.native.authority, model_name=name),
+            prefixes["processor"]: create_processor_app(self.services["processor"], self.native.authority),
         })

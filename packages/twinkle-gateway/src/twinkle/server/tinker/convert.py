@@ -25,11 +25,14 @@ from twinkle.common.wire import (
     UserError,
 )
 
-from ..state import FutureRecord
+from ..core import iso
+from ..core.checkpoints import CHECKPOINT_TYPE
+from ..core.state import CheckpointRecord, RunRecord
 from . import proto
 from . import protocol as P
 
-_enc = msgspec.json.encode
+encode_json = msgspec.json.encode
+builtins = msgspec.to_builtins
 
 
 def default_name() -> str:
@@ -146,6 +149,17 @@ def sampling_params(sp: P.SamplingParamsIn | None) -> SamplingParams:
                           seed=sp.seed, stop=stop)
 
 
+def prompt_logprobs_last_n(req: P.SampleRequestIn, prompt_len: int) -> int | None:
+    last_n = req.prompt_logprobs_last_n
+    if last_n is not None:
+        if not req.prompt_logprobs:
+            raise UserError("needs prompt_logprobs=True", field="prompt_logprobs_last_n")
+        if not 1 <= last_n <= prompt_len - 1:
+            raise UserError(f"must be between 1 and len(prompt) - 1 = {prompt_len - 1}",
+                            field="prompt_logprobs_last_n")
+    return last_n
+
+
 def reject_unsupported_sampling(req: P.SampleRequestIn) -> None:
     """Fail loudly on features the engine does not implement (the SDK raises on silently missing ones)."""
     unsupported = [
@@ -163,32 +177,35 @@ def reject_unsupported_sampling(req: P.SampleRequestIn) -> None:
 # =================================================================================== result rendering
 
 
-def fb_output_from_json(d: dict[str, Any]) -> ForwardBackwardOutput:
-    """A stored forward/backward result (JSON builtins) as the wire struct (msgspec cannot decode
-    ``TensorData.data``'s ``list[float] | list[int]`` union by type)."""
-    outputs = [
-        {name: TensorData(data=t["data"], dtype=t.get("dtype") or "float32", shape=t.get("shape"))
-         for name, t in item.items()}
-        for item in d.get("loss_fn_outputs") or []
-    ]
-    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=d.get("metrics") or {},
-                                 loss_fn_output_type=d.get("loss_fn_output_type") or "ArrayRecord")
-
-
-def render_result(record: FutureRecord, proto_ok: bool) -> tuple[bytes, str]:
+def render_result(kind: str, value: Any, proto_ok: bool) -> tuple[bytes, str]:
     """A finished result as the client expects it: protobuf for forward/backward and sample results when the
     client accepts it (0.18+), JSON otherwise (older SDKs)."""
-    raw = record.result or b"{}"
-    if record.kind in ("forward_backward", "forward"):
+    if kind in ("forward_backward", "forward"):
         if proto_ok:
-            out = fb_output_from_json(msgspec.json.decode(raw))
-            return proto.encode_forward_backward_output(out), "application/x-protobuf"
-        return raw, "application/json"
-    if record.kind == "sample":
+            return proto.encode_forward_backward_output(value), "application/x-protobuf"
+        return encode_json(value), "application/json"
+    if kind == "sample":
         if proto_ok:
-            return proto.encode_sample_output(msgspec.json.decode(raw, type=SampleOutput)), "application/x-protobuf"
-        body = msgspec.json.decode(raw)
-        body["type"] = "sample"
-        return _enc(body), "application/json"
-    return raw, "application/json"
+            return proto.encode_sample_output(value), "application/x-protobuf"
+        return encode_json({**builtins(value), "type": "sample"}), "application/json"
+    return encode_json(value), "application/json"
 
+
+def checkpoint_out(c: CheckpointRecord) -> P.CheckpointOut:
+    return P.CheckpointOut(
+        checkpoint_id=c.checkpoint_id, checkpoint_type=CHECKPOINT_TYPE[c.kind], time=iso(c.created) or "",
+        tinker_path=f"tinker://{c.run_id}/{c.kind}/{c.name}", size_bytes=c.size_bytes, public=c.public,
+        user_metadata=c.user_metadata, expires_at=iso(c.expires_at),
+    )
+
+
+def run_out(run: RunRecord, latest: dict[tuple[str, str], CheckpointRecord]) -> P.TrainingRunOut:
+    last = latest.get((run.id, "weights"))
+    last_sampler = latest.get((run.id, "sampler_weights"))
+    return P.TrainingRunOut(
+        training_run_id=run.id, base_model=run.base_model, model_owner=run.owner, is_lora=True,
+        last_request_time=iso(run.last_request) or "", corrupted=run.corrupted, lora_rank=run.lora.get("rank"),
+        last_checkpoint=checkpoint_out(last) if last else None,
+        last_sampler_checkpoint=checkpoint_out(last_sampler) if last_sampler else None,
+        user_metadata=str_metadata(run.user_metadata),
+    )

@@ -25,10 +25,9 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from twinkle.common.wire import UserError
 
-from .._common import sweep_forever
-from ..auth import ApiKeyMiddleware, KeyRing, Principal, check_auth_settings
-from ..backends import ModelPort, SamplerPort
-from ..state import Store
+from ..auth import ApiKeyMiddleware, Principal
+from ..core import ControlPlane
+from ..core.ports import ModelPort, SamplerPort
 from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
 from .proto import parse_forward_backward, peek_header
@@ -206,7 +205,7 @@ async def _read_body(request: Request, svc: TinkerService, owner: str, *, peek: 
         if len(buf) > limit or (announced is not None and announced > limit and len(buf) >= _PEEK_BYTES):
             header = peek_header(bytes(buf[:_PEEK_BYTES])) if peek else None
             if header is not None:
-                await svc.reject_seq(owner, *header)
+                await svc.plane.refuse_seq(owner, *header)
             raise RequestEntityTooLarge()
     if announced is not None and announced > limit:  # a short body that claimed to be huge
         raise RequestEntityTooLarge()
@@ -239,7 +238,7 @@ async def _decode_training(svc: TinkerService, owner: str, body: bytes, type_: t
         except (msgspec.ValidationError, msgspec.DecodeError):
             header = None
         if header is not None:
-            await svc.reject_seq(owner, header.model_id, header.seq_id)
+            await svc.plane.refuse_seq(owner, header.model_id, header.seq_id)
         raise
 
 
@@ -408,30 +407,21 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
                       *, path_prefix: str = "", debug: bool = False) -> Litestar:
     """A fresh Tinker-compatible app over the given Model and Sampler ports (keyed by served model name).
 
-    The store is opened, unfinished requests of a previous process are failed, and the sweeper starts when
-    the app's lifespan starts; everything is closed when it ends.
+    Its lifespan starts the control plane (store, unfinished requests of a previous process failed, keys,
+    sweeper) and closes it.
     """
-    keys = check_auth_settings(settings.host, settings.api_keys)
+    plane = ControlPlane(settings, models=models, samplers=samplers)
+    service = TinkerService(settings, plane)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        store = await Store.open(settings.state_path)
-        service = TinkerService(settings, store, models, samplers)
-        sweeper: asyncio.Task | None = None
+        await plane.start()
+        app.state.keyring = plane.keyring
         try:
-            await service.futures.recover()
-            app.state.keyring = await KeyRing.load(store, keys, host=settings.host)
-            app.state.service = service
-            sweeper = asyncio.create_task(sweep_forever(service.sweep, settings.sweep_interval_s, log), name="tinker sweeper")
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
-            await service.close()
-            await store.close()
             app.state.keyring = None
+            await plane.close()
 
     handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
     return Litestar(
@@ -439,7 +429,7 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
         middleware=[ZstdRequestMiddleware(settings.max_body_bytes), DefineMiddleware(ApiKeyMiddleware)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
-        state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None}),
+        state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=debug,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._settings import MiB, CentralSettings
+from ..core.settings import MiB, CentralSettings
 
 
 class TinkerSettings(CentralSettings, kw_only=True, frozen=True, forbid_unknown_fields=True):

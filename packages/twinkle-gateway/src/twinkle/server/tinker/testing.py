@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._uvicorn import BackgroundServer
-from ..backends import LocalPort
+from ..core.ports import LocalPort
 from .router import create_tinker_app
 from .settings import TinkerSettings
 

@@ -6,7 +6,7 @@ Why this shape:
 - **Write before answering.** The request row exists before the client learns its id, so a restarted
   server can always answer for it. Rows left ``pending`` by a dead process are failed at startup with a
   ``server`` error ("server restarted while the request was running"): the SDK raises instead of polling
-  forever (upstream's lost futures made it poll forever).
+  forever.
 - **Dedupe on (model_id, seq_id).** The SDK retries a submission with a *new* idempotency key, and resends a
   sample with the same ``seq_id`` after backpressure, so the sequence number is the identity. A repeat gets
   the first request's id (in memory while the first submission is still being written, then by the store's
@@ -14,6 +14,10 @@ Why this shape:
 - **Long-poll on an event, not the database.** Each running request has an ``asyncio.Event``; a poll waits on
   it for up to ``long_poll_s`` (below the SDK's 45 s read timeout) and then says "try again". Finished
   records stay in a small LRU so an already-finished poll costs no database read.
+- **One form of a result.** ``work`` returns a protocol-neutral value (a ``twinkle.common.wire`` struct such
+  as ``ForwardBackwardOutput``, or plain data); it is kept as that value in memory (``FutureRecord.value``)
+  and stored once as msgpack. Every protocol renders from the value directly; a record read back from the
+  store is decoded to the same type, by its ``kind`` (``RESULT_TYPES``).
 """
 
 from __future__ import annotations
@@ -25,16 +29,38 @@ import secrets
 import time
 from typing import Any, Awaitable, Callable
 
-from twinkle.common.wire import UserError
+import msgspec
 
-from ..state import FutureRecord, Store
+from twinkle.common.wire import ForwardBackwardOutput, OptimStepOutput, SampleOutput, UserError
 
-log = logging.getLogger("twinkle.server.tinker")
+from .state import FutureRecord, Store
+
+log = logging.getLogger("twinkle.server.futures")
 
 RESTARTED = "server restarted while the request was running; submit it again"
 SHUTDOWN = "server shut down while the request was running; submit it again"
 
-Work = Callable[[], Awaitable[bytes]]
+Work = Callable[[], Awaitable[Any]]
+
+#: The type a stored result of each kind decodes to (other kinds: plain data).
+RESULT_TYPES: dict[str, type] = {
+    "forward_backward": ForwardBackwardOutput,
+    "forward": ForwardBackwardOutput,
+    "optim_step": OptimStepOutput,
+    "sample": SampleOutput,
+}
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def result_value(record: FutureRecord) -> Any:
+    """The result of a finished record as a value (decoded once from the store's bytes when needed)."""
+    if record.value is None and record.result is not None:
+        type_ = RESULT_TYPES.get(record.kind, Any)
+        try:
+            record.value = msgspec.msgpack.decode(record.result, type=type_)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            record.value = msgspec.json.decode(record.result, type=type_)  # a result stored by 0.1
+    return record.value
 
 
 def new_request_id() -> str:
@@ -105,9 +131,10 @@ class Futures:
         return await self.store.find_future(model_id, seq_id)
 
     async def _execute(self, record: FutureRecord, event: asyncio.Event, work: Work) -> None:
-        status, result, error, category = "done", None, None, None
+        status, value, result, error, category = "done", None, None, None, None
         try:
-            result = await work()
+            value = await work()
+            result = _encode(value)
         except UserError as e:
             status, error, category = "failed", str(e), "user"
         except asyncio.CancelledError:
@@ -120,7 +147,7 @@ class Futures:
         done = FutureRecord(
             request_id=record.request_id, owner=record.owner, kind=record.kind, created=record.created,
             model_id=record.model_id, seq_id=record.seq_id, status=status, result=result, error=error,
-            category=category, meta=record.meta, finished=now,
+            category=category, meta=record.meta, finished=now, value=value,
         )
         # Waiters get the outcome from memory at once; the store write follows (it is queued on the store's
         # thread before any 'fetched' mark of the woken poll, so the order of writes is kept).

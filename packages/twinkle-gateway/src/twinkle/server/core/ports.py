@@ -1,7 +1,7 @@
 """Ports through which the central app reaches the Model and Sampler services.
 
-The gateway never talks HTTP to them (upstream's double hop through the Serve proxy cost ~10 ms per hop and
-re-encoded every tensor as JSON). It calls the services' async methods with the msgspec structs of
+The gateway never talks HTTP to them (a hop through the Serve proxy costs ~10 ms and re-encodes every tensor
+as JSON). It calls the services' async methods with the msgspec structs of
 ``twinkle.common.wire``. ``ModelPort`` and ``SamplerPort`` are those APIs, one typed method each (forwarded to
 the port's ``_call``); both ports below are both:
 

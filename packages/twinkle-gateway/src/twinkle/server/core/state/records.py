@@ -1,6 +1,6 @@
 """Rows of the durable store, as typed structs.
 
-They are protocol-neutral: the Tinker app and the native Twinkle server (issue 6) keep the same records.
+They are protocol-neutral: the Tinker app and the native Twinkle server keep the same records.
 ``owner`` is always a principal id (a short hash from ``auth.py``), never an API key. Times are Unix
 seconds (float); JSON-valued columns (metadata, LoRA config, results) are decoded into Python values.
 """
@@ -80,8 +80,8 @@ class SamplerRecord(msgspec.Struct, kw_only=True):
 
 
 class FutureRecord(msgspec.Struct, kw_only=True):
-    """One asynchronous request. ``result`` is JSON bytes of a protocol-neutral value; the front-end renders it
-    (protobuf or JSON) when it is retrieved."""
+    """One asynchronous request. ``result`` is the stored (msgpack) form of a protocol-neutral value; ``value``
+    is that value in memory (``core.futures.result_value``), which each protocol renders when it is retrieved."""
 
     request_id: str
     owner: str
@@ -96,6 +96,7 @@ class FutureRecord(msgspec.Struct, kw_only=True):
     meta: dict[str, Any] | None = None  # e.g. sample_sequence_ids
     finished: float | None = None
     fetched: float | None = None
+    value: Any = None  # not stored: the decoded result
 
     @property
     def terminal(self) -> bool:

@@ -12,8 +12,7 @@ Layout::
     <checkpoint_dir>/<owner>/<run_id>/ephemeral/<id>/           save_weights_and_get_sampling_client
 
 Every part is validated strictly (a whitelist of characters, no ``..``), then the joined path is checked to
-stay under the root: a URI can never reach outside the owner's tree (upstream's blacklist checks missed
-run ids and let raw server paths through).
+stay under the root: a URI can never reach outside the owner's tree.
 """
 
 from __future__ import annotations

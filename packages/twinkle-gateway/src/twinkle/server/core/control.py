@@ -1,0 +1,440 @@
+"""``ControlPlane``: the one control plane under both protocols.
+
+It owns every piece of central state — the durable ``Store``, the ``Futures``, the ``KeyRing``, the checkpoint
+layout, the ports to the served models, background tasks and the sweeper — behind one ``start()``/``close()``
+that each protocol app's lifespan calls. Its operations take the caller's principal id (``owner``) and return
+store records; the protocol surfaces (``tinker/``, ``native/``) turn wire bodies into calls here and records
+into wire bodies, and keep only their own ids and rules.
+
+One behaviour for the cases both protocols meet:
+
+- an unknown run, session, checkpoint or request — or another principal's — is **404**, naming the field;
+- using a session its client finished is **410** (the Tinker SDK stops heartbeating on 410);
+- a numbered request (``seq_id``) the server refuses before it runs is **400**, and its ``seq_id`` is still
+  handed to the Model service as refused (``release_seq_id``): the service runs a run's requests strictly
+  in order and would otherwise hold every later one until its gap timeout. A repeat of an accepted
+  ``seq_id`` gets the first request's future, whatever it asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+from twinkle.common.http import release_seq_id
+from twinkle.common.wire import NotFoundError, UserError
+
+from ..auth import KeyRing, check_auth_settings
+from .checkpoints import CheckpointLayout, CheckpointRef, dir_size, validate_run_id
+from .futures import Futures, Work
+from .ports import ModelPort, SamplerPort
+from .settings import CentralSettings
+from .state import CheckpointRecord, FutureRecord, Page, RunRecord, SamplerRecord, SessionRecord, Store
+
+log = logging.getLogger("twinkle.server")
+
+_INFO_TIMEOUT_S = 10.0
+_PAGE_CAP = 1000
+_TTL_MAX_S = 10 * 366 * 86400
+REFUSED = "the server refused this request before it ran (see the answer to its submission)"
+
+Prepare = Callable[[ModelPort], Awaitable[tuple[Work, dict[str, Any] | None]]]
+"""Checks a numbered request against its run and returns the work to run plus the future's ``meta``."""
+
+
+class Gone(UserError):
+    """The resource existed but is finished (HTTP 410)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field, status=410)
+
+
+def iso(t: float | None) -> str | None:
+    """A stored time as ISO 8601 UTC (times are bounded when stored, so this cannot overflow)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def page_window(limit: int | None, offset: int | None, *, default: int = 20) -> tuple[int, int]:
+    """(limit, offset) of a list request, checked and capped."""
+    if limit is not None and limit < 1:
+        raise UserError("must be >= 1", field="limit")
+    if offset is not None and offset < 0:
+        raise UserError("must be >= 0", field="offset")
+    return (default if limit is None else min(limit, _PAGE_CAP)), (offset or 0)
+
+
+def expiry(ttl_seconds: int | None, field: str = "ttl_seconds") -> float | None:
+    """The expiry time of a TTL (None: never), bounded so that it can always be stored and rendered."""
+    if ttl_seconds is None:
+        return None
+    if not 0 < ttl_seconds <= _TTL_MAX_S:
+        raise UserError(f"must be a positive number of seconds up to {_TTL_MAX_S} (or null for no expiry); "
+                        f"got {ttl_seconds}", field=field)
+    return time.time() + ttl_seconds
+
+
+def not_expired(c: CheckpointRecord, now: float | None = None) -> bool:
+    return c.expires_at is None or c.expires_at > (time.time() if now is None else now)
+
+
+class ControlPlane:
+    """Central state and the operations both protocols share. ``start()`` before use; ``close()`` at the end."""
+
+    def __init__(self, settings: CentralSettings, *, models: dict[str, ModelPort],
+                 samplers: dict[str, SamplerPort]) -> None:
+        allowed = set(settings.supported_models) if settings.supported_models is not None else None
+        self.settings = settings
+        self.models = {k: v for k, v in models.items() if allowed is None or k in allowed}
+        self.samplers = {k: v for k, v in samplers.items() if allowed is None or k in allowed}
+        self.layout = CheckpointLayout(settings.checkpoint_dir)
+        self.keys = check_auth_settings(settings.host, settings.api_keys)
+        self._store: Store | None = None
+        self._futures: Futures | None = None
+        self.keyring: KeyRing | None = None
+        self._model_info: dict[str, Any] = {}
+        self._housekeeping: list[Callable[[float], Awaitable[dict[str, int]]]] = []
+        self._background: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+        self._started = asyncio.Event()
+
+    # =============================================================================== lifecycle
+
+    async def start(self) -> None:
+        self._store = await Store.open(self.settings.state_path)
+        self._futures = Futures(self._store, long_poll_s=self.settings.long_poll_timeout_s)
+        await self._futures.recover()
+        self.keyring = await KeyRing.load(self._store, self.keys, host=self.settings.host)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="twinkle sweeper")
+        self._started.set()
+
+    async def close(self) -> None:
+        self._started.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sweeper
+        if self._futures is not None:
+            await self._futures.close()
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._store is not None:
+            await self._store.close()
+        self.keyring = None
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """Wait until ``start()`` ran (Serve-handle calls may arrive while the app is starting)."""
+        if not self._started.is_set():
+            try:
+                await asyncio.wait_for(self._started.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise UserError("the server is still starting; retry in a moment", status=503) from None
+
+    @property
+    def started(self) -> bool:
+        return self._started.is_set()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise UserError("the server is still starting; retry in a moment", status=503)
+        return self._store
+
+    @property
+    def futures(self) -> Futures:
+        if self._futures is None:
+            raise UserError("the server is still starting; retry in a moment", status=503)
+        return self._futures
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> None:
+        """Run ``coro`` in the background; a failure is logged, never lost."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    # =============================================================================== served models
+
+    def model_port(self, base_model: str, *, field: str = "base_model") -> ModelPort:
+        port = self.models.get(base_model)
+        if port is None:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise UserError(f"unknown base_model {base_model!r}; this server trains: {served}", field=field)
+        return port
+
+    def sampler_port(self, base_model: str, *, field: str = "base_model") -> SamplerPort:
+        port = self.samplers.get(base_model)
+        if port is None:
+            served = ", ".join(sorted(self.samplers)) or "none"
+            raise UserError(f"no sampler serves base model {base_model!r}; this server samples: {served}",
+                            field=field)
+        return port
+
+    def served_names(self) -> list[str]:
+        return sorted(set(self.models) | set(self.samplers))
+
+    async def model_info(self, name: str) -> Any | None:
+        """``info()`` of the service serving ``name``, cached once read; None while it cannot answer."""
+        if name in self._model_info:
+            return self._model_info[name]
+        port = self.models.get(name) or self.samplers.get(name)
+        if port is None:
+            return None
+        try:
+            info = await asyncio.wait_for(port.info(), _INFO_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - capabilities degrade gracefully while a peer starts
+            log.warning("could not read info of model %s: %s", name, e)
+            return None
+        self._model_info[name] = info
+        return info
+
+    # =============================================================================== sessions
+
+    async def open_session(self, session: SessionRecord) -> SessionRecord:
+        await self.store.create_session(session)
+        return session
+
+    async def session(self, owner: str, session_id: str, *, live: bool = False) -> SessionRecord:
+        """The caller's session; with ``live``, one that may still start work (not finished by its client)."""
+        s = await self.store.get_session(session_id, owner)
+        if s is None:
+            raise NotFoundError(f"session {session_id!r} not found", field="session_id")
+        if live and s.finished is not None and s.finish_reason != "expired":
+            raise Gone(f"session {session_id!r} is finished ({s.finish_reason}); start a new client",
+                       field="session_id")
+        return s
+
+    async def heartbeat(self, owner: str, session_id: str) -> SessionRecord:
+        s = await self.store.heartbeat(session_id, owner, time.time())
+        if s is None:
+            raise NotFoundError(f"session {session_id!r} not found", field="session_id")
+        if s.finished is not None:
+            raise Gone(f"session {session_id!r} is finished ({s.finish_reason})", field="session_id")
+        return s
+
+    async def finish_session(self, owner: str, session_id: str, reason: str = "success") -> None:
+        if not await self.store.finish_session(session_id, owner, reason, time.time()):
+            raise NotFoundError(f"session {session_id!r} not found", field="session_id")
+        self.spawn(self._drop_ephemeral(session_ids=[session_id]), f"cleanup {session_id}")
+
+    async def list_sessions(self, owner: str, limit: int, offset: int) -> Page:
+        return await self.store.list_sessions(owner, limit, offset)
+
+    # =============================================================================== runs
+
+    async def run(self, owner: str, run_id: str, *, field: str = "model_id") -> RunRecord:
+        validate_run_id(run_id, field=field)
+        run = await self.store.get_run(run_id)
+        if run is None or run.owner != owner:
+            raise NotFoundError(f"training run {run_id!r} not found", field=field)
+        return run
+
+    async def record_run(self, run: RunRecord) -> RunRecord:
+        await self.store.create_run(run)
+        return run
+
+    async def list_runs(self, owner: str, limit: int, offset: int
+                        ) -> tuple[Page, dict[tuple[str, str], CheckpointRecord]]:
+        """A page of the caller's runs and the newest checkpoint of each kind of each."""
+        page = await self.store.list_runs(owner, limit, offset)
+        return page, await self.store.latest_checkpoints([r.id for r in page.items])
+
+    async def latest_checkpoints(self, run_id: str) -> dict[tuple[str, str], CheckpointRecord]:
+        return await self.store.latest_checkpoints([run_id])
+
+    async def delete_run(self, owner: str, run: RunRecord, *, checkpoints: bool = False) -> None:
+        """Release the run's adapter and forget the run; its checkpoints stay unless ``checkpoints``."""
+        port = self.models.get(run.base_model)
+        if port is not None:
+            with contextlib.suppress(NotFoundError):  # the adapter is already gone (e.g. after a restart)
+                await port.delete_run(run.id, owner)
+        if checkpoints:
+            for c in await self.store.list_checkpoints(run.id):
+                await self.delete_checkpoint(c)
+        await self.store.delete_run(run.id)
+
+    # =============================================================================== submissions
+
+    async def submit(self, owner: str, kind: str, work: Work, *, dedupe: tuple[str, int] | None = None,
+                     meta: dict[str, Any] | None = None, touch_run: str | None = None) -> FutureRecord:
+        """Record a request and start ``work``; a repeat of ``dedupe`` gets the first request's record."""
+        model_id, seq_id = dedupe if dedupe is not None else (None, None)
+        return await self.futures.submit(owner=owner, kind=kind, work=work, model_id=model_id, seq_id=seq_id,
+                                         meta=meta, touch_run=touch_run)
+
+    async def submit_numbered(self, owner: str, run: RunRecord, seq_id: int | None, kind: str,
+                              prepare: Prepare) -> FutureRecord:
+        """Submit request ``seq_id`` of ``run``: ``prepare`` checks it and returns its work.
+
+        The check runs first (the common case costs no lookup); only when it refuses is the first request
+        of that ``seq_id`` looked up — a retried save must not fail on the checkpoint its first try wrote.
+        """
+        port = self.model_port(run.base_model)
+        try:
+            work, meta = await prepare(port)
+        except UserError:
+            if seq_id is None:
+                raise
+            first = await self.futures.find(run.id, seq_id)
+            if first is not None and first.owner == owner:
+                return first
+            self.spawn(release_seq_id(port, run.id, owner, seq_id, REFUSED), f"refuse {run.id}#{seq_id}")
+            raise
+        return await self.futures.submit(owner=owner, kind=kind, work=work, model_id=run.id, seq_id=seq_id,
+                                         meta=meta, touch_run=run.id)
+
+    async def refuse_seq(self, owner: str, run_id: str, seq_id: int | None) -> None:
+        """Release ``seq_id`` of a run whose request could not even be decoded (if the run is the caller's and
+        the number was not used yet)."""
+        if seq_id is None or seq_id < 0:
+            return
+        try:
+            run = await self.run(owner, run_id)
+            port = self.model_port(run.base_model)
+        except UserError:
+            return
+        if await self.futures.find(run.id, seq_id) is None:
+            self.spawn(release_seq_id(port, run.id, owner, seq_id, REFUSED), f"refuse {run.id}#{seq_id}")
+
+    async def wait(self, owner: str, request_id: str, timeout: float | None = None) -> FutureRecord:
+        """The request's record once finished, or still pending after ``timeout`` (the long-poll)."""
+        record = await self.futures.wait(request_id, owner, timeout=timeout)
+        if record is None:
+            raise NotFoundError(f"request {request_id!r} not found (unknown, or its result has expired)",
+                                field="request_id")
+        return record
+
+    # =============================================================================== checkpoints
+
+    def checkpoint_path(self, owner: str, run: RunRecord, kind: str, name: str) -> str:
+        return self.layout.path_for(owner, run.id, kind, name)
+
+    async def existing_checkpoint(self, run: RunRecord, kind: str, name: str) -> CheckpointRecord | None:
+        return await self.store.get_checkpoint(run.id, kind, name)
+
+    async def record_checkpoint(self, owner: str, run: RunRecord, ref: CheckpointRef, path: str, info: Any,
+                                expires: float | None, user_metadata: dict[str, str] | None = None
+                                ) -> CheckpointRecord:
+        """Record a checkpoint the Model service has written (after it was written, never before)."""
+        size = getattr(info, "size_bytes", None)
+        if size is None:
+            size = await asyncio.to_thread(dir_size, path)
+        record = CheckpointRecord(run_id=run.id, kind=ref.kind, name=ref.name, owner=owner, path=path,
+                                  created=time.time(), size_bytes=size, expires_at=expires,
+                                  user_metadata=user_metadata, base_model=run.base_model, lora=run.lora)
+        await self.store.put_checkpoint(record)
+        return record
+
+    async def visible_checkpoint(self, owner: str, ref: CheckpointRef, *, field: str,
+                                 allow_public: bool = True) -> CheckpointRecord:
+        """The checkpoint if ``owner`` may use it now (theirs, or published) and it has not expired; else 404
+        (another principal's private checkpoint is reported exactly like a missing one)."""
+        c = await self.store.get_checkpoint(ref.run_id, ref.kind, ref.name)
+        if c is None or not (c.owner == owner or (allow_public and c.public)):
+            raise NotFoundError(f"checkpoint {ref.uri} not found", field=field)
+        if not not_expired(c):
+            raise NotFoundError(f"checkpoint {ref.uri} has expired", field=field)
+        return c
+
+    async def own_checkpoint(self, owner: str, run_id: str, kind: str, name: str, *, field: str,
+                             uri: str) -> CheckpointRecord:
+        validate_run_id(run_id, field=field)
+        c = await self.store.get_checkpoint(run_id, kind, name)
+        if c is None or c.owner != owner:
+            raise NotFoundError(f"checkpoint {uri} not found", field=field)
+        return c
+
+    async def base_model_of(self, c: CheckpointRecord, *, field: str = "path") -> str:
+        return c.base_model or (await self._run_of(c, field=field)).base_model
+
+    async def lora_of(self, c: CheckpointRecord, *, field: str = "path") -> dict[str, Any]:
+        return c.lora or (await self._run_of(c, field=field)).lora
+
+    async def _run_of(self, c: CheckpointRecord, *, field: str) -> RunRecord:
+        run = await self.store.get_run(c.run_id)
+        if run is None:
+            raise NotFoundError(f"the training run {c.run_id!r} of this checkpoint no longer exists", field=field)
+        return run
+
+    async def run_checkpoints(self, run_id: str, kinds: tuple[str, ...] = ("weights", "sampler_weights")
+                              ) -> list[CheckpointRecord]:
+        """A run's unexpired checkpoints of ``kinds``, oldest first."""
+        now = time.time()
+        return [c for c in await self.store.list_checkpoints(run_id) if c.kind in kinds and not_expired(c, now)]
+
+    async def user_checkpoints(self, owner: str, limit: int, offset: int) -> Page:
+        return await self.store.list_user_checkpoints(owner, limit, offset)
+
+    async def delete_checkpoint(self, c: CheckpointRecord) -> None:
+        await self.store.delete_checkpoint(c.run_id, c.kind, c.name)
+        await asyncio.to_thread(self.layout.remove, c.path)
+
+    async def update_checkpoint(self, c: CheckpointRecord, **changes: Any) -> None:
+        await self.store.update_checkpoint(c.run_id, c.kind, c.name, **changes)
+
+    # =============================================================================== sampling sessions
+
+    async def sampler(self, owner: str, sampler_id: str) -> SamplerRecord:
+        s = await self.store.get_sampler(sampler_id, owner)
+        if s is None:
+            raise NotFoundError(f"sampling session {sampler_id!r} not found", field="sampling_session_id")
+        return s
+
+    async def drop_sampler_weights(self, s: SamplerRecord) -> None:
+        if s.adapter_path:
+            await self.store.drop_sampler_weights(s.id)
+            await asyncio.to_thread(self.layout.remove, s.adapter_path)
+
+    async def trim_ephemeral(self, run_id: str, keep: int) -> None:
+        """Keep the newest ``keep`` ephemeral sampler weights of a run (an RL loop saves one per step)."""
+        samplers = [s for s in await self.store.ephemeral_samplers(run_id=run_id) if s.adapter_path]
+        for s in samplers[keep:]:
+            await self.drop_sampler_weights(s)
+
+    async def _drop_ephemeral(self, *, session_ids: list[str]) -> None:
+        for s in await self.store.ephemeral_samplers(session_ids=session_ids):
+            await self.drop_sampler_weights(s)
+
+    # =============================================================================== housekeeping
+
+    def add_housekeeping(self, task: Callable[[float], Awaitable[dict[str, int]]]) -> None:
+        """Run ``task(now)`` in every sweep too (a protocol's own cleanup)."""
+        self._housekeeping.append(task)
+
+    async def sweep(self) -> dict[str, int]:
+        """One cleanup pass: expired checkpoints, old results, silent sessions, and each protocol's own."""
+        now = time.time()
+        expired = await self.store.expired_checkpoints(now)
+        for c in expired:
+            await self.delete_checkpoint(c)
+        settings = self.settings
+        pruned = await self.store.prune_futures(now - settings.future_ttl_s, now - settings.fetched_result_ttl_s)
+        closed = await self.store.expire_sessions(now - settings.session_timeout_s, now)
+        counts = {"checkpoints": len(expired), "futures": pruned, "sessions": len(closed)}
+        for task in self._housekeeping:
+            counts.update(await task(now))
+        return counts
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                counts = await self.sweep()
+                if any(counts.values()):
+                    log.info("cleanup: %s", counts)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the sweeper must survive a bad pass
+                log.exception("cleanup pass failed")
+            await asyncio.sleep(self.settings.sweep_interval_s)
