@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from twinkle.common.http import release_seq_id
 from twinkle.common.wire import NotFoundError, UserError
@@ -39,6 +39,7 @@ log = logging.getLogger("twinkle.server")
 
 _INFO_TIMEOUT_S = 10.0
 _PAGE_CAP = 1000
+MAX_SEQ_ID = 2**62  # well inside SQLite's signed 64-bit integers
 _TTL_MAX_S = 10 * 366 * 86400
 REFUSED = "the server refused this request before it ran (see the answer to its submission)"
 
@@ -128,6 +129,17 @@ class ControlPlane:
         if self._store is not None:
             await self._store.close()
         self.keyring = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """The protocol app's lifespan: the plane runs while the app serves, and its key ring authenticates."""
+        await self.start()
+        app.state.keyring = self.keyring
+        try:
+            yield
+        finally:
+            app.state.keyring = None
+            await self.close()
 
     async def ready(self, timeout: float = 60.0) -> None:
         """Wait until ``start()`` ran (Serve-handle calls may arrive while the app is starting)."""
@@ -281,6 +293,8 @@ class ControlPlane:
         The check runs first (the common case costs no lookup); only when it refuses is the first request
         of that ``seq_id`` looked up — a retried save must not fail on the checkpoint its first try wrote.
         """
+        if seq_id is not None and not 0 <= seq_id <= MAX_SEQ_ID:
+            raise UserError(f"must be between 0 and {MAX_SEQ_ID}; got {seq_id}", field="seq_id")
         port = self.model_port(run.base_model)
         try:
             work, meta = await prepare(port)

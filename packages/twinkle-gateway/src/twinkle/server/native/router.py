@@ -22,8 +22,7 @@ GET        /futures/{request_id}?timeout=s                    long-poll a long o
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, AsyncIterator
+from typing import Any
 
 from litestar import Litestar, Request, Router, delete, get, post
 from litestar.datastructures import State
@@ -141,25 +140,14 @@ ROUTES = [
 
 
 def create_twinkle_app(service: NativeService, *, path_prefix: str = "", debug: bool = False) -> Litestar:
-    """A fresh TwinkleServer app over ``service``. Its lifespan starts the service (store, keys, futures,
-    sweeper) and closes it."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        await service.start()
-        app.state.keyring = service.plane.keyring
-        try:
-            yield
-        finally:
-            app.state.keyring = None
-            await service.close()
+    """A fresh TwinkleServer app over ``service``; its lifespan runs the control plane."""
 
     handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
     return Litestar(
         route_handlers=handlers,
         middleware=[DefineMiddleware(ApiKeyMiddleware, public=("/docs",))],
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=[lifespan],
+        lifespan=[service.plane.lifespan],
         state=State({"service": service, "keyring": None}),
         request_max_body_size=service.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Twinkle server", version=distribution_version("twinkle-gateway"),

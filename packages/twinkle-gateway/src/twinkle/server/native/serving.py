@@ -39,7 +39,7 @@ _IDEMPOTENCY_KEY_MAX = 128
 
 
 class NativeService:
-    """The native surface of one central server process; ``start()``/``close()`` run its control plane."""
+    """The native surface of one central server process (its app's lifespan runs the control plane)."""
 
     def __init__(self, settings: NativeSettings, *, models: dict[str, ModelPort], samplers: dict[str, SamplerPort],
                  peers: list[PeerApp] | None = None, server_prefix: str = "/server") -> None:
@@ -48,12 +48,6 @@ class NativeService:
         self.authority = NativeAuthority(self.plane)
         self.peers = list(peers or [])
         self.server_prefix = server_prefix
-
-    async def start(self) -> None:
-        await self.plane.start()
-
-    async def close(self) -> None:
-        await self.plane.close()
 
     def _prefix(self, kind: str, model: str) -> str | None:
         return next((p.route_prefix for p in self.peers if p.import_path == kind and p.model_name == model), None)

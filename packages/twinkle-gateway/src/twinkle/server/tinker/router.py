@@ -11,10 +11,9 @@ builder function, because a Litestar instance cannot be pickled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, post, put
@@ -407,28 +406,17 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
                       *, path_prefix: str = "", debug: bool = False) -> Litestar:
     """A fresh Tinker-compatible app over the given Model and Sampler ports (keyed by served model name).
 
-    Its lifespan starts the control plane (store, unfinished requests of a previous process failed, keys,
-    sweeper) and closes it.
+    Its lifespan runs the control plane (``ControlPlane.lifespan``).
     """
     plane = ControlPlane(settings, models=models, samplers=samplers)
     service = TinkerService(settings, plane)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        await plane.start()
-        app.state.keyring = plane.keyring
-        try:
-            yield
-        finally:
-            app.state.keyring = None
-            await plane.close()
 
     handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
     return Litestar(
         route_handlers=handlers,
         middleware=[ZstdRequestMiddleware(settings.max_body_bytes), DefineMiddleware(ApiKeyMiddleware)],
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=[lifespan],
+        lifespan=[plane.lifespan],
         state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
