@@ -31,6 +31,7 @@ from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
 from .proto import parse_forward_backward, peek_header
 from .convert import input_from_json
+from .sampling import TinkerSampling
 from .serving import TinkerService
 from .settings import TinkerSettings
 
@@ -42,6 +43,10 @@ _THREAD_PARSE_BYTES = 1 << 20  # bigger forward/backward bodies are decoded off 
 
 def _svc(request: Request) -> TinkerService:
     return request.app.state.service
+
+
+def _sampling(request: Request) -> TinkerSampling:
+    return request.app.state.sampling
 
 
 def _owner(request: Request) -> str:
@@ -247,17 +252,17 @@ async def _decode_training(svc: TinkerService, owner: str, body: bytes, type_: t
 @post("/create_sampling_session", status_code=200)
 async def create_sampling_session(request: Request, data: P.CreateSamplingSessionRequest
                                   ) -> P.CreateSamplingSessionResponse:
-    return await _svc(request).create_sampling_session(_owner(request), data)
+    return await _sampling(request).create_sampling_session(_owner(request), data)
 
 
 @get("/samplers/{sampler_id:str}")
 async def get_sampler(request: Request, sampler_id: str) -> P.GetSamplerResponse:
-    return await _svc(request).get_sampler(_owner(request), sampler_id)
+    return await _sampling(request).get_sampler(_owner(request), sampler_id)
 
 
 @post("/asample", status_code=200)
 async def asample(request: Request, data: P.SampleRequestIn) -> P.UntypedFuture:
-    return await _svc(request).sample(_owner(request), data)
+    return await _sampling(request).sample(_owner(request), data)
 
 
 # ===================================================================================== futures
@@ -410,6 +415,7 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
     """
     plane = ControlPlane(settings, models=models, samplers=samplers)
     service = TinkerService(settings, plane)
+    sampling = TinkerSampling(settings, plane)
 
     handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
     return Litestar(
@@ -417,7 +423,8 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
         middleware=[ZstdRequestMiddleware(settings.max_body_bytes), DefineMiddleware(ApiKeyMiddleware)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[plane.lifespan],
-        state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service}),
+        state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service,
+                     "sampling": sampling}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=debug,

@@ -16,9 +16,9 @@ import secrets
 import time
 from typing import Any, Callable
 
-from twinkle.common.wire import ForwardBackwardInput, NotFoundError, SampleRequest, UserError
+from twinkle.common.wire import ForwardBackwardInput, UserError
 
-from ..core import ControlPlane, Gone, expiry, page_window, result_value
+from ..core import ControlPlane, expiry, page_window, result_value
 from ..core.checkpoints import (EPHEMERAL, CheckpointRef, parse_checkpoint_id, parse_uri, validate_name,
                                 validate_run_id)
 from ..core.ports import ModelPort
@@ -27,8 +27,6 @@ from . import convert as C
 from . import protocol as P
 from .settings import TinkerSettings
 
-_MAX_NUM_SAMPLES = 1024
-
 
 class TinkerService:
     """The Tinker surface of one central server process."""
@@ -36,7 +34,6 @@ class TinkerService:
     def __init__(self, settings: TinkerSettings, plane: ControlPlane) -> None:
         self.settings = settings
         self.plane = plane
-        plane.add_housekeeping(self._drop_stale_ephemeral)
 
     @staticmethod
     def _future(record: FutureRecord, model_id: str | None = None) -> P.UntypedFuture:
@@ -306,106 +303,6 @@ class TinkerService:
         record = await self.plane.submit(owner, "load_weights", work, dedupe=(run_id, 0))
         return self._future(record, run_id)
 
-    # =============================================================================== sampling
-
-    async def create_sampling_session(self, owner: str, req: P.CreateSamplingSessionRequest
-                                      ) -> P.CreateSamplingSessionResponse:
-        await self.plane.session(owner, req.session_id, live=True)
-        if req.sampling_session_seq_id < 0:
-            raise UserError("must be >= 0", field="sampling_session_seq_id")
-        base_model, ckpt = await self._sampling_target(owner, req.base_model, req.model_path)
-        sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
-        model_path = req.model_path if ckpt is not None else None
-        record = SamplerRecord(id=sampler_id, owner=owner, session_id=req.session_id, base_model=base_model,
-                               created=time.time(), model_path=model_path,
-                               adapter_path=ckpt.path if ckpt else None, run_id=ckpt.run_id if ckpt else None)
-        if not await self.plane.store.create_sampler(record):
-            existing = await self.plane.store.get_sampler(sampler_id, owner)
-            if existing is None or existing.model_path != model_path or existing.base_model != base_model:
-                raise UserError(f"sampling session {sampler_id!r} exists already with other weights; use a new "
-                                "sampling_session_seq_id", field="sampling_session_seq_id")
-        return P.CreateSamplingSessionResponse(sampling_session_id=sampler_id)
-
-    async def _sampling_target(self, owner: str, base_model: str | None, model_path: str | None
-                               ) -> tuple[str, CheckpointRecord | None]:
-        """(base model, checkpoint) for a base model or a sampler checkpoint the caller may read *now*."""
-        if (base_model is None) == (model_path is None):
-            raise UserError("give a sampling_session_id, or exactly one of base_model and model_path",
-                            field="base_model")
-        if model_path is None:
-            assert base_model is not None
-            self.plane.sampler_port(base_model)
-            return base_model, None
-        ckpt = await self.plane.visible_checkpoint(owner, parse_uri(model_path, field="model_path"),
-                                                   field="model_path")
-        base = await self.plane.base_model_of(ckpt, field="model_path")
-        self.plane.sampler_port(base, field="model_path")
-        return base, ckpt
-
-    async def get_sampler(self, owner: str, sampler_id: str) -> P.GetSamplerResponse:
-        s = await self.plane.sampler(owner, sampler_id)
-        return P.GetSamplerResponse(sampler_id=s.id, base_model=s.base_model, model_path=s.model_path)
-
-    async def sample(self, owner: str, req: P.SampleRequestIn) -> P.UntypedFuture:
-        C.reject_unsupported_sampling(req)
-        prompt = C.input_tokens(req.prompt, "prompt")
-        if not prompt:
-            raise UserError("the prompt is empty", field="prompt")
-        num_samples = 1 if req.num_samples is None else req.num_samples
-        if not 1 <= num_samples <= _MAX_NUM_SAMPLES:
-            raise UserError(f"must be between 1 and {_MAX_NUM_SAMPLES}", field="num_samples")
-        params = C.sampling_params(req.sampling_params)
-        last_n = C.prompt_logprobs_last_n(req, len(prompt))
-        dedupe = None
-        if req.sampling_session_id is not None:
-            base_model, adapter_path = await self._session_weights(owner, req.sampling_session_id)
-            if req.seq_id is not None:
-                dedupe = (req.sampling_session_id, req.seq_id)
-        else:
-            base_model, ckpt = await self._sampling_target(owner, req.base_model, req.model_path)
-            adapter_path = ckpt.path if ckpt is not None else None
-        port = self.plane.sampler_port(base_model)
-        request = SampleRequest(prompt=prompt, sampling_params=params, num_samples=num_samples,
-                                prompt_logprobs=bool(req.prompt_logprobs), adapter_path=adapter_path)
-
-        async def work():
-            try:
-                out = await port.sample(request)
-            except NotFoundError as e:
-                if e.field != "adapter_path":
-                    raise
-                # the sampler names the server directory; the client knows the checkpoint by its URI
-                raise NotFoundError("the weights of this sampling session no longer exist (the checkpoint was "
-                                    "deleted or expired); create a new sampling client", field="model_path") from None
-            if len(out.sequences) != num_samples:
-                raise RuntimeError(f"sampler returned {len(out.sequences)} sequences for {num_samples} samples")
-            if last_n is not None and out.prompt_logprobs is not None:
-                cut = len(out.prompt_logprobs) - last_n
-                out.prompt_logprobs = [None] * cut + list(out.prompt_logprobs[cut:])
-            return out
-
-        ids = [f"seq-{secrets.token_hex(8)}" for _ in range(num_samples)]
-        record = await self.plane.submit(owner, "sample", work, dedupe=dedupe, meta={"sample_sequence_ids": ids})
-        return P.UntypedFuture(request_id=record.request_id,
-                               sample_sequence_ids=list((record.meta or {}).get("sample_sequence_ids") or ids))
-
-    async def _session_weights(self, owner: str, sampler_id: str) -> tuple[str, str | None]:
-        """(base model, adapter directory) of a sampling session, checked again at every sample: a checkpoint
-        unpublished, deleted or overwritten by its owner is no longer readable through older sessions."""
-        s = await self.plane.sampler(owner, sampler_id)
-        if s.ephemeral and s.adapter_path is None:
-            raise Gone(f"the weights of sampling session {s.id!r} were cleaned up (a run keeps its newest "
-                       f"{self.settings.ephemeral_keep} save_weights_and_get_sampling_client weights, and none "
-                       "long after its session ends); save weights for sampling again")
-        if s.model_path is not None:
-            ckpt = await self.plane.visible_checkpoint(owner, parse_uri(s.model_path, field="model_path"),
-                                                       field="model_path")
-            if ckpt.owner != owner and ckpt.created > s.created:
-                raise NotFoundError(f"checkpoint {s.model_path} was replaced after this sampling session was "
-                                    "created; create a new sampling client", field="model_path")
-        self.plane.store.touch_sampler_background(s.id, time.time())
-        return s.base_model, s.adapter_path
-
     # =============================================================================== futures
 
     async def retrieve(self, owner: str, request_id: str, *, proto_ok: bool) -> tuple[bytes, str]:
@@ -466,12 +363,3 @@ class TinkerService:
             lora_rank=lora.get("rank"), train_unembed=lora.get("train_unembed"), train_mlp=lora.get("train_mlp"),
             train_attn=lora.get("train_attn"),
         )
-
-    # =============================================================================== housekeeping
-
-    async def _drop_stale_ephemeral(self, now: float) -> dict[str, int]:
-        stale = await self.plane.store.stale_ephemeral_samplers(now - self.settings.ephemeral_ttl_s)
-        for s in stale:
-            await self.plane.drop_sampler_weights(s)
-        return {"ephemeral": len(stale)}
-
