@@ -28,7 +28,9 @@ def _user_error(_: Request, exc: UserError) -> Response:
     body: dict[str, Any] = {"detail": str(exc)}
     if exc.field:
         body["field"] = exc.field
-    return Response(body, status_code=exc.status)
+    retry_after = getattr(exc, "retry_after_s", None)  # a 429: when to try again
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    return Response(body, status_code=exc.status, headers=headers)
 
 
 def _validation_error(_: Request, exc: ValidationException) -> Response:

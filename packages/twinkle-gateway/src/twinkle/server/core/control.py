@@ -30,7 +30,7 @@ from twinkle.common.wire import NotFoundError, UserError
 
 from ..auth import KeyRing, check_auth_settings
 from .checkpoints import CheckpointLayout, CheckpointRef, dir_size, validate_run_id
-from .futures import Futures, Work
+from .futures import Busy, Futures, Work
 from .ports import ModelPort, SamplerPort
 from .settings import CentralSettings
 from .state import CheckpointRecord, FutureRecord, Page, RunRecord, SamplerRecord, SessionRecord, Store
@@ -108,7 +108,9 @@ class ControlPlane:
 
     async def start(self) -> None:
         self._store = await Store.open(self.settings.state_path)
-        self._futures = Futures(self._store, long_poll_s=self.settings.long_poll_timeout_s)
+        self._futures = Futures(self._store, long_poll_s=self.settings.long_poll_timeout_s,
+                                max_pending_per_owner=self.settings.max_pending_per_key,
+                                max_polls_per_owner=self.settings.max_polls_per_key)
         await self._futures.recover()
         self.keyring = await KeyRing.load(self._store, self.keys, host=self.settings.host)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="twinkle sweeper")
@@ -215,6 +217,11 @@ class ControlPlane:
     # =============================================================================== sessions
 
     async def open_session(self, session: SessionRecord) -> SessionRecord:
+        limit = self.settings.max_sessions_per_key
+        if await self.store.count_open_sessions(session.owner) >= limit:
+            raise Busy(f"this API key has {limit} open sessions (server setting max_sessions_per_key); finish "
+                       "some (close your clients) or wait until idle ones time out",
+                       retry_after_s=self.settings.session_timeout_s)
         await self.store.create_session(session)
         return session
 
@@ -334,6 +341,17 @@ class ControlPlane:
 
     def checkpoint_path(self, owner: str, run: RunRecord, kind: str, name: str) -> str:
         return self.layout.path_for(owner, run.id, kind, name)
+
+    async def check_checkpoint_quota(self, owner: str) -> None:
+        """Refuse a save when the caller keeps as many checkpoints (or bytes) as allowed."""
+        count, size = await self.store.checkpoint_usage(owner)
+        settings = self.settings
+        if count >= settings.max_checkpoints_per_key or size >= settings.max_checkpoint_bytes_per_key:
+            raise UserError(f"this API key keeps {count} checkpoints ({size} bytes); the limits are "
+                            f"{settings.max_checkpoints_per_key} checkpoints and "
+                            f"{settings.max_checkpoint_bytes_per_key} bytes (server settings "
+                            "max_checkpoints_per_key, max_checkpoint_bytes_per_key); delete some first",
+                            field="path")
 
     async def existing_checkpoint(self, run: RunRecord, kind: str, name: str) -> CheckpointRecord | None:
         return await self.store.get_checkpoint(run.id, kind, name)

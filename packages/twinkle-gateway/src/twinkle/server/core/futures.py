@@ -14,6 +14,9 @@ Why this shape:
 - **Long-poll on an event, not the database.** Each running request has an ``asyncio.Event``; a poll waits on
   it for up to ``long_poll_s`` (below the SDK's 45 s read timeout) and then says "try again". Finished
   records stay in a small LRU so an already-finished poll costs no database read.
+- **Bounded per key.** A key may have ``max_pending_per_owner`` requests queued or running and
+  ``max_polls_per_owner`` long-polls held at once; past either it gets 429 with ``Retry-After`` (the SDK
+  backs off and retries), never an unbounded queue, and its polls never take the slots others need.
 - **One form of a result.** ``work`` returns a protocol-neutral value (a ``twinkle.common.wire`` struct such
   as ``ForwardBackwardOutput``, or plain data); it is kept as that value in memory (``FutureRecord.value``)
   and stored once as msgpack. Every protocol renders from the value directly; a record read back from the
@@ -63,15 +66,35 @@ def result_value(record: FutureRecord) -> Any:
     return record.value
 
 
+class Busy(UserError):
+    """Too much of the caller's work is in flight: HTTP 429 with ``Retry-After``; waiting clears it."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, status=429)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (_rebuild_busy, (self.message, self.retry_after_s))
+
+
+def _rebuild_busy(message: str, retry_after_s: float) -> "Busy":
+    return Busy(message, retry_after_s=retry_after_s)
+
+
 def new_request_id() -> str:
     return "req-" + secrets.token_hex(12)
 
 
 class Futures:
     def __init__(self, store: Store, *, long_poll_s: float = 25.0, cache_size: int = 4096,
-                 cache_bytes: int = 256 * 1024 * 1024, foreign_poll_s: float = 0.25) -> None:
+                 cache_bytes: int = 256 * 1024 * 1024, foreign_poll_s: float = 0.25,
+                 max_pending_per_owner: int | None = None, max_polls_per_owner: int | None = None) -> None:
         self.store = store
         self.long_poll_s = long_poll_s
+        self.max_pending_per_owner = max_pending_per_owner
+        self.max_polls_per_owner = max_polls_per_owner
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._polls: collections.Counter[str] = collections.Counter()
         self._foreign_poll_s = foreign_poll_s
         self._running: dict[str, tuple[FutureRecord, asyncio.Event, asyncio.Task]] = {}
         self._submitting: dict[tuple[str, int], asyncio.Future] = {}
@@ -99,6 +122,10 @@ class Futures:
         key = (model_id, seq_id) if (model_id is not None and seq_id is not None) else None
         if key is not None and key in self._submitting:
             return await asyncio.shield(self._submitting[key])
+        limit = self.max_pending_per_owner
+        if limit is not None and self._pending[owner] >= limit:
+            raise Busy(f"this API key has {self._pending[owner]} requests queued or running (the limit is {limit}, "
+                       "server setting max_pending_per_key); retry when some have finished")
         record = FutureRecord(request_id=new_request_id(), owner=owner, kind=kind, created=time.time(),
                               model_id=model_id, seq_id=seq_id, meta=meta)
         slot: asyncio.Future | None = None
@@ -108,6 +135,7 @@ class Futures:
         try:
             stored = await self.store.insert_future(record, touch_run=touch_run)
             if stored.request_id == record.request_id:
+                self._pending[owner] += 1
                 event = asyncio.Event()
                 task = asyncio.create_task(self._execute(record, event, work), name=f"future {record.request_id}")
                 self._running[record.request_id] = (record, event, task)
@@ -153,6 +181,9 @@ class Futures:
         # thread before any 'fetched' mark of the woken poll, so the order of writes is kept).
         self._remember(done)
         self._running.pop(record.request_id, None)
+        self._pending[record.owner] -= 1
+        if not self._pending[record.owner]:
+            del self._pending[record.owner]
         event.set()
         try:
             await self.store.finish_future(record.request_id, status=status, result=result, error=error,
@@ -182,9 +213,15 @@ class Futures:
             record, event, _task = running
             if record.owner != owner:
                 return None
-            try:
-                await asyncio.wait_for(event.wait(), timeout)
-            except asyncio.TimeoutError:
+            if timeout > 0:
+                self._hold_poll(owner)
+                try:
+                    await asyncio.wait_for(event.wait(), timeout)
+                except asyncio.TimeoutError:
+                    return record
+                finally:
+                    self._release_poll(owner)
+            elif not event.is_set():
                 return record
             return self._fetched(self._done.get(request_id) or await self.store.get_future(request_id))
         record = self._done.get(request_id)
@@ -199,6 +236,18 @@ class Futures:
         if record.owner != owner:
             return None
         return self._fetched(record)
+
+    def _hold_poll(self, owner: str) -> None:
+        limit = self.max_polls_per_owner
+        if limit is not None and self._polls[owner] >= limit:
+            raise Busy(f"this API key already holds {limit} waiting polls (server setting max_polls_per_key); "
+                       "poll fewer requests at once")
+        self._polls[owner] += 1
+
+    def _release_poll(self, owner: str) -> None:
+        self._polls[owner] -= 1
+        if not self._polls[owner]:
+            del self._polls[owner]
 
     async def _poll_foreign(self, request_id: str, timeout: float) -> FutureRecord | None:
         """A request pending in the store but not running here (another gateway replica runs it)."""

@@ -36,6 +36,16 @@ class CentralSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     """How long a result stays retrievable after its first fetch (a client may re-fetch after a network error)."""
     sweep_interval_s: float = 30.0
     """How often expired checkpoints, old results and silent sessions are cleaned up."""
+    max_pending_per_key: int = 256
+    """Requests one API key may have queued or running at once; past it, 429 with Retry-After."""
+    max_polls_per_key: int = 64
+    """Long-polls one API key may hold open at once; past it, 429 (polls must not fill the server's slots)."""
+    max_sessions_per_key: int = 256
+    """Open sessions one API key may hold; past it, 429 until some finish or time out."""
+    max_checkpoints_per_key: int = 10000
+    """Checkpoints one API key may keep (named ones; ephemeral sampler weights are trimmed per run)."""
+    max_checkpoint_bytes_per_key: int = 1 << 40
+    """Bytes of checkpoints one API key may keep; a save past it is refused until checkpoints are deleted."""
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir:

@@ -44,6 +44,7 @@ class NativeAuthority:
         async def prepare(port: ModelPort):
             ref = CheckpointRef(run_id=run.id, kind=kind, name=validate_name(req.name, field="name"), scheme=SCHEME)
             expires = expiry(req.ttl_seconds)
+            await self.plane.check_checkpoint_quota(owner)
             path = self.plane.checkpoint_path(owner, run, kind, ref.name)
             if not req.overwrite and await self.plane.existing_checkpoint(run, kind, ref.name) is not None:
                 raise UserError(f"checkpoint {ref.uri} already exists; pass overwrite=True or choose another name",

@@ -30,7 +30,9 @@ def _json(detail: str, status: int, headers: dict[str, str] | None = None, **ext
 
 
 def _user_error(_: Request, exc: UserError) -> Response:
-    return _json(str(exc), exc.status)
+    retry_after = getattr(exc, "retry_after_s", None)
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    return _json(str(exc), exc.status, headers=headers)
 
 
 def validation_detail(exc: msgspec.ValidationError | ValidationException) -> str:

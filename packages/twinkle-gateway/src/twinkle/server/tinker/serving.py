@@ -184,6 +184,7 @@ class TinkerService:
                               *, overwrite: bool) -> tuple[CheckpointRef, str, float | None]:
         name = validate_name(name, field="path") if name else C.default_name()
         expires = expiry(ttl)
+        await self.plane.check_checkpoint_quota(owner)
         ref = CheckpointRef(run_id=run.id, kind=kind, name=name)
         if not overwrite and await self.plane.existing_checkpoint(run, kind, name) is not None:
             hint = "pass overwrite=True or choose another name" if kind == "weights" else "choose another name"

@@ -239,6 +239,10 @@ class Store:
 
         return await self._call(run)
 
+    async def count_open_sessions(self, owner: str) -> int:
+        return await self._call(lambda: self.conn.execute(
+            "SELECT COUNT(*) FROM sessions WHERE owner=? AND finished IS NULL", (owner,)).fetchone()[0])
+
     async def session_children(self, session_id: str) -> tuple[list[str], list[str]]:
         """(training run ids, sampler ids) created in a session, oldest first."""
 
@@ -368,6 +372,12 @@ class Store:
             return Page([self._ckpt(r) for r in rows], total)
 
         return await self._call(go)
+
+    async def checkpoint_usage(self, owner: str) -> tuple[int, int]:
+        """(count, bytes) of the checkpoints ``owner`` keeps."""
+        row = await self._call(lambda: self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM checkpoints WHERE owner=?", (owner,)).fetchone())
+        return int(row[0]), int(row[1])
 
     async def delete_checkpoint(self, run_id: str, kind: str, name: str) -> bool:
         def go() -> bool:
