@@ -1,6 +1,6 @@
 """The official ``tinker`` SDK, configured for a Twinkle server in ``server_type: tinker`` mode.
 
-Nothing is patched: a Twinkle Tinker-mode server speaks the SDK's own protocol (issue 5), so all this
+Nothing is patched: a Twinkle Tinker-mode server speaks the SDK's own protocol, so all this
 helper does is pick the base URL and key the way the rest of this package does and check the two things the
 SDK would otherwise fail on obscurely — the key's ``tml-`` prefix (the SDK refuses other keys before sending
 anything) and a base URL that already ends with the SDK's ``/api/v1`` (it appends that itself).

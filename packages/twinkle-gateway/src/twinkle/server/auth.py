@@ -1,7 +1,6 @@
 """API-key authentication: ``X-API-Key`` → a principal.
 
-Design points (upstream Twinkle accepted any token and used the raw token as the user id, storing it in
-plain text in state, metadata files and logs):
+Design points (a raw key must never become an id, a stored value or a log line):
 
 - Keys come from the server config (``api_keys``) and from ``TWINKLE_API_KEYS`` (comma-separated). They are
   stored as salted SHA-256 digests (one random salt per state database); the raw key is never written to
