@@ -274,7 +274,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = {k: statistics.median(a - b for a, b in zip(times[k], times["peft"])) for k in ("service", "server")}
     gateway = statistics.median(a - b for a, b in zip(times["server"], times["service"]))
-    split = _server_split(os.path.join(root, "ckpt", "twinkle-state.sqlite"), spans)
+    db = os.path.join(root, "state.sqlite" if args.deploy else os.path.join("ckpt", "twinkle-state.sqlite"))
+    split = _server_split(db, spans)
     where = "deployed on Ray Serve (deploy/local-tinker.yaml)" if args.deploy else "in a separate process"
     print(f"supervised step, {args.batch}x{args.seq} tokens, LoRA rank {args.rank}, tiny-qwen2 on "
           f"{os.cpu_count()} CPU(s); {args.steps} steps each, interleaved step by step; server {where}")
