@@ -67,10 +67,10 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
         limit = getattr(request.app.state, "max_body_bytes", None)
         detail = (f"request body too large: the limit is {limit} bytes (server setting max_body_bytes); "
                   "send fewer datums per call") if limit else "request body too large"
-    elif exc.status_code == 404 and detail == "Not Found":
-        detail = f"no such endpoint: {request.method} {request.url.path}"
-    elif exc.status_code == 405:
-        detail = f"method {request.method} is not allowed on {request.url.path}"
+    elif exc.status_code in (404, 405):
+        # a method this path does not have is an endpoint this server does not have (the SDK retries nothing
+        # on 404 and reports it plainly)
+        return _json(f"no such endpoint: {request.method} {request.url.path}", 404)
     return _json(detail, exc.status_code, headers=exc.headers)
 
 

@@ -16,7 +16,7 @@ import logging
 from typing import Any, Callable
 
 import msgspec
-from litestar import Litestar, Request, Response, Router, delete, get, post, put
+from litestar import Litestar, Request, Response, Router, delete, get, post, put, route
 from litestar.datastructures import State
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.middleware import ASGIMiddleware, DefineMiddleware
@@ -342,12 +342,44 @@ async def weights_info(request: Request, data: P.WeightsInfoRequest) -> P.Weight
     return await _svc(request).weights_info(_owner(request), data.tinker_path)
 
 
+# SDK routes this server does not serve, and what the client would be asking for.
+_UNSUPPORTED = {
+    "save_weights_external": "exporting weights to external storage (save_weights_external)",
+    "create_custom_loss": "server-side custom losses (create_custom_loss)",
+    "retrieve_futures": "batched future retrieval (retrieve_futures)",
+    "cancel_future": "cancelling futures (cancel_future)",
+    "join_sampling_session": "joining sampling sessions (join_sampling_session)",
+    "copy_weights": "copying weights between projects (copy_weights)",
+    "auth": "JWT and key management (auth/...)",
+    "audit": "the audit log (admin)",
+    "billing": "billing and usage (admin)",
+}
+
+
+@route("/{rest:path}", http_method=["GET", "POST", "PUT", "DELETE", "PATCH"], status_code=404)
+async def unsupported(request: Request, rest: str) -> Response:
+    """Any other path: 404 naming the feature. A numbered request (``model_id`` + ``seq_id``) still has its
+    ``seq_id`` released, so the run's later requests do not wait for it."""
+    body = await request.body() if request.method in ("POST", "PUT") else b""
+    if body:
+        try:
+            header = msgspec.json.decode(body, type=P.TrainingHeader)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            header = None
+        if header is not None:
+            await _svc(request).plane.refuse_seq(_owner(request), header.model_id, header.seq_id)
+    first = rest.strip("/").split("/", 1)[0]
+    feature = _UNSUPPORTED.get(first)
+    what = f"{feature} is not supported by this server" if feature else f"no such endpoint: {request.method} /{rest.strip('/')}"
+    return Response({"detail": what}, status_code=404)
+
+
 ROUTES = [
     client_config, dynamic_config, create_session, session_heartbeat, finish_session, telemetry, healthz,
     get_server_capabilities, list_sessions, get_session, create_model, get_info, unload_model, forward_backward,
     forward, optim_step, save_weights, save_weights_for_sampler, load_weights, create_sampling_session,
     get_sampler, asample, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
-    delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info,
+    delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info, unsupported,
 ]
 
 
