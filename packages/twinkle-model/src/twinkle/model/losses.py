@@ -176,6 +176,11 @@ class ValidatedRequest:
     def lengths(self) -> list[int]:
         return [len(t) for t in self.tokens]
 
+    def subset(self, rows: list[int]) -> "ValidatedRequest":
+        """The same request over datums ``rows`` only (a micro-batch)."""
+        return ValidatedRequest(spec=self.spec, config=self.config, tokens=[self.tokens[i] for i in rows],
+                                inputs=[self.inputs[i] for i in rows])
+
 
 def resolve_loss(loss_fn: str, loss_fn_config: Mapping[str, object] | None) -> tuple[LossSpec, dict[str, float]]:
     spec = LOSSES.get(loss_fn)
@@ -265,7 +270,8 @@ def _validate_tokens(datum: Datum, i: int, *, vocab_size: int, max_length: int |
     if n == 0:
         raise UserError("model_input is empty", field=where)
     if max_length is not None and n > max_length:
-        raise UserError(f"{n} tokens exceed the model's context length {max_length}", field=where)
+        raise UserError(f"{n} tokens exceed the limit of {max_length} tokens per datum (the model's context "
+                        "length, or the model application's max_length)", field=where)
     t = torch.tensor(datum.model_input, dtype=torch.int64)
     if int(t.min()) < 0 or int(t.max()) >= vocab_size:
         bad = next(int(x) for x in datum.model_input if x < 0 or x >= vocab_size)

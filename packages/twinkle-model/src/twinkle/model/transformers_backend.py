@@ -62,6 +62,7 @@ from twinkle.common.wire import (
 
 from . import checkpoints as ckpt
 from .backend import BackendInfo, FusedItem, TrainingBackend, validate_adam, validate_lora
+from .batching import micro_batches, target_logprobs
 from .losses import ValidatedRequest, loss_metrics, validate_request
 
 log = logging.getLogger(__name__)
@@ -163,13 +164,19 @@ class TransformersBackend(TrainingBackend):
         offload_to: str = "auto",
         rank: int = 0,
         max_fused_tokens: int | None = None,
+        token_budget: int | None = None,
+        logits_chunk: int = 1024,
+        max_tokens_per_datum: int | None = None,
         model=None,
     ) -> None:
         """``device``: None picks ``cuda`` when available, else ``cpu``. ``offload_to``: ``auto`` (CPU memory on
         CUDA, disk on CPU), ``cpu`` or ``disk``. ``rank`` only salts dropout streams in data parallelism.
         ``model``: an already loaded causal LM (tests, benchmarks); it is wrapped in place.
         ``max_fused_tokens``: the largest padded batch (rows x longest row) a fused pass may form; default 65536
-        on CUDA, 2048 on CPU."""
+        on CUDA, 2048 on CPU. ``token_budget``: the largest padded micro-batch (rows x longest row) one pass of a
+        request may take — larger requests run as several passes with the same result; default 65536 on CUDA,
+        8192 on CPU. ``logits_chunk``: tokens whose full-vocabulary logits may exist at once.
+        ``max_tokens_per_datum``: a datum longer than this (or than the model's context) is refused."""
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
@@ -185,6 +192,10 @@ class TransformersBackend(TrainingBackend):
         self.rank = rank
         # Measured on a 2-core CPU: fusing 4x(2x64) tokens gains ~15%, 4x(8x128) loses ~20% (cache misses).
         self.max_fused_tokens = max_fused_tokens or (65536 if self.device.type == "cuda" else 2048)
+        self.token_budget = token_budget or (65536 if self.device.type == "cuda" else 8192)
+        if logits_chunk < 1:
+            raise ValueError("logits_chunk must be >= 1")
+        self.logits_chunk = logits_chunk
         base = model if model is not None else load_causal_lm(model_id, dtype=dtype)
         base.to(self.device)
         base.eval()
@@ -193,6 +204,10 @@ class TransformersBackend(TrainingBackend):
         cfg = base.config
         self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
         self.max_length = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
+        if max_tokens_per_datum is not None:
+            self.max_length = min(self.max_length or max_tokens_per_datum, max_tokens_per_datum)
+        # Chunked unembedding is exact for models whose logits are plain lm_head(hidden) (Llama/Qwen family).
+        self._plain_head = not any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
         linear_names = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
         self._available = {g: [m for m in mods if m in linear_names] for g, mods in TARGET_GROUPS.items()}
         first = next((m for mods in self._available.values() for m in mods), None)
@@ -295,9 +310,6 @@ class TransformersBackend(TrainingBackend):
     def is_resident(self, run_id: str) -> bool:
         return self._get(run_id).resident
 
-    def run_lora(self, run_id: str) -> LoraConfig:
-        return self._get(run_id).lora
-
     def _get(self, run_id: str) -> _Run:
         run = self._runs.get(run_id)
         if run is None:
@@ -345,23 +357,32 @@ class TransformersBackend(TrainingBackend):
         return self._forward_backward(run, req, forward_only)
 
     def _forward_backward(self, run: _Run, req: ValidatedRequest, forward_only: bool) -> ForwardBackwardOutput:
-        # 1. A padded batch: right padding, attention mask, per-token inputs padded with zeros.
-        ids, valid, inputs = self._pad([req])
-        # 2. Only this run's adapter is active and trainable; dropout only when training and configured.
+        # 1. Only this run's adapter is active and trainable; dropout only when training and configured.
         self._activate([run])
         dropout = run.lora.dropout > 0 and not forward_only
         self.peft.train(dropout)
+        lengths = req.lengths
+        lp_all = torch.zeros((len(lengths), max(lengths)), dtype=torch.float32)
+        loss_all = torch.zeros_like(lp_all)
         with self._run_rng(run, dropout), torch.set_grad_enabled(not forward_only):
-            # 3. Logprob of each target token under the current adapter.
-            lp = self._target_logprobs(ids, valid, inputs["target_tokens"])
-            # 4. The named loss per token; padding contributes nothing (and gets no gradient).
-            per_token = req.spec.fn(lp, inputs, req.config) * valid
-            # 5. SUM over tokens and datums, as Tinker defines every loss; grads accumulate until optim_step.
-            if not forward_only:
-                per_token.sum().backward()
+            # 2. Micro-batches of whole datums within the token budget (one pass for most requests).
+            for rows in micro_batches(lengths, self.token_budget):
+                part = req.subset(rows)
+                ids, valid, inputs = self._pad([part])
+                # 3. Logprob of each target token under the current adapter.
+                lp = self._target_logprobs(ids, valid, inputs["target_tokens"])
+                # 4. The named loss per token; padding contributes nothing (and gets no gradient).
+                per_token = req.spec.fn(lp, inputs, req.config) * valid
+                # 5. SUM over tokens and datums, as Tinker defines every loss; grads accumulate until optim_step.
+                if not forward_only:
+                    per_token.sum().backward()
+                width = ids.shape[1]
+                lp_all[rows, :width] = lp.detach().float().cpu()
+                loss_all[rows, :width] = per_token.detach().float().cpu()
         self.peft.eval()
-        metrics = loss_metrics(req.spec, req.config, lp.detach(), inputs, per_token.detach(), valid)
-        return ForwardBackwardOutput(loss_fn_outputs=self._outputs(lp, per_token, req.lengths), metrics=metrics)
+        _, valid_all, inputs_all = self._pad([req], device=torch.device("cpu"))
+        metrics = loss_metrics(req.spec, req.config, lp_all, inputs_all, loss_all, valid_all)
+        return ForwardBackwardOutput(loss_fn_outputs=self._outputs(lp_all, loss_all, lengths), metrics=metrics)
 
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         validate_adam(params)
@@ -462,7 +483,7 @@ class TransformersBackend(TrainingBackend):
         self._activate([run for _, run, _ in ready])
         self.peft.eval()  # no dropout in fused passes
         with _segmented_lora(self.peft, segments):
-            lp = self._target_logprobs(ids, valid, inputs["target_tokens"])
+            lp = self._full_target_logprobs(ids, valid, inputs["target_tokens"])
         total = lp.new_zeros(())
         per_item = []
         row = 0
@@ -486,7 +507,8 @@ class TransformersBackend(TrainingBackend):
 
     # --- tensors in and out ---------------------------------------------------------------------------
 
-    def _pad(self, reqs: list[ValidatedRequest]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _pad(self, reqs: list[ValidatedRequest], device: torch.device | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Right-pad the datums of one or more requests into [B, T] tensors on the device.
 
         Every loss input name any request uses becomes a [B, T] tensor; rows of a request that lacks it hold
@@ -508,10 +530,19 @@ class TransformersBackend(TrainingBackend):
                 for name, v in d.items():
                     inputs[name][row, :n] = v
                 row += 1
-        dev = self.device
+        dev = device or self.device
         return ids.to(dev), valid.to(dev), {k: v.to(dev) for k, v in inputs.items()}
 
     def _target_logprobs(self, ids: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self._plain_head:
+            causal = self.peft.get_base_model()
+            return target_logprobs(causal.get_decoder(), causal.get_output_embeddings(), ids, valid, targets,
+                                   logits_chunk=self.logits_chunk)
+        return self._full_target_logprobs(ids, valid, targets)
+
+    def _full_target_logprobs(self, ids: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Through the model's own forward (full logits): fused passes, whose per-row LoRA blocks need the
+        [B, T, H] layout, and models whose logits are not plain lm_head(hidden)."""
         out = self.peft(input_ids=ids, attention_mask=valid.to(torch.int64), use_cache=False)
         logits = out.logits.float()
         lp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)

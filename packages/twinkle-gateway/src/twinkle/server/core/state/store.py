@@ -279,9 +279,6 @@ class Store:
 
         return await self._call(go)
 
-    async def update_run_lora(self, run_id: str, lora: dict[str, Any]) -> None:
-        await self._call(lambda: self.conn.execute("UPDATE runs SET lora=? WHERE id=?", (_dumps(lora), run_id)))
-
     async def get_run(self, run_id: str, owner: str | None = None) -> RunRecord | None:
         def go() -> RunRecord | None:
             r = self.conn.execute(f"SELECT {self._RUN_COLS} FROM runs WHERE id=?", (run_id,)).fetchone()
