@@ -16,10 +16,11 @@ Design rules (upstream's native API forwarded any extra JSON key as a keyword ar
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from .limits import DEFAULT_LIMITS, MAX_JSON_SAFE_INT, RequestLimits, check_sampling
 from .wire import Datum, LoraConfig, SamplingParams, UserError
 
 T = TypeVar("T")
@@ -30,6 +31,8 @@ SAVE_KINDS = {"state": "weights", "sampler": "sampler_weights"}
 MiB = 1024 * 1024
 #: Largest training/sampling body a component app accepts (a forward_backward batch as JSON).
 MAX_BODY_BYTES = 64 * MiB
+#: A client's ``seq_id``, bounded at decoding (``limits.check_seq_id`` applies a configured bound).
+SeqId = Annotated[int, msgspec.Meta(ge=0, le=MAX_JSON_SAFE_INT)]
 
 
 class _Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -42,7 +45,7 @@ class TrainRequest(_Body):
     data: list[Datum]
     loss_fn: str = "cross_entropy"
     loss_fn_config: dict[str, float | str] | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class OptimStepRequest(_Body):
@@ -54,7 +57,7 @@ class OptimStepRequest(_Body):
     eps: float = 1e-12
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class SaveRequest(_Body):
@@ -66,7 +69,7 @@ class SaveRequest(_Body):
     optimizer: bool = True
     overwrite: bool = False
     ttl_seconds: int | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class LoadRequest(_Body):
@@ -75,7 +78,7 @@ class LoadRequest(_Body):
 
     uri: str
     optimizer: bool = True
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class SampleParamsIn(_Body):
@@ -90,7 +93,8 @@ class SampleParamsIn(_Body):
     seed: int | None = None
     stop: str | list[str | int] | None = None
 
-    def to_wire(self) -> SamplingParams:
+    def to_wire(self, *, num_samples: int = 1, limits: RequestLimits = DEFAULT_LIMITS) -> SamplingParams:
+        """These settings as ``wire.SamplingParams``, checked by ``limits.check_sampling``."""
         stop: Any = self.stop
         if isinstance(stop, list) and stop:
             if all(isinstance(x, str) for x in stop):
@@ -98,17 +102,10 @@ class SampleParamsIn(_Body):
             elif all(isinstance(x, int) and not isinstance(x, bool) for x in stop):
                 stop = [int(x) for x in stop]
             else:
-                raise UserError("give either strings or token ids, not both", field="sampling_params.stop")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise UserError("must be >= 1", field="sampling_params.max_tokens")
-        if not self.temperature >= 0 or self.temperature == float("inf"):
-            raise UserError("must be >= 0 (0 = greedy)", field="sampling_params.temperature")
-        if not 0 < self.top_p <= 1:
-            raise UserError("must be in (0, 1]", field="sampling_params.top_p")
-        if self.top_k == 0 or self.top_k < -1:
-            raise UserError("must be -1 (off) or >= 1", field="sampling_params.top_k")
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed, stop=stop)
+                raise UserError("must be all strings or all token ids, not a mix", field="sampling_params.stop")
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                                top_p=self.top_p, seed=self.seed, stop=stop)
+        return check_sampling(params, num_samples=num_samples, limits=limits)
 
 
 class SampleRequestIn(_Body):
@@ -202,5 +199,5 @@ def peek_seq_id(body: bytes) -> int | None:
         seq = msgspec.json.decode(body, type=SeqHeader).seq_id
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
-    return seq if seq is not None and seq >= 0 else None
+    return seq if seq is not None and 0 <= seq <= MAX_JSON_SAFE_INT else None
 

@@ -31,9 +31,9 @@ Contract, for every implementation (``TransformersBackend``, ``DataParallelBacke
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 
+from twinkle.common.limits import check_adam, check_lora
 from twinkle.common.wire import (
     AdamParams,
     CheckpointInfo,
@@ -41,7 +41,6 @@ from twinkle.common.wire import (
     ForwardBackwardOutput,
     LoraConfig,
     OptimStepOutput,
-    UserError,
 )
 
 
@@ -137,39 +136,10 @@ class TrainingBackend(abc.ABC):
 
 
 def validate_lora(lora: LoraConfig) -> None:
-    """Reject LoRA configs no backend can honour, naming the field."""
-    if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
-        raise UserError(f"rank must be a positive integer, got {lora.rank!r}", field="lora.rank")
-    if lora.rank > 1024:
-        raise UserError(f"rank {lora.rank} is larger than the supported maximum 1024", field="lora.rank")
-    if not math.isfinite(lora.alpha) or lora.alpha <= 0:
-        raise UserError(f"alpha must be a positive number, got {lora.alpha!r}", field="lora.alpha")
-    if not (0.0 <= lora.dropout < 1.0):
-        raise UserError(f"dropout must be in [0, 1), got {lora.dropout!r}", field="lora.dropout")
-    if lora.seed is not None and not (0 <= lora.seed < 2**63):
-        raise UserError(f"seed must be in [0, 2**63), got {lora.seed!r}", field="lora.seed")
-    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
-        raise UserError(
-            "at least one of train_attn, train_mlp, train_unembed must be true", field="lora.train_attn"
-        )
+    """Reject LoRA configs no backend can honour (``twinkle.common.limits.check_lora``), naming ``lora.<key>``."""
+    check_lora(lora, field="lora")
 
 
 def validate_adam(p: AdamParams) -> None:
-    def bad(name: str, msg: str) -> UserError:
-        return UserError(msg, field=f"adam_params.{name}")
-
-    for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
-        v = getattr(p, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise bad(name, f"expected a finite number, got {v!r}")
-    if p.learning_rate < 0:
-        raise bad("learning_rate", f"must be >= 0, got {p.learning_rate}")
-    for name in ("beta1", "beta2"):
-        if not (0.0 <= getattr(p, name) < 1.0):
-            raise bad(name, f"must be in [0, 1), got {getattr(p, name)}")
-    if p.eps < 0:
-        raise bad("eps", f"must be >= 0, got {p.eps}")
-    if p.weight_decay < 0:
-        raise bad("weight_decay", f"must be >= 0, got {p.weight_decay}")
-    if p.grad_clip_norm < 0:
-        raise bad("grad_clip_norm", f"must be >= 0 (0 = no clipping), got {p.grad_clip_norm}")
+    """Reject AdamW settings that could corrupt weights (``twinkle.common.limits.check_adam``)."""
+    check_adam(p, field="adam_params")

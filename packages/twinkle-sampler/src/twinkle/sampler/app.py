@@ -15,11 +15,12 @@ from typing import Any
 from litestar import Litestar, Request, post
 from twinkle.common.authority import Authority, principal_of
 from twinkle.common.http import component_app, served_model_name, service_call
+from twinkle.common.limits import DEFAULT_LIMITS
 from twinkle.common.native import MAX_BODY_BYTES, SampleRequestIn, decode
 from twinkle.common.wire import SampleOutput, SampleRequest, UserError
 
 #: Most continuations of one prompt per request (the Tinker front-end's limit too).
-MAX_NUM_SAMPLES = 1024
+MAX_NUM_SAMPLES = DEFAULT_LIMITS.max_num_samples
 
 
 def create_sampler_app(sampler: Any, authority: Authority | None = None, *, model_name: str | None = None) -> Litestar:

@@ -1,42 +1,59 @@
-"""Request validation and the sampling-parameter semantics both engines share.
+"""Request resolution and the sampling-parameter semantics both engines share.
 
 ``resolve_request`` turns a wire :class:`~twinkle.common.wire.SampleRequest` into a
 :class:`ResolvedRequest` with every default filled in, or raises :class:`~twinkle.common.wire.UserError`
-naming the field that is wrong. Both engines consume only ``ResolvedRequest``, so the torch engine and the
-vLLM engine cannot disagree on what a request means.
+naming the field that is wrong. The engine-independent rules (ranges, counts, stop-string bounds) are
+``twinkle.common.limits.check_sampling``'s; this module adds what only the engine knows: the vocabulary and
+the context window. Both engines consume only ``ResolvedRequest``, so the torch engine and the vLLM engine
+cannot disagree on what a request means.
 
 Semantics (the Tinker ones, see README.md):
 
 - ``temperature`` 0 (anything below ``GREEDY_EPS``, as in vLLM) is greedy argmax; it is never replaced by 1.0.
-- ``top_k`` -1 (or 0, vLLM's spelling) is off, as is any value >= the vocabulary size.
+- ``top_k`` -1 is off, as is any value >= the vocabulary size.
 - ``top_p`` in (0, 1]; 1 is off.
 - ``stop``: ``None`` = stop at EOS; a string or a list of strings = stop strings (EOS still stops);
   a list of ints = stop token ids (EOS still stops); ``[]`` = nothing stops, not even EOS: exactly
   ``max_tokens`` tokens are produced (unless the context window ends first).
 - ``max_tokens`` ``None`` = ``DEFAULT_MAX_TOKENS`` (256). Either way the number is capped by what is left of
   the context window after the prompt; a sequence cut there ends with ``"length"``.
+
+:class:`StopStrings` finds the stop string a newly sampled token completes, with work bounded by the longest
+stop string and independent of how many there are.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
+import msgspec
+
+from twinkle.common.limits import DEFAULT_LIMITS, DEFAULT_MAX_TOKENS, RequestLimits, check_sampling
 from twinkle.common.wire import SampleRequest, UserError
 
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_MAX_NUM_SAMPLES = 128
+__all__ = ["DEFAULT_MAX_NUM_SAMPLES", "DEFAULT_MAX_TOKENS", "GREEDY_EPS", "Limits", "ResolvedRequest",
+           "StopStrings", "resolve_request"]
+
+DEFAULT_MAX_NUM_SAMPLES = DEFAULT_LIMITS.max_num_samples
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS), so both engines agree on the boundary.
 GREEDY_EPS = 1e-5
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What a request is checked against: the served model's vocabulary and context window."""
+    """What a request is checked against: the served model's vocabulary and context window, this engine's
+    ``max_num_samples`` (it replaces ``request.max_num_samples``) and the request limits."""
 
     vocab_size: int
     max_context_length: int
     max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES
+    request: RequestLimits = field(default=DEFAULT_LIMITS)
+
+    def effective(self) -> RequestLimits:
+        if self.request.max_num_samples == self.max_num_samples:
+            return self.request
+        return msgspec.structs.replace(self.request, max_num_samples=self.max_num_samples)
 
 
 @dataclass(frozen=True)
@@ -66,7 +83,9 @@ def _is_int(x: object) -> bool:
 
 
 def resolve_request(req: SampleRequest, limits: Limits) -> ResolvedRequest:
-    """Validate ``req`` against ``limits``; raise ``UserError(field=...)`` on the first mistake."""
+    """Validate ``req`` against ``limits``; raise ``UserError(field=...)`` on the first mistake.
+
+    Prompt and vocabulary checks come first (only the engine can make them), then ``check_sampling``."""
     prompt = req.prompt
     if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
         raise UserError("the prompt must hold at least one token", field="prompt")
@@ -83,64 +102,29 @@ def resolve_request(req: SampleRequest, limits: Limits) -> ResolvedRequest:
         )
 
     n = req.num_samples
-    if not _is_int(n) or n < 1 or n > limits.max_num_samples:
-        raise UserError(f"must be an integer in [1, {limits.max_num_samples}], got {n!r}", field="num_samples")
-
-    p = req.sampling_params
-    if p.max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, room)
-    else:
-        if not _is_int(p.max_tokens) or p.max_tokens < 1:
-            raise UserError(f"must be an integer >= 1, got {p.max_tokens!r}", field="sampling_params.max_tokens")
-        max_tokens = min(p.max_tokens, room)
-
-    t = p.temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise UserError(f"must be a finite number >= 0, got {t!r}", field="sampling_params.temperature")
-
-    tp = p.top_p
-    if isinstance(tp, bool) or not isinstance(tp, (int, float)) or not math.isfinite(tp) or not (0 < tp <= 1):
-        raise UserError(f"must be in (0, 1], got {tp!r}", field="sampling_params.top_p")
-
-    tk = p.top_k
-    if not _is_int(tk) or tk < -1:
-        raise UserError(f"must be -1 (off) or an integer >= 1, got {tk!r}", field="sampling_params.top_k")
-    top_k = 0 if tk in (-1, 0) or tk >= vocab else tk
-
+    p = check_sampling(req.sampling_params, num_samples=n, limits=limits.effective())
+    max_tokens = min(DEFAULT_MAX_TOKENS if p.max_tokens is None else p.max_tokens, room)
+    t, tp = p.temperature, p.top_p
+    top_k = 0 if p.top_k == -1 or p.top_k >= vocab else p.top_k
     seed = p.seed
-    if seed is not None and not _is_int(seed):
-        raise UserError(f"must be an integer, got {seed!r}", field="sampling_params.seed")
 
     stop_strings: tuple[str, ...] = ()
     stop_ids: tuple[int, ...] = ()
     ignore_eos = False
     stop = p.stop
-    if stop is None:
-        pass
-    elif isinstance(stop, str):
-        if stop == "":
-            raise UserError("a stop string must not be empty", field="sampling_params.stop")
+    if isinstance(stop, str):
         stop_strings = (stop,)
+    elif isinstance(stop, (list, tuple)) and not stop:
+        ignore_eos = True
+    elif isinstance(stop, (list, tuple)) and isinstance(stop[0], str):
+        stop_strings = tuple(dict.fromkeys(stop))  # type: ignore[arg-type]
     elif isinstance(stop, (list, tuple)):
-        if len(stop) == 0:
-            ignore_eos = True
-        elif all(isinstance(s, str) for s in stop):
-            for i, s in enumerate(stop):
-                if s == "":
-                    raise UserError("a stop string must not be empty", field=f"sampling_params.stop[{i}]")
-            stop_strings = tuple(dict.fromkeys(stop))
-        elif all(_is_int(s) for s in stop):
-            for i, s in enumerate(stop):
-                if s < 0 or s >= vocab:
-                    raise UserError(
-                        f"stop token id {s} is outside the vocabulary [0, {vocab})", field=f"sampling_params.stop[{i}]"
-                    )
-            stop_ids = tuple(dict.fromkeys(stop))
-        else:
-            raise UserError("must be all strings or all token ids, not a mix", field="sampling_params.stop")
-    else:
-        raise UserError(f"must be a string, a list of strings or a list of token ids, got {stop!r}",
-                        field="sampling_params.stop")
+        for i, s in enumerate(stop):
+            if s >= vocab:  # type: ignore[operator]
+                raise UserError(
+                    f"stop token id {s} is outside the vocabulary [0, {vocab})", field=f"sampling_params.stop[{i}]"
+                )
+        stop_ids = tuple(dict.fromkeys(stop))  # type: ignore[arg-type]
 
     if req.adapter_path is not None and (not isinstance(req.adapter_path, str) or not req.adapter_path.strip()):
         raise UserError("must be a non-empty path or null", field="adapter_path")
@@ -159,3 +143,48 @@ def resolve_request(req: SampleRequest, limits: Limits) -> ResolvedRequest:
         prompt_logprobs=bool(req.prompt_logprobs),
         adapter_path=req.adapter_path,
     )
+
+
+class StopStrings:
+    """The stop strings of one request, matched incrementally as tokens are sampled.
+
+    ``completed_by_last(tokens, decode)`` says whether the newest token completed a stop string. It decodes
+    only the last ``window`` tokens (enough to hold the longest stop string: every token decodes to at least
+    one character), twice: with and without the newest token. A stop string completed now must end in the
+    characters the newest token added (earlier ones were checked at earlier steps, and decoding stops at the
+    first hit), so only those end positions are probed, each once per distinct stop-string length, by a set
+    lookup. Work per step: two decodes of at most ``window`` tokens plus (new characters × distinct lengths)
+    lookups, whatever the number of stop strings.
+    """
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self._stops = frozenset(stops)
+        self._lengths = sorted({len(s) for s in self._stops})
+        self.window = (self._lengths[-1] + 4) if self._lengths else 0
+
+    def __bool__(self) -> bool:
+        return bool(self._stops)
+
+    def completed_by_last(self, tokens: Sequence[int], decode: Callable[[Sequence[int]], str]) -> bool:
+        if not self._stops or not tokens:
+            return False
+        tail = tokens[-self.window:]
+        text = decode(tail)
+        before = decode(tail[:-1]) if len(tail) > 1 else ""
+        start = _shared_prefix(before, text)
+        for end in range(max(start, 0) + 1, len(text) + 1):
+            for n in self._lengths:
+                if n > end:
+                    break
+                if text[end - n:end] in self._stops:
+                    return True
+        return False
+
+
+def _shared_prefix(before: str, text: str) -> int:
+    """How many leading characters ``text`` keeps from ``before``. Usually all of them; a byte-level tokenizer
+    may rewrite the last few (an incomplete UTF-8 sequence completed by the new token)."""
+    for cut in range(0, min(len(before), 8) + 1):
+        if text.startswith(before[:len(before) - cut]):
+            return len(before) - cut
+    return 0

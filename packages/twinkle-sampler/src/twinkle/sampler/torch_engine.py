@@ -47,7 +47,7 @@ from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest
 from .adapters import AdapterCache, adapter_files
 from .engine import SamplerEngine
 from .lora import MultiLoRA
-from .params import DEFAULT_MAX_NUM_SAMPLES, ResolvedRequest
+from .params import DEFAULT_MAX_NUM_SAMPLES, ResolvedRequest, StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,8 @@ class TorchEngine(SamplerEngine):
         next_pos = torch.tensor([lens[i] for i in row_job], dtype=torch.long, device=dev)
         eos = set(self.eos_token_ids)
         stop_ids = [set(rr.stop_token_ids) for rr in rreq]
-        windows = [max((len(s) for s in rr.stop_strings), default=0) + 4 for rr in rreq]
+        matchers = [StopStrings(r.stop_strings) for r in reqs]  # one per request; its rows share it
+        row_stops = [matchers[i] for i in row_job]
         tokens: list[list[int]] = [[] for _ in range(R)]
         lps: list[list[float]] = [[] for _ in range(R)]
         reasons: list[str | None] = [None] * R
@@ -407,7 +408,7 @@ class TorchEngine(SamplerEngine):
                 rr = rreq[r]
                 if (not rr.ignore_eos and t in eos) or t in stop_ids[r]:
                     reasons[r] = "stop"
-                elif rr.stop_strings and self._hits_stop_string(tokens[r], rr.stop_strings, windows[r]):
+                elif row_stops[r] and row_stops[r].completed_by_last(tokens[r], self._decode):
                     reasons[r] = "stop"
                 elif len(tokens[r]) >= rr.max_tokens:
                     reasons[r] = "length"
@@ -441,12 +442,8 @@ class TorchEngine(SamplerEngine):
             outputs.append(SampleOutput(sequences=seqs, prompt_logprobs=prompt_lps[i]))
         return outputs
 
-    def _hits_stop_string(self, toks: list[int], stops: tuple[str, ...], window: int) -> bool:
-        # Decoding the last `window` tokens covers any stop string that the newest token completes (every token
-        # decodes to at least one character). We stop at the first step where a stop string appears, so that
-        # step's token is the one that completed it.
-        text = self.tokenizer.decode(toks[-window:], skip_special_tokens=False)
-        return any(s in text for s in stops)
+    def _decode(self, toks: Sequence[int]) -> str:
+        return self.tokenizer.decode(toks, skip_special_tokens=False)
 
     def _sample(self, logits, rows: list[ResolvedRequest], rngs, temps, top_ks, top_ps):
         """Pick one token per row; return ``(tokens, raw_logprobs_of_tokens)``."""

@@ -20,6 +20,7 @@ from msgspec import Meta, field
 from msgspec.structs import force_setattr
 
 from twinkle.common.config.errors import ConfigError
+from twinkle.common.limits import RequestLimits
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
@@ -361,6 +362,9 @@ class ServerArgs(_Strict, tag_field="import_path", tag="server"):
     """How long a finished request's result is kept for retrieval."""
     max_body_bytes: PositiveInt = 64 * 1024 * 1024
     """Largest request body accepted; a bigger one gets 413 with a message."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """Bounds on every request (datums, tokens, samples, stop strings, metadata, ...), checked before any work
+    and advertised to clients; see ``twinkle.common.limits.RequestLimits`` for each key and its default."""
 
     def __post_init__(self) -> None:
         if self.long_poll_timeout_s >= TINKER_CLIENT_READ_TIMEOUT_S:
