@@ -267,3 +267,31 @@ def test_small_operations(tokenizer):
     text, tokens = render_chat(tokenizer, validate_messages(CONVERSATION[:2]), True)
     assert text.endswith("<|im_start|>assistant\n")
     assert tokens == list(tokenizer.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True)["input_ids"])
+
+
+def _chat(turns: int) -> list[dict[str, str]]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(turns)]
+
+
+def test_row_size_is_bounded_before_any_template_work(tokenizer, monkeypatch):
+    calls = []
+    real = type(tokenizer).apply_chat_template
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    err = _encode_one(tokenizer, {"messages": _chat(6000)})
+    assert isinstance(err, RowError) and "6000 messages" in err.message and "max_messages" in err.message
+    assert err.message.startswith("messages") and not calls  # refused before rendering anything
+    err = _encode_one(tokenizer, {"messages": _chat(4)}, max_row_chars=10)
+    assert isinstance(err, RowError) and "max_row_chars" in err.message
+    err = _encode_one(tokenizer, {"prompt": "x" * 20, "completion": "y"}, max_row_chars=10)
+    assert isinstance(err, RowError) and "max_row_chars" in err.message
+
+
+def test_a_row_at_the_limit_costs_two_renders_per_trained_turn(tokenizer, monkeypatch):
+    calls = []
+    real = type(tokenizer).apply_chat_template
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    enc = _encode_one(tokenizer, {"messages": _chat(256)})
+    assert isinstance(enc, EncodedRow) and enc.trained_tokens > 0
+    assert len(calls) == 1 + 2 * 128  # the whole conversation once, two prefixes per assistant turn

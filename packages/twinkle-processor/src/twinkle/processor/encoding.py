@@ -15,8 +15,9 @@ The text is then cut at the span boundaries and each piece is tokenized on its o
 to exactly one piece and the mask cannot be off by one. Cutting can change a token only where BPE would
 have merged across a turn boundary, and there the pieces match what the model sees at sampling time:
 the prompt before a reply is exactly ``apply_chat_template(..., add_generation_prompt=True)``. Each piece
-is tokenized once (one batched call per shard), so encoding is linear in the conversation's length —
-upstream re-tokenized every prefix, which made long multi-turn rows crawl (its issue #235).
+is tokenized once (one batched call per shard). Locating a reply renders the template over the turns before
+it (that is what makes the span exact for any prefix-stable template), so a row costs O(messages x trained
+turns) template work: ``EncodeOptions.max_messages`` and ``max_row_chars`` bound it before it starts.
 
 ``prompt``/``completion`` rows are raw text: the tokenizer's own leading special tokens (a BOS, where it
 has one) + tokens(prompt) + tokens(completion) + EOS, with weight on the completion and the EOS. An EOS
@@ -40,11 +41,15 @@ _ROLES = frozenset(ROLES)
 
 
 class EncodeOptions(msgspec.Struct, frozen=True):
-    """The per-request settings a worker needs (picklable, small)."""
+    """The per-request settings a worker needs (picklable, small). ``max_messages`` and ``max_row_chars``
+    bound the work one row may cause before any of it is done: locating each trained reply renders the
+    template over the turns before it, so a row costs O(messages x trained turns)."""
 
     format: RowFormat = "auto"
     max_length: int | None = None
     train_on: TrainOn = "all_assistant"
+    max_messages: int = 256
+    max_row_chars: int = 1_000_000
 
 
 class RowSource(NamedTuple):
@@ -139,13 +144,19 @@ def detect_format(row: dict, fmt: RowFormat) -> str:
     return "prompt_completion"
 
 
-def validate_messages(messages: Any, field: str = "messages") -> list[dict[str, str]]:
+def validate_messages(messages: Any, field: str = "messages", *, max_messages: int = 256,
+                      max_chars: int = 1_000_000) -> list[dict[str, str]]:
     """Check a conversation and return it as plain ``{"role", "content"}`` dicts (only those keys reach the
-    template, so stray keys cannot change the rendering)."""
+    template, so stray keys cannot change the rendering). Bounded: at most ``max_messages`` messages and
+    ``max_chars`` characters of content."""
     if not isinstance(messages, list):
         raise InvalidRow(f"must be a list of messages, got {_type_name(messages)}", field)
     if not messages:
         raise InvalidRow("is empty", field)
+    if len(messages) > max_messages:
+        raise InvalidRow(f"has {len(messages)} messages; the limit is {max_messages} per row (processor setting "
+                         "max_messages)", field)
+    chars = 0
     out = []
     for i, m in enumerate(messages):
         where = f"{field}[{i}]"
@@ -163,6 +174,10 @@ def validate_messages(messages: Any, field: str = "messages") -> list[dict[str, 
             raise InvalidRow(f"must be a string, got {_type_name(content)}", f"{where}.content")
         if not content:
             raise InvalidRow("is empty", f"{where}.content")
+        chars += len(content)
+        if chars > max_chars:
+            raise InvalidRow(f"the messages hold more than {max_chars} characters (processor setting "
+                             "max_row_chars)", where)
         out.append({"role": role, "content": content})
     return out
 
@@ -276,10 +291,14 @@ def encode_rows(tokenizer: Any, sources: Sequence[RowSource], options: EncodeOpt
         try:
             row = _parse(source)
             if detect_format(row, options.format) == "messages":
-                messages = validate_messages(row["messages"])
+                messages = validate_messages(row["messages"], max_messages=options.max_messages,
+                                             max_chars=options.max_row_chars)
                 out.append(_Plan(source, chat_segments(tokenizer, messages, options.train_on), [], False))
             else:
                 prompt, completion = _validate_prompt_completion(row)
+                if len(prompt) + len(completion) > options.max_row_chars:
+                    raise InvalidRow(f"prompt and completion hold more than {options.max_row_chars} characters "
+                                     "(processor setting max_row_chars)")
                 if tokenizer.eos_token_id is None:
                     raise InvalidRow("the served model's tokenizer has no EOS token to end a completion")
                 if bos_prefix is None:
