@@ -24,7 +24,15 @@ from twinkle.common.limits import (
     check_train_input,
     check_ttl,
 )
-from twinkle.common.wire import AdamParams, Datum, ForwardBackwardInput, LoraConfig, SamplingParams, TensorData, UserError
+from twinkle.common.wire import (
+    AdamParams,
+    Datum,
+    ForwardBackwardInput,
+    LoraConfig,
+    SamplingParams,
+    TensorData,
+    UserError,
+)
 
 SMALL = RequestLimits(max_datums=3, max_tokens_per_request=10, max_tokens_per_datum=6, max_tensor_elements=8,
                       max_request_tensor_elements=16, max_num_samples=4, max_sample_tokens=40, max_stop_count=3,
@@ -103,7 +111,8 @@ def test_lora_edges_accepted():
     (LoraConfig(rank=4, dropout=-0.1), "lora_config.dropout", "-0.1"),
     (LoraConfig(rank=4, seed=-1), "lora_config.seed", "-1"),
     (LoraConfig(rank=4, seed=2**63), "lora_config.seed", str(2**63)),
-    (LoraConfig(rank=4, train_attn=False, train_mlp=False, train_unembed=False), "lora_config.train_attn", "at least one"),
+    (LoraConfig(rank=4, train_attn=False, train_mlp=False, train_unembed=False), "lora_config.train_attn",
+     "at least one"),
 ])
 def test_lora_refusals(cfg, field, value):
     refused(lambda: check_lora(cfg, limits=SMALL), field, value)
