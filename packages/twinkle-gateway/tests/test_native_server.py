@@ -128,7 +128,7 @@ def test_bad_create_requests(alice):
     no_targets = {"train_attn": False, "train_mlp": False, "train_unembed": False}
     for body, field in (({"base_model": "nope"}, "base_model"),
                         ({"base_model": MODEL, "lora": {"rank": 0}}, "lora.rank"),
-                        ({"base_model": MODEL, "lora": no_targets}, "lora")):
+                        ({"base_model": MODEL, "lora": no_targets}, "lora.train_attn")):
         r = alice.post("/server/training_runs", json=body)
         assert r.status_code == 400 and r.json()["field"] == field, r.text
     r = alice.post("/server/training_runs", json={"base_model": MODEL, "lr": 1})

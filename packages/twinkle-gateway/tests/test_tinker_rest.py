@@ -157,8 +157,10 @@ def test_handshake_and_session_lifecycle(alice, bob):
         "type": "session_heartbeat"}
     assert bob.post("session_heartbeat", {"session_id": sid}).status_code == 404
     assert alice.ok("telemetry", {"events": [{"event": "SESSION_START"}], "platform": "x"}) == {"status": "accepted"}
-    assert alice.get("get_server_capabilities").json() == {"supported_models": [
-        {"model_name": MODEL, "max_context_length": 2048, "trainable": True, "sampleable": True}]}
+    caps = alice.get("get_server_capabilities").json()
+    assert caps["supported_models"] == [
+        {"model_name": MODEL, "max_context_length": 2048, "trainable": True, "sampleable": True}]
+    assert caps["limits"]["max_num_samples"] == 128 and caps["limits"]["max_datums"] > 0  # advertised limits
     assert bob.post(f"sessions/{sid}/finish", {"reason": {"type": "success"}}).status_code == 404
     assert alice.ok(f"sessions/{sid}/finish", {"reason": {"type": "success"}, "detail": None}) == {}
     r = alice.post("session_heartbeat", {"session_id": sid})

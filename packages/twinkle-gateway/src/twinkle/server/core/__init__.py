@@ -13,12 +13,12 @@ Nothing here knows a wire format; ``twinkle.server.tinker`` and ``twinkle.server
 """
 
 from .checkpoints import CheckpointLayout, CheckpointRef
-from .control import REFUSED, ControlPlane, Gone, expiry, iso, not_expired, page_window
+from .control import REFUSED, ControlPlane, Gone, iso, not_expired
 from .futures import Busy, Futures, result_value
 from .ports import HandlePort, LocalPort, ModelPort, SamplerPort
 from .settings import CentralSettings
 
 __all__ = [
     "Busy", "CentralSettings", "CheckpointLayout", "CheckpointRef", "ControlPlane", "Futures", "Gone", "HandlePort",
-    "LocalPort", "ModelPort", "REFUSED", "SamplerPort", "expiry", "iso", "not_expired", "page_window", "result_value",
+    "LocalPort", "ModelPort", "REFUSED", "SamplerPort", "iso", "not_expired", "result_value",
 ]

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from twinkle.common.http import release_seq_id
+from twinkle.common.limits import check_page, check_seq_id, check_ttl
 from twinkle.common.wire import NotFoundError, UserError
 
 from ..auth import KeyRing, check_auth_settings
@@ -38,9 +39,6 @@ from .state import CheckpointRecord, FutureRecord, Page, RunRecord, SamplerRecor
 log = logging.getLogger("twinkle.server")
 
 _INFO_TIMEOUT_S = 10.0
-_PAGE_CAP = 1000
-MAX_SEQ_ID = 2**62  # well inside SQLite's signed 64-bit integers
-_TTL_MAX_S = 10 * 366 * 86400
 REFUSED = "the server refused this request before it ran (see the answer to its submission)"
 
 Prepare = Callable[[ModelPort], Awaitable[tuple[Work, dict[str, Any] | None]]]
@@ -59,25 +57,6 @@ def iso(t: float | None) -> str | None:
     if t is None:
         return None
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def page_window(limit: int | None, offset: int | None, *, default: int = 20) -> tuple[int, int]:
-    """(limit, offset) of a list request, checked and capped."""
-    if limit is not None and limit < 1:
-        raise UserError("must be >= 1", field="limit")
-    if offset is not None and offset < 0:
-        raise UserError("must be >= 0", field="offset")
-    return (default if limit is None else min(limit, _PAGE_CAP)), (offset or 0)
-
-
-def expiry(ttl_seconds: int | None, field: str = "ttl_seconds") -> float | None:
-    """The expiry time of a TTL (None: never), bounded so that it can always be stored and rendered."""
-    if ttl_seconds is None:
-        return None
-    if not 0 < ttl_seconds <= _TTL_MAX_S:
-        raise UserError(f"must be a positive number of seconds up to {_TTL_MAX_S} (or null for no expiry); "
-                        f"got {ttl_seconds}", field=field)
-    return time.time() + ttl_seconds
 
 
 def not_expired(c: CheckpointRecord, now: float | None = None) -> bool:
@@ -300,8 +279,7 @@ class ControlPlane:
         The check runs first (the common case costs no lookup); only when it refuses is the first request
         of that ``seq_id`` looked up — a retried save must not fail on the checkpoint its first try wrote.
         """
-        if seq_id is not None and not 0 <= seq_id <= MAX_SEQ_ID:
-            raise UserError(f"must be between 0 and {MAX_SEQ_ID}; got {seq_id}", field="seq_id")
+        check_seq_id(seq_id, limits=self.settings.limits)
         port = self.model_port(run.base_model)
         try:
             work, meta = await prepare(port)
@@ -338,6 +316,15 @@ class ControlPlane:
         return record
 
     # =============================================================================== checkpoints
+
+    def page(self, limit: int | None, offset: int | None, *, default: int = 20) -> tuple[int, int]:
+        """(limit, offset) of a list request, checked and capped."""
+        return check_page(limit, offset, limits=self.settings.limits, default=default)
+
+    def expiry(self, ttl_seconds: int | None, field: str = "ttl_seconds") -> float | None:
+        """When a checkpoint with this TTL expires (None: never); bounded so it can always be rendered."""
+        ttl = check_ttl(ttl_seconds, limits=self.settings.limits, field=field)
+        return None if ttl is None else time.time() + ttl
 
     def checkpoint_path(self, owner: str, run: RunRecord, kind: str, name: str) -> str:
         return self.layout.path_for(owner, run.id, kind, name)

@@ -7,6 +7,7 @@ import os
 from typing import Any, TypeVar
 
 import msgspec
+from twinkle.common.limits import RequestLimits
 
 MiB = 1024 * 1024
 
@@ -36,6 +37,8 @@ class CentralSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     """How long a result stays retrievable after its first fetch (a client may re-fetch after a network error)."""
     sweep_interval_s: float = 30.0
     """How often expired checkpoints, old results and silent sessions are cleaned up."""
+    limits: RequestLimits = RequestLimits()
+    """Bounds on every request (``twinkle.common.limits``), checked before any work and advertised."""
     max_pending_per_key: int = 256
     """Requests one API key may have queued or running at once; past it, 429 with Retry-After."""
     max_polls_per_key: int = 64

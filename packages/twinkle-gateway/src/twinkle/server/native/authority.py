@@ -16,7 +16,7 @@ from litestar.exceptions import NotAuthorizedException
 from twinkle.common.native import SAVE_KINDS, FutureRef, LoadRequest, ResolvedCheckpoint, SaveRequest
 from twinkle.common.wire import NotFoundError, UserError
 
-from ..core import ControlPlane, expiry
+from ..core import ControlPlane
 from ..core.checkpoints import CheckpointRef, validate_name
 from ..core.ports import ModelPort
 from ..core.state import FutureRecord, RunRecord
@@ -43,7 +43,7 @@ class NativeAuthority:
 
         async def prepare(port: ModelPort):
             ref = CheckpointRef(run_id=run.id, kind=kind, name=validate_name(req.name, field="name"), scheme=SCHEME)
-            expires = expiry(req.ttl_seconds)
+            expires = self.plane.expiry(req.ttl_seconds)
             await self.plane.check_checkpoint_quota(owner)
             path = self.plane.checkpoint_path(owner, run, kind, ref.name)
             if not req.overwrite and await self.plane.existing_checkpoint(run, kind, ref.name) is not None:

@@ -167,3 +167,4 @@ class Capabilities(msgspec.Struct):
     long_poll_timeout_s: float
     max_body_bytes: int
     principal: str
+    limits: dict[str, Any] | None = None  # twinkle.common.limits.RequestLimits

@@ -20,10 +20,11 @@ from typing import Any
 import msgspec
 from twinkle.common.component import PeerApp
 from twinkle.common.http import distribution_version
+from twinkle.common.limits import check_lora, check_metadata, check_tags
 from twinkle.common.native import FutureRef
 from twinkle.common.wire import NotFoundError, UserError
 
-from ..core import ControlPlane, page_window
+from ..core import ControlPlane
 from ..core.checkpoints import validate_name
 from ..core.ports import ModelPort, SamplerPort
 from ..core.state import CheckpointRecord, FutureRecord, RunRecord, SessionRecord
@@ -97,7 +98,7 @@ class NativeService:
             server_type="twinkle", version=distribution_version("twinkle-gateway"), api_version=P.API_VERSION,
             server_prefix=self.server_prefix, models=models, heartbeat_interval_s=self.settings.heartbeat_interval_s,
             long_poll_timeout_s=self.settings.long_poll_timeout_s, max_body_bytes=self.settings.max_body_bytes,
-            principal=owner,
+            principal=owner, limits=msgspec.to_builtins(self.settings.limits),
         )
 
     async def info(self) -> dict[str, Any]:
@@ -120,7 +121,8 @@ class NativeService:
         now = time.time()
         session = await self.plane.open_session(SessionRecord(
             id="sess-" + secrets.token_hex(8), owner=owner, protocol="twinkle", created=now, heartbeat=now,
-            tags=list(req.tags), user_metadata=req.user_metadata, sdk_version=req.client_version))
+            tags=check_tags(req.tags, limits=self.settings.limits),
+            user_metadata=check_metadata(req.user_metadata, limits=self.settings.limits), sdk_version=req.client_version))
         return P.SessionOut(session_id=session.id, heartbeat_interval_s=self.settings.heartbeat_interval_s,
                             session_timeout_s=self.settings.session_timeout_s)
 
@@ -135,7 +137,9 @@ class NativeService:
 
     async def create_run(self, owner: str, req: P.CreateRunIn) -> FutureRef:
         port = self.plane.model_port(req.base_model)
-        lora = lora_config(req.lora)
+        limits = self.settings.limits
+        lora = check_lora(lora_config(req.lora), "lora", limits=limits)
+        check_metadata(req.user_metadata, limits=limits)
         if req.session_id is not None:
             await self.plane.session(owner, req.session_id, live=True)
         run_id = "run-" + secrets.token_hex(8)
@@ -154,6 +158,7 @@ class NativeService:
     async def resume(self, owner: str, req: P.ResumeIn) -> FutureRef:
         """From a state checkpoint URI or a run id (its latest state checkpoint); into a new run or into
         ``into_run_id``."""
+        check_metadata(req.user_metadata, limits=self.settings.limits)
         if req.source.startswith((SCHEME, "tinker://")):
             ckpt = await resolve_uri(self.plane, owner, req.source, field="source", kinds=("weights",))
         else:
@@ -199,7 +204,7 @@ class NativeService:
         return await self._idempotent(owner, "resume", req.idempotency_key, load_new, run_id=run_id)
 
     async def list_runs(self, owner: str, limit: int | None, offset: int | None) -> P.TrainingRunsOut:
-        limit, offset = page_window(limit, offset)
+        limit, offset = self.plane.page(limit, offset)
         page, latest = await self.plane.list_runs(owner, limit, offset)
         runs = [await self._run_out(r, latest) for r in page.items]
         return P.TrainingRunsOut(training_runs=runs, cursor=_cursor(offset, limit, len(runs), page.total))
@@ -230,7 +235,7 @@ class NativeService:
         return checkpoint_out(max(items, key=lambda c: c.created))
 
     async def list_user_checkpoints(self, owner: str, limit: int | None, offset: int | None) -> P.CheckpointsOut:
-        limit, offset = page_window(limit, offset, default=100)
+        limit, offset = self.plane.page(limit, offset, default=100)
         page = await self.plane.user_checkpoints(owner, limit, offset)
         return P.CheckpointsOut(checkpoints=[checkpoint_out(c) for c in page.items],
                                 cursor=_cursor(offset, limit, len(page.items), page.total))

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from twinkle.common.limits import DEFAULT_LIMITS, RequestLimits, check_adam, check_lora, check_sampling
 from twinkle.common.wire import (
     AdamParams,
     Datum,
@@ -29,6 +30,7 @@ from ..core import iso
 from ..core.checkpoints import CHECKPOINT_TYPE
 from ..core.state import CheckpointRecord, RunRecord
 from . import proto
+from .proto import ElementBudget
 from . import protocol as P
 
 encode_json = msgspec.json.encode
@@ -40,21 +42,18 @@ def default_name() -> str:
 
 
 def str_metadata(md: dict[str, Any] | None) -> dict[str, str] | None:
+    """``user_metadata`` as the SDK types it (string values)."""
     if not md:
         return None
     return {str(k): v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in md.items()}
 
 
-def lora_config(cfg: P.LoraConfigIn | None) -> LoraConfig:
+def lora_config(cfg: P.LoraConfigIn | None, limits: RequestLimits = DEFAULT_LIMITS) -> LoraConfig:
     cfg = cfg or P.LoraConfigIn()
-    rank = 32 if cfg.rank is None else cfg.rank
-    if not 1 <= rank <= 1024:
-        raise UserError("must be between 1 and 1024", field="lora_config.rank")
     flags = {k: (True if getattr(cfg, k) is None else getattr(cfg, k)) for k in ("train_attn", "train_mlp",
                                                                                "train_unembed")}
-    if not any(flags.values()):
-        raise UserError("at least one of train_attn, train_mlp and train_unembed must be true", field="lora_config")
-    return LoraConfig(rank=rank, seed=cfg.seed, **flags)
+    lora = LoraConfig(rank=32 if cfg.rank is None else cfg.rank, seed=cfg.seed, **flags)
+    return check_lora(lora, "lora_config", limits=limits)
 
 
 def check_optimizer(cfg: P.OptimizerConfigIn | None) -> None:
@@ -73,10 +72,9 @@ def adam_params(req: P.OptimStepRequest) -> AdamParams:
         raise UserError(f"optimizer {p.type!r} is not supported; this server trains with adamw",
                         field=f"{field}.type")
     defaults = AdamParams()
-    # Ranges are the Model service's to check (it names the field); it refuses before touching the run.
     values = {k: getattr(defaults, k) if getattr(p, k) is None else float(getattr(p, k))
               for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")}
-    return AdamParams(**values)
+    return check_adam(AdamParams(**values), field)
 
 
 def input_tokens(mi: P.ModelInputIn, field: str) -> list[int]:
@@ -92,7 +90,8 @@ def input_tokens(mi: P.ModelInputIn, field: str) -> list[int]:
     return tokens
 
 
-def tensor_from_json(td: P.TensorDataIn, where: str) -> TensorData:
+def tensor_from_json(td: P.TensorDataIn, where: str, budget: ElementBudget) -> TensorData:
+    budget.take(td.shape, where, data_len=len(td.data))
     dtype = td.dtype or ("int64" if all(isinstance(x, int) for x in td.data) else "float32")
     if dtype not in ("int64", "float32"):
         raise UserError(f"dtype must be int64 or float32, got {dtype!r}", field=where)
@@ -100,7 +99,8 @@ def tensor_from_json(td: P.TensorDataIn, where: str) -> TensorData:
     if td.sparse_crow_indices is not None or td.sparse_col_indices is not None:
         shape = td.shape or []
         crow, cols = td.sparse_crow_indices or [], td.sparse_col_indices or []
-        if len(shape) != 2 or len(crow) != shape[0] + 1 or len(cols) != len(data) or (crow and crow[-1] != len(data)):
+        if (len(shape) != 2 or len(crow) != shape[0] + 1 or len(cols) != len(data) or crow[0] != 0
+                or crow[-1] != len(data) or any(a > b for a, b in zip(crow, crow[1:]))):
             raise UserError("inconsistent sparse CSR tensor (shape, crow and col indices)", field=where)
         dense: list = [0 if dtype == "int64" else 0.0] * (shape[0] * shape[1])
         for r in range(shape[0]):
@@ -112,41 +112,28 @@ def tensor_from_json(td: P.TensorDataIn, where: str) -> TensorData:
     return TensorData(data=data, dtype=dtype, shape=td.shape)
 
 
-def input_from_json(fbi: P.ForwardBackwardInputIn) -> ForwardBackwardInput:
-    """A JSON (pre-0.25 SDK) forward/backward input as our wire type."""
+def input_from_json(fbi: P.ForwardBackwardInputIn, limits: RequestLimits = DEFAULT_LIMITS) -> ForwardBackwardInput:
+    """A JSON (pre-0.25 SDK) forward/backward input as our wire type, bounded while it is converted."""
+    if len(fbi.data) > limits.max_datums:
+        raise UserError(f"{len(fbi.data)} datums; the limit is {limits.max_datums} (max_datums)", field="data")
+    budget = ElementBudget(limits)
     data = []
     for i, d in enumerate(fbi.data):
         tokens = input_tokens(d.model_input, f"data[{i}].model_input")
-        inputs = {name: tensor_from_json(td, f"data[{i}].loss_fn_inputs.{name}")
+        inputs = {name: tensor_from_json(td, f"data[{i}].loss_fn_inputs.{name}", budget)
                   for name, td in (d.loss_fn_inputs or {}).items()}
         data.append(Datum(model_input=tokens, loss_fn_inputs=inputs))
     return ForwardBackwardInput(data=data, loss_fn=fbi.loss_fn or "cross_entropy", loss_fn_config=fbi.loss_fn_config)
 
 
-def sampling_params(sp: P.SamplingParamsIn | None) -> SamplingParams:
+def sampling_params(sp: P.SamplingParamsIn | None, num_samples: int, limits: RequestLimits = DEFAULT_LIMITS
+                    ) -> SamplingParams:
+    """The SDK's sampling params (nulls meaning defaults) as ours, checked with ``num_samples``."""
     sp = sp or P.SamplingParamsIn()
-    stop = sp.stop
-    if isinstance(stop, list):
-        if all(isinstance(x, str) for x in stop):
-            stop = [str(x) for x in stop]
-        elif all(isinstance(x, int) for x in stop):
-            stop = [int(x) for x in stop]
-        else:
-            raise UserError("stop must be a string, a list of strings or a list of token ids",
-                            field="sampling_params.stop")
-    if sp.max_tokens is not None and sp.max_tokens < 1:
-        raise UserError("must be >= 1", field="sampling_params.max_tokens")
-    temperature = 1.0 if sp.temperature is None else sp.temperature
-    if not math.isfinite(temperature) or temperature < 0:
-        raise UserError("must be >= 0 (0 = greedy)", field="sampling_params.temperature")
-    top_p = 1.0 if sp.top_p is None else sp.top_p
-    if not 0 < top_p <= 1:
-        raise UserError("must be in (0, 1]", field="sampling_params.top_p")
-    top_k = -1 if sp.top_k is None else sp.top_k
-    if top_k == 0 or top_k < -1:
-        raise UserError("must be -1 (off) or >= 1", field="sampling_params.top_k")
-    return SamplingParams(max_tokens=sp.max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=sp.seed, stop=stop)
+    params = SamplingParams(max_tokens=sp.max_tokens, temperature=1.0 if sp.temperature is None else sp.temperature,
+                            top_k=-1 if sp.top_k is None else sp.top_k, top_p=1.0 if sp.top_p is None else sp.top_p,
+                            seed=sp.seed, stop=sp.stop)
+    return check_sampling(params, num_samples=num_samples, limits=limits)
 
 
 def prompt_logprobs_last_n(req: P.SampleRequestIn, prompt_len: int) -> int | None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from twinkle.common.limits import DEFAULT_LIMITS, RequestLimits, check_tensor_shape
 from twinkle.common.wire import (
     Datum,
     ForwardBackwardInput,
@@ -247,8 +248,12 @@ class DecodedForwardBackward:
         self.seq_id: int = int(msg.seq_id)
         self.forward_only: bool = bool(msg.forward_only)
 
-    def input(self) -> ForwardBackwardInput:
+    def input(self, limits: RequestLimits = DEFAULT_LIMITS) -> ForwardBackwardInput:
+        """The data, bounded by ``limits`` while it is decoded (sparse tensors by their shape, before they
+        are expanded)."""
         msg = self._msg
+        if len(msg.data) > limits.max_datums:
+            raise UserError(f"{len(msg.data)} datums; the limit is {limits.max_datums} (max_datums)", field="data")
         config: dict[str, float | str] | None = None
         if msg.loss_fn_config_v2:
             config = {}
@@ -257,7 +262,8 @@ class DecodedForwardBackward:
                 config[key] = value.text if kind == "text" else float(value.number)
         elif msg.loss_fn_config:
             config = {key: float(value) for key, value in msg.loss_fn_config.items()}
-        data = [_datum_from_proto(d, f"data[{i}]") for i, d in enumerate(msg.data)]
+        budget = ElementBudget(limits)
+        data = [_datum_from_proto(d, f"data[{i}]", budget) for i, d in enumerate(msg.data)]
         return ForwardBackwardInput(data=data, loss_fn=msg.loss_fn or "cross_entropy", loss_fn_config=config)
 
 
@@ -313,7 +319,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varint too long")
 
 
-def _datum_from_proto(d: Any, where: str) -> Datum:
+def _datum_from_proto(d: Any, where: str, budget: "ElementBudget") -> Datum:
     if d.model_input_spans or d.loss_fn_input_spans:
         raise UserError(
             "provenance spans (stable_reinforce) are not supported by this server", field=f"{where}.model_input_spans"
@@ -330,11 +336,27 @@ def _datum_from_proto(d: Any, where: str) -> Datum:
         if len(raw) % 4:
             raise UserError("tokens must be little-endian int32 bytes", field=f"{where}.model_input.chunks[{j}]")
         tokens.extend(np.frombuffer(raw, dtype="<i4").tolist())
-    inputs = {name: tensor_from_proto(t, f"{where}.loss_fn_inputs.{name}") for name, t in d.loss_fn_inputs.items()}
+    inputs = {name: tensor_from_proto(t, f"{where}.loss_fn_inputs.{name}", budget)
+              for name, t in d.loss_fn_inputs.items()}
     return Datum(model_input=tokens, loss_fn_inputs=inputs)
 
 
-def tensor_from_proto(t: Any, where: str) -> TensorData:
+class ElementBudget:
+    """Elements of a request's loss inputs, counted from shapes as they are decoded: each tensor within
+    ``max_tensor_elements``, all together within ``max_request_tensor_elements``."""
+
+    def __init__(self, limits: RequestLimits) -> None:
+        self.limits = limits
+        self.used = 0
+
+    def take(self, shape: list[int] | None, where: str, *, data_len: int) -> None:
+        self.used += check_tensor_shape(shape, self.limits, where, data_len=data_len)
+        if self.used > self.limits.max_request_tensor_elements:
+            raise UserError(f"more than {self.limits.max_request_tensor_elements} loss input elements in the "
+                            "request (max_request_tensor_elements)", field=where)
+
+
+def tensor_from_proto(t: Any, where: str, budget: ElementBudget) -> TensorData:
     """A proto ``Tensor`` (dense or sparse CSR) as a dense ``TensorData``. CSR cells not listed are 0, which is
     what the SDK's auto-sparsified ``target_tokens``/``weights`` mean."""
     np_dtype = _NP_BY_DTYPE.get(t.dtype)
@@ -343,6 +365,7 @@ def tensor_from_proto(t: Any, where: str) -> TensorData:
     public = _PUBLIC_DTYPE[t.dtype]
     shape = [int(s) for s in t.shape] or None
     kind = t.WhichOneof("encoding")
+    budget.take(shape, where, data_len=len(t.dense) // np_dtype.itemsize if kind == "dense" else 0)
     if kind == "sparse_csr":
         csr = t.sparse_csr
         if not shape or len(shape) != 2:
@@ -351,7 +374,8 @@ def tensor_from_proto(t: Any, where: str) -> TensorData:
         crow = _frombuffer(csr.crow_indices, np.dtype("<i8"), where)
         cols = _frombuffer(csr.col_indices, np.dtype("<i8"), where)
         rows, ncols = shape
-        if len(crow) != rows + 1 or len(cols) != len(values) or (len(crow) and crow[-1] != len(values)):
+        if (len(crow) != rows + 1 or len(cols) != len(values) or crow[0] != 0 or crow[-1] != len(values)
+                or bool((np.diff(crow) < 0).any())):
             raise UserError("inconsistent sparse CSR indices", field=where)
         if len(cols) and (cols.min() < 0 or cols.max() >= ncols):
             raise UserError("sparse CSR column index out of range", field=where)

@@ -359,6 +359,7 @@ class SupportedModelOut(msgspec.Struct):
 
 class ServerCapabilitiesResponse(msgspec.Struct):
     supported_models: list[SupportedModelOut]
+    limits: dict[str, Any] | None = None  # twinkle.common.limits.RequestLimits: what every request must stay within
 
 
 class ModelDataOut(msgspec.Struct):

@@ -11,6 +11,7 @@ builder function, because a Litestar instance cannot be pickled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 from typing import Any, Callable
@@ -151,14 +152,15 @@ async def forward_backward(request: Request) -> P.UntypedFuture:
     body = await _read_body(request, svc, owner, peek=is_proto)
     if is_proto:
         decoded = parse_forward_backward(body)
-        make_input = decoded.input
+        make_input = functools.partial(decoded.input, svc.settings.limits)
         if len(body) > _THREAD_PARSE_BYTES:  # decode big batches off the event loop
-            make_input = await asyncio.to_thread(_decode_now, decoded.input)
+            make_input = await asyncio.to_thread(_decode_now, make_input)
         return await svc.forward_backward(owner, decoded.model_id, decoded.seq_id, make_input,
                                           forward_only=decoded.forward_only)
     req = await _decode_training(svc, owner, body, P.ForwardBackwardJsonRequest)
     return await svc.forward_backward(owner, req.model_id, req.seq_id,
-                                      lambda: input_from_json(req.forward_backward_input), forward_only=False)
+                                      lambda: input_from_json(req.forward_backward_input, svc.settings.limits),
+                                      forward_only=False)
 
 
 @post("/forward", status_code=200)
@@ -166,7 +168,7 @@ async def forward(request: Request) -> P.UntypedFuture:
     """Pre-0.25 SDKs: forward pass only, JSON."""
     svc, owner = _svc(request), _owner(request)
     req = await _decode_training(svc, owner, await request.body(), P.ForwardJsonRequest)
-    return await svc.forward_backward(owner, req.model_id, req.seq_id, lambda: input_from_json(req.forward_input),
+    return await svc.forward_backward(owner, req.model_id, req.seq_id, lambda: input_from_json(req.forward_input, svc.settings.limits),
                                       forward_only=True)
 
 

@@ -20,8 +20,6 @@ from . import convert as C
 from . import protocol as P
 from .settings import TinkerSettings
 
-_MAX_NUM_SAMPLES = 1024
-
 
 class TinkerSampling:
     def __init__(self, settings: TinkerSettings, plane: ControlPlane) -> None:
@@ -73,9 +71,7 @@ class TinkerSampling:
         if not prompt:
             raise UserError("the prompt is empty", field="prompt")
         num_samples = 1 if req.num_samples is None else req.num_samples
-        if not 1 <= num_samples <= _MAX_NUM_SAMPLES:
-            raise UserError(f"must be between 1 and {_MAX_NUM_SAMPLES}", field="num_samples")
-        params = C.sampling_params(req.sampling_params)
+        params = C.sampling_params(req.sampling_params, num_samples, self.settings.limits)
         last_n = C.prompt_logprobs_last_n(req, len(prompt))
         dedupe = None
         if req.sampling_session_id is not None:

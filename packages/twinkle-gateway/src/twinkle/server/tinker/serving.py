@@ -16,9 +16,10 @@ import secrets
 import time
 from typing import Any, Callable
 
+from twinkle.common.limits import check_metadata, check_tags, check_train_input
 from twinkle.common.wire import ForwardBackwardInput, UserError
 
-from ..core import ControlPlane, expiry, page_window, result_value
+from ..core import ControlPlane, result_value
 from ..core.checkpoints import (EPHEMERAL, CheckpointRef, parse_checkpoint_id, parse_uri, validate_name,
                                 validate_run_id)
 from ..core.ports import ModelPort
@@ -58,9 +59,10 @@ class TinkerService:
 
     async def create_session(self, owner: str, req: P.CreateSessionRequest) -> P.CreateSessionResponse:
         now = time.time()
+        limits = self.settings.limits
         session = await self.plane.open_session(SessionRecord(
-            id="sess-" + secrets.token_hex(8), owner=owner, created=now, heartbeat=now, tags=list(req.tags or []),
-            user_metadata=req.user_metadata, display_name=req.display_name, sdk_version=req.sdk_version,
+            id="sess-" + secrets.token_hex(8), owner=owner, created=now, heartbeat=now,
+            tags=check_tags(req.tags, limits=limits), user_metadata=check_metadata(req.user_metadata, limits=limits), display_name=req.display_name, sdk_version=req.sdk_version,
         ))
         return P.CreateSessionResponse(session_id=session.id)
 
@@ -72,7 +74,7 @@ class TinkerService:
         await self.plane.finish_session(owner, session_id, reason or "success")
 
     async def list_sessions(self, owner: str, limit: int | None, offset: int | None) -> P.ListSessionsResponse:
-        page = await self.plane.list_sessions(owner, *page_window(limit, offset))
+        page = await self.plane.list_sessions(owner, *self.plane.page(limit, offset))
         return P.ListSessionsResponse(sessions=[s.id for s in page.items])
 
     async def get_session(self, owner: str, session_id: str) -> P.GetSessionResponse:
@@ -89,17 +91,17 @@ class TinkerService:
                 model_name=name, max_context_length=getattr(info, "max_context_length", None),
                 trainable=name in self.plane.models, sampleable=name in self.plane.samplers,
             ))
-        return P.ServerCapabilitiesResponse(supported_models=out)
+        return P.ServerCapabilitiesResponse(supported_models=out, limits=C.builtins(self.settings.limits))
 
     # =============================================================================== training runs
 
     async def create_model(self, owner: str, req: P.CreateModelRequest) -> P.UntypedFuture:
         await self.plane.session(owner, req.session_id, live=True)
         port = self.plane.model_port(req.base_model)
-        lora = C.lora_config(req.lora_config)
+        lora = C.lora_config(req.lora_config, self.settings.limits)
         C.check_optimizer(req.optimizer_config)
         run_id = self._run_id(req.session_id, req.model_seq_id)
-        user_metadata = C.str_metadata(req.user_metadata)
+        user_metadata = C.str_metadata(check_metadata(req.user_metadata, limits=self.settings.limits))
 
         async def work() -> dict[str, str]:
             info = await port.create_run(run_id, owner, lora)
@@ -153,7 +155,7 @@ class TinkerService:
         """``make_input`` decodes the data; a decoding error is a refusal of this ``seq_id``."""
 
         async def prepare(run: RunRecord, port: ModelPort):
-            inp = make_input()
+            inp = check_train_input(make_input(), self.settings.limits)
             return lambda: port.forward_backward(run.id, owner, seq_id, inp, forward_only=forward_only)
 
         return await self._numbered(owner, model_id, seq_id, "forward" if forward_only else "forward_backward",
@@ -183,7 +185,7 @@ class TinkerService:
     async def _new_checkpoint(self, owner: str, run: RunRecord, kind: str, name: str | None, ttl: int | None,
                               *, overwrite: bool) -> tuple[CheckpointRef, str, float | None]:
         name = validate_name(name, field="path") if name else C.default_name()
-        expires = expiry(ttl)
+        expires = self.plane.expiry(ttl)
         await self.plane.check_checkpoint_quota(owner)
         ref = CheckpointRef(run_id=run.id, kind=kind, name=name)
         if not overwrite and await self.plane.existing_checkpoint(run, kind, name) is not None:
@@ -290,7 +292,7 @@ class TinkerService:
                             field="base_model")
         await self.plane.session(owner, req.session_id, live=True)
         port = self.plane.model_port(base_model, field="path")
-        user_metadata = C.str_metadata(req.user_metadata)
+        user_metadata = C.str_metadata(check_metadata(req.user_metadata, limits=self.settings.limits))
 
         async def work() -> dict[str, str]:
             info = await port.load_state(run_id, owner, 0, ckpt.path, include_optimizer, create=True)
@@ -323,7 +325,7 @@ class TinkerService:
         return C.run_out(run, await self.plane.latest_checkpoints(run.id))
 
     async def list_training_runs(self, owner: str, limit: int | None, offset: int | None) -> P.TrainingRunsResponse:
-        limit, offset = page_window(limit, offset)
+        limit, offset = self.plane.page(limit, offset)
         page, latest = await self.plane.list_runs(owner, limit, offset)
         return P.TrainingRunsResponse(training_runs=[C.run_out(r, latest) for r in page.items],
                                       cursor=P.CursorOut(offset=offset, limit=limit, total_count=page.total))
@@ -335,7 +337,7 @@ class TinkerService:
 
     async def list_user_checkpoints(self, owner: str, limit: int | None, offset: int | None
                                     ) -> P.CheckpointsListResponse:
-        limit, offset = page_window(limit, offset, default=100)
+        limit, offset = self.plane.page(limit, offset, default=100)
         page = await self.plane.user_checkpoints(owner, limit, offset)
         return P.CheckpointsListResponse(checkpoints=[C.checkpoint_out(c) for c in page.items],
                                          cursor=P.CursorOut(offset=offset, limit=limit, total_count=page.total))
@@ -353,7 +355,7 @@ class TinkerService:
 
     async def set_ttl(self, owner: str, run_id: str, checkpoint_id: str, ttl_seconds: int | None) -> None:
         c = await self._own_checkpoint(owner, run_id, checkpoint_id)
-        await self.plane.update_checkpoint(c, expires_at=expiry(ttl_seconds))
+        await self.plane.update_checkpoint(c, expires_at=self.plane.expiry(ttl_seconds))
 
     async def weights_info(self, owner: str, tinker_path: str) -> P.WeightsInfoResponse:
         c = await self.plane.visible_checkpoint(owner, parse_uri(tinker_path, field="tinker_path"),
