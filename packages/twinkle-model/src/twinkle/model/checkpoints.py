@@ -42,7 +42,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create directory {parent!r}: {e.strerror}", field="path") from e
+        raise UserError(f"cannot create the checkpoint's directory: {e.strerror}", field="path") from e
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
         yield tmp
@@ -95,10 +95,10 @@ def require_checkpoint(path: str) -> str:
     """Check that ``path`` is a checkpoint directory (PEFT files present); return its absolute path."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        raise NotFoundError(f"no checkpoint at {path!r}", field="path")
+        raise NotFoundError("no checkpoint there (it was deleted, or never written)", field="path")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not os.path.isfile(os.path.join(path, name)):
-            raise UserError(f"{path!r} is not a checkpoint: {name} is missing", field="path")
+            raise UserError(f"not a checkpoint: {name} is missing", field="path")
     return path
 
 
@@ -110,9 +110,9 @@ def read_state_file(path: str) -> dict | None:
         with open(f) as fh:
             doc = json.load(fh)
     except (OSError, ValueError) as e:
-        raise UserError(f"{STATE_FILE} in {path!r} is unreadable: {e}", field="path") from e
+        raise UserError(f"the checkpoint's {STATE_FILE} is unreadable ({type(e).__name__})", field="path") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
-        raise UserError(f"{STATE_FILE} in {path!r} has an unsupported format", field="path")
+        raise UserError(f"the checkpoint's {STATE_FILE} has an unsupported format", field="path")
     return doc
 
 
@@ -121,7 +121,7 @@ def read_adapter_config(path: str) -> dict:
         with open(os.path.join(path, ADAPTER_CONFIG)) as fh:
             doc = json.load(fh)
     except (OSError, ValueError) as e:
-        raise UserError(f"{ADAPTER_CONFIG} in {path!r} is unreadable: {e}", field="path") from e
+        raise UserError(f"the checkpoint's {ADAPTER_CONFIG} is unreadable ({type(e).__name__})", field="path") from e
     if not isinstance(doc, dict):
-        raise UserError(f"{ADAPTER_CONFIG} in {path!r} is not a JSON object", field="path")
+        raise UserError(f"the checkpoint's {ADAPTER_CONFIG} is not a JSON object", field="path")
     return doc

@@ -84,7 +84,7 @@ def read_checkpoint_lora(path: str) -> LoraConfig:
         try:
             return msgspec.convert(doc["lora"], LoraConfig)
         except (KeyError, msgspec.ValidationError) as e:
-            raise UserError(f"{ckpt.STATE_FILE} in {path!r} has no valid LoRA config: {e}", field="path") from e
+            raise UserError(f"the checkpoint's {ckpt.STATE_FILE} has no valid LoRA config", field="path") from e
     # A plain PEFT adapter (e.g. sampler weights): derive the groups from its target modules.
     cfg = ckpt.read_adapter_config(path)
     targets = cfg.get("target_modules") or []
@@ -95,7 +95,7 @@ def read_checkpoint_lora(path: str) -> LoraConfig:
         raise UserError(f"adapter targets {targets} do not map onto attn/mlp/unembed groups", field="path")
     with safe_open(os.path.join(path, ckpt.ADAPTER_WEIGHTS), framework="pt") as f:
         if not list(f.keys()):
-            raise UserError(f"{path!r} holds no adapter weights", field="path")
+            raise UserError("the checkpoint holds no adapter weights", field="path")
     return LoraConfig(
         rank=int(cfg.get("r", 8)),
         alpha=float(cfg.get("lora_alpha", 8)),
@@ -659,7 +659,7 @@ class TransformersBackend(TrainingBackend):
         if include_optimizer:
             if not os.path.isfile(opt_file):
                 raise UserError(
-                    f"checkpoint {path!r} was saved without optimizer state; load it without the optimizer",
+                    "the checkpoint was saved without optimizer state; load it without the optimizer",
                     field="include_optimizer",
                 )
             state.update(load_file(opt_file))
