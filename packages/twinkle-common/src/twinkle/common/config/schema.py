@@ -362,6 +362,16 @@ class ServerArgs(_Strict, tag_field="import_path", tag="server"):
     """How long a finished request's result is kept for retrieval."""
     max_body_bytes: PositiveInt = 64 * 1024 * 1024
     """Largest request body accepted; a bigger one gets 413 with a message."""
+    max_pending_per_key: PositiveInt = 256
+    """Requests one API key may have queued or running at once; past it, 429 with ``Retry-After``."""
+    max_polls_per_key: PositiveInt = 64
+    """Long-polls one API key may hold open at once; past it, 429 (polls must not fill the server's slots)."""
+    max_sessions_per_key: PositiveInt = 256
+    """Open sessions one API key may hold; past it, 429 until some finish or time out."""
+    max_checkpoints_per_key: PositiveInt = 10000
+    """Checkpoints one API key may keep; a save past it is refused until some are deleted."""
+    max_checkpoint_bytes_per_key: PositiveInt = 1 << 40
+    """Bytes of checkpoints one API key may keep."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Bounds on every request (datums, tokens, samples, stop strings, metadata, ...), checked before any work
     and advertised to clients; see ``twinkle.common.limits.RequestLimits`` for each key and its default."""
