@@ -63,6 +63,7 @@ class ModelManagement:
             adapter_limit_per_owner=adapter.get("per_token_adapter_limit", 30),
             adapter_timeout_s=adapter.get("adapter_timeout", 1800.0),
             backend=backend,
+            max_tokens_per_datum=args.get("max_length"),
         )
 
     async def info(self) -> dict[str, Any]:

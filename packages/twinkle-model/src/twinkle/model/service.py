@@ -67,14 +67,18 @@ class ModelService:
         max_fused: int = 8,
         result_cache: int = 32,
         sweep_interval_s: float | None = None,
+        max_tokens_per_datum: int | None = None,
+        token_budget: int | None = None,
     ) -> None:
         """``fuse_batches``: run different users' concurrent forward_backward requests in one pass (faster with
         several users; equal to separate passes only up to float rounding). ``adapter_timeout_s`` None or <= 0
-        disables offloading. ``sweep_interval_s`` defaults to a tenth of the timeout, between 1 s and 60 s."""
+        disables offloading. ``sweep_interval_s`` defaults to a tenth of the timeout, between 1 s and 60 s.
+        ``max_tokens_per_datum`` (the YAML's ``max_length``) and ``token_budget`` go to the backend built here."""
         if backend is None:
             from .transformers_backend import TransformersBackend
 
-            backend = TransformersBackend(model_id, device=device)
+            backend = TransformersBackend(model_id, device=device, max_tokens_per_datum=max_tokens_per_datum,
+                                          token_budget=token_budget)
         self.model_id = model_id
         self.backend = backend
         self.adapter_limit_per_owner = adapter_limit_per_owner

@@ -406,7 +406,8 @@ class ModelArgs(_PlacedArgs, tag_field="import_path", tag="model"):
     max_loras: PositiveInt | None = None
     """LoRA slots loaded at once; None leaves it to the model service."""
     max_length: PositiveInt | None = None
-    """Cap on the tokens of one forward/backward batch; None means no cap beyond the model's own."""
+    """Longest datum, in tokens, a forward/backward accepts (a longer one is a 400 naming it); None means the
+    model's context length."""
     nproc_per_node: PositiveInt = 1
     device_group: DeviceGroup | None = None
     device_mesh: DeviceMesh | None = None
