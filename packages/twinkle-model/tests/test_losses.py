@@ -188,7 +188,7 @@ def _rl(n=5, **over):
         (ForwardBackwardInput([_datum(), Datum(model_input=[1, 2], loss_fn_inputs={"target_tokens": TensorData([1, -3], "int64")})]),
          "data[1].loss_fn_inputs.target_tokens", ["-3"]),
         (ForwardBackwardInput([Datum(model_input=list(range(20)), loss_fn_inputs={"target_tokens": TensorData([1] * 20, "int64")})]),
-         "data[0].model_input", ["20 tokens", "limit of 16 tokens per datum"]),
+         "data[0].model_input", ["20 tokens", "limit per datum is 16"]),
         (ForwardBackwardInput([Datum(model_input=[1, 2], loss_fn_inputs={})]),
          "data[0].loss_fn_inputs.target_tokens", ["needs input"]),
     ],

@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from twinkle.common.limits import check_train_input
 from twinkle.common.wire import Datum, ForwardBackwardInput, TensorData, UserError
 
 Tensor = torch.Tensor
@@ -206,10 +207,7 @@ def resolve_loss(loss_fn: str, loss_fn_config: Mapping[str, object] | None) -> t
 
 
 def _tensor_from(td: TensorData, *, name: str, n: int, where: str) -> Tensor:
-    shape = td.resolved_shape()
-    count = math.prod(shape)
-    if count != len(td.data):
-        raise UserError(f"shape {shape} holds {count} values but data has {len(td.data)}", field=where)
+    shape = td.resolved_shape()  # sizes and values were checked by check_train_input
     if len(shape) != 1:
         raise UserError(f"expected a 1-D tensor of length {n} (one per model_input token), got shape {shape}", field=where)
     if shape[0] != n:
@@ -220,16 +218,16 @@ def _tensor_from(td: TensorData, *, name: str, n: int, where: str) -> Tensor:
         if td.dtype != "int64":
             raise UserError(f"expected dtype int64, got {td.dtype}", field=where)
         return torch.tensor(td.data, dtype=torch.int64)
-    t = torch.tensor(td.data, dtype=torch.float32)
-    if not bool(torch.isfinite(t).all()):
-        raise UserError("values must be finite (found NaN or infinity)", field=where)
-    return t
+    return torch.tensor(td.data, dtype=torch.float32)
 
 
 def validate_request(
     inp: ForwardBackwardInput, *, vocab_size: int, max_length: int | None = None, allow_empty: bool = False
 ) -> ValidatedRequest:
-    """Check a forward/backward request completely and convert it to tensors, or raise ``UserError``."""
+    """Check a forward/backward request completely and convert it to tensors, or raise ``UserError``: the
+    request's bounds and value ranges (``check_train_input``), then what only the engine knows (its loss
+    functions, vocabulary and the per-token layout of loss inputs)."""
+    check_train_input(inp, max_tokens_per_datum=max_length)
     spec, cfg = resolve_loss(inp.loss_fn, inp.loss_fn_config)
     if not inp.data and not allow_empty:
         raise UserError("at least one datum is required", field="data")
@@ -269,9 +267,6 @@ def _validate_tokens(datum: Datum, i: int, *, vocab_size: int, max_length: int |
     n = len(datum.model_input)
     if n == 0:
         raise UserError("model_input is empty", field=where)
-    if max_length is not None and n > max_length:
-        raise UserError(f"{n} tokens exceed the limit of {max_length} tokens per datum (the model's context "
-                        "length, or the model application's max_length)", field=where)
     t = torch.tensor(datum.model_input, dtype=torch.int64)
     if int(t.min()) < 0 or int(t.max()) >= vocab_size:
         bad = next(int(x) for x in datum.model_input if x < 0 or x >= vocab_size)
