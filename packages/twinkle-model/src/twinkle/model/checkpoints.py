@@ -8,10 +8,14 @@ and vLLM load it::
     optimizer.safetensors        state checkpoints with optimizer only: AdamW moments and step per weight
     twinkle_state.json           state checkpoints only: format, training step, LoRA config, optimizer flag
 
-Why atomic: a crash or a concurrent reader must never see half a checkpoint (upstream wrote metadata before
-weights). Everything is written into a temporary sibling directory, fsynced, then renamed into place. If the
-target exists it is first renamed aside and removed after the new one is in place, so a reader sees the old or
-the new checkpoint, never a mix.
+Why atomic: a crash or a concurrent reader must never see half a checkpoint. Everything is written into a
+temporary sibling directory, its files and the directory fsynced, then renamed into place. An existing target
+is swapped with the new directory in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so at every instant the
+path holds the old or the new checkpoint, even through a crash; where the exchange is not available the old
+one is renamed aside first, and a later write of the same checkpoint puts it back if a crash came between.
+Leftovers of a crashed write (``.<name>.tmp-*``, ``.<name>.old-*``) are removed by the next write of that
+name. A write that fails (disk full, permissions) is a ``UserError`` for that request and leaves whatever was
+saved before untouched.
 """
 
 from __future__ import annotations
@@ -38,39 +42,76 @@ FORMAT_VERSION = 1
 def atomic_directory(path: str) -> Iterator[str]:
     """Yield a temporary directory; on success it replaces ``path`` atomically, on error it is removed."""
     target = os.path.abspath(path)
-    parent = os.path.dirname(target)
+    parent, name = os.path.split(target)
     try:
         os.makedirs(parent, exist_ok=True)
+        _recover(parent, name)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     except OSError as e:
-        raise UserError(f"cannot create the checkpoint's directory: {e.strerror}", field="path") from e
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+        raise UserError(f"cannot write the checkpoint: {e.strerror}", field="path", status=507) from None
     try:
         yield tmp
-        for name in os.listdir(tmp):
-            _fsync_file(os.path.join(tmp, name))
-        _fsync_file(tmp)
-        aside = None
-        if os.path.lexists(target):
-            aside = os.path.join(parent, f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
+        for entry in os.listdir(tmp):
+            _fsync(os.path.join(tmp, entry))
+        _fsync(tmp)
+        if not os.path.lexists(target):
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # it holds the old checkpoint now
+        else:
+            aside = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(target, aside)
-        os.rename(tmp, target)
-        _fsync_file(parent)
-        if aside is not None:
+            os.rename(tmp, target)
             shutil.rmtree(aside, ignore_errors=True)
+        _fsync(parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the checkpoint: {e.strerror}", field="path", status=507) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _fsync_file(path: str) -> None:
+def _recover(parent: str, name: str) -> None:
+    """Undo what a crashed write of ``name`` left: put an old checkpoint back if the new one never arrived,
+    then remove temporary and set-aside directories."""
+    target = os.path.join(parent, name)
+    leftovers = [e for e in os.listdir(parent) if e.startswith((f".{name}.tmp-", f".{name}.old-"))]
+    olds = sorted(e for e in leftovers if e.startswith(f".{name}.old-"))
+    if olds and not os.path.lexists(target):
+        os.rename(os.path.join(parent, olds[-1]), target)
+        leftovers.remove(olds[-1])
+    for entry in leftovers:
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux ``renameat2``); False where the system cannot."""
+    import ctypes
+    import ctypes.util
+
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, a.encode(), _AT_FDCWD, b.encode(), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _fsync(path: str) -> None:
+    """Flush a file or directory to disk; a failure is a failed write (the data may not be there)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
