@@ -147,3 +147,26 @@ def test_checkpoint_ids_and_layout(tmp_path):
     (tmp_path / "outside").mkdir()
     with pytest.raises(UserError):
         layout.remove(str(tmp_path / ".." / "outside"))
+
+
+def test_healthz_is_503_naming_a_service_that_does_not_answer(tmp_path):
+    from litestar.testing import TestClient
+
+    from twinkle.server.tinker import create_tinker_app
+
+    class _Down:
+        async def health(self):
+            raise ConnectionError("replica gone")
+
+    class _Up:
+        async def health(self):
+            return {"status": "ok"}
+
+    settings = TinkerSettings(checkpoint_dir=str(tmp_path / "ckpt"))
+    app = create_tinker_app(settings, {"m": LocalPort(_Up())}, {"m": LocalPort(_Down())}, path_prefix="/api/v1")
+    with TestClient(app) as client:
+        r = client.get("/api/v1/healthz")
+        assert r.status_code == 503 and r.json() == {"status": "unavailable", "unavailable": ["sampler m"]}
+    app = create_tinker_app(settings, {"m": LocalPort(_Up())}, {"m": LocalPort(_Up())}, path_prefix="/api/v1")
+    with TestClient(app) as client:
+        assert client.get("/api/v1/healthz").json() == {"status": "ok"}

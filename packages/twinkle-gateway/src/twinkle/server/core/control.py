@@ -193,6 +193,24 @@ class ControlPlane:
         self._model_info[name] = info
         return info
 
+    async def health(self, timeout_s: float = 5.0) -> list[str]:
+        """What is not serving: the plane itself while it starts, and every model or sampler service whose
+        ``health()`` fails or does not answer within ``timeout_s``. Empty when all is well."""
+        if not self.started:
+            return ["server (starting)"]
+        ports = [(f"model {n}", p) for n, p in self.models.items()] + \
+                [(f"sampler {n}", p) for n, p in self.samplers.items()]
+
+        async def down(name: str, port: Any) -> str | None:
+            try:
+                await asyncio.wait_for(port.health(), timeout_s)
+                return None
+            except Exception:  # noqa: BLE001 - any failure means "not serving"; the reason goes to the log
+                log.warning("health check of %s failed", name, exc_info=True)
+                return name
+
+        return [n for n in await asyncio.gather(*(down(n, p) for n, p in ports)) if n]
+
     # =============================================================================== sessions
 
     async def open_session(self, session: SessionRecord) -> SessionRecord:

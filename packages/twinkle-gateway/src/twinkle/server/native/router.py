@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Litestar, Request, Router, delete, get, post
+from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -50,8 +50,9 @@ async def _body(request: Request, type_: type) -> Any:
 
 
 @get("/healthz", opt={"exclude_from_auth": True})
-async def healthz(request: Request) -> dict[str, Any]:
-    return await _svc(request).health()
+async def healthz(request: Request) -> Response:
+    body, status = await _svc(request).health()
+    return Response(body, status_code=status)
 
 
 @get("/info", opt={"exclude_from_auth": True})

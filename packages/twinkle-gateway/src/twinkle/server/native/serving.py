@@ -110,10 +110,13 @@ class NativeService:
                               "model": p.model_name} for p in self.peers],
         }
 
-    async def health(self) -> dict[str, Any]:
-        started = self.plane.started
-        return {"status": "ok" if started else "starting", "server_type": "twinkle",
-                "running_requests": self.plane.futures.running if started else 0}
+    async def health(self) -> tuple[dict[str, Any], int]:
+        """(body, status): 200 when this server and every model and sampler behind it answer, else 503."""
+        down = await self.plane.health()
+        body: dict[str, Any] = {"status": "unavailable" if down else "ok", "server_type": "twinkle"}
+        if down:
+            body["unavailable"] = down
+        return body, 503 if down else 200
 
     # =============================================================================== sessions
 

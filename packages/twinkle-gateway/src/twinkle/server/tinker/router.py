@@ -102,8 +102,12 @@ async def telemetry(request: Request) -> dict[str, str]:
 
 
 @get("/healthz", opt={"exclude_from_auth": True})
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz(request: Request) -> Response:
+    """200 when this server and every model and sampler behind it answer; 503 naming what does not."""
+    down = await _svc(request).plane.health()
+    if down:
+        return Response({"status": "unavailable", "unavailable": down}, status_code=503)
+    return Response({"status": "ok"}, status_code=200)
 
 
 @get("/get_server_capabilities")
