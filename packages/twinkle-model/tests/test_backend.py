@@ -116,7 +116,10 @@ def test_gradients_accumulate_until_step_and_forward_only_does_not(backend):
     g1 = {k: p.grad.clone() for k, p in backend._runs["acc-1"].params.items()}
     g2 = {k: p.grad.clone() for k, p in backend._runs["acc-2"].params.items()}
     for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-6)
+        # The halves sum the same float32 terms in another grouping: equal up to rounding, which is relative to
+        # the tensor's scale (entries near 0 are sums of cancelling terms), and depends on the CPU's BLAS.
+        scale = float(g1[k].abs().max())
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-5 * scale)
     assert out.metrics["loss:sum"] == pytest.approx(
         -sum(w * lp for d, o in zip(whole.data, out.loss_fn_outputs)
              for w, lp in zip(d.loss_fn_inputs["weights"].data, o["logprobs"].data)), rel=1e-5)

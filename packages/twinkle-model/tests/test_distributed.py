@@ -9,7 +9,7 @@ from twinkle.common.wire import AdamParams, LoraConfig, UserError
 from twinkle.model.backend import FusedItem
 from twinkle.model.distributed import DataParallelBackend, shard_sizes, spawn_local_ranks, split
 
-ADAM = AdamParams(learning_rate=1e-2, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0)
+ADAM = AdamParams(learning_rate=1e-2, eps=1.0, weight_decay=0.01, grad_clip_norm=1.0)
 
 
 def test_shards_are_contiguous_and_balanced():
@@ -53,15 +53,19 @@ def test_dp2_equals_dp1_on_the_same_global_batch(dp, backend):
     w0, w1 = _weights(ranks[0], "dp"), _weights(ranks[1], "dp")
     ref = {k: p.detach().reshape(-1) for k, p in backend._resident("dp-ref").params.items()}
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # every rank took the identical step
-    for k in ref:
-        # Adam moves a weight whose gradient is ~0 by up to lr*sign(g): rounding there is amplified, so the
-        # tolerance is 2% of one step (lr 1e-2); the grad_norm check above is what catches a sum/mean mix-up.
-        torch.testing.assert_close(w0[k], ref[k], rtol=1e-3, atol=2e-4)
-    assert dp_backend.run_step("dp") == 2
-    # the comparison can fail: training moved the weights away from their (seeded) init
     backend.create_adapter("dp-init", cfg)
     init = {k: p.detach().reshape(-1) for k, p in backend._resident("dp-init").params.items()}
-    assert any((w0[k] - init[k]).abs().max() > 1e-3 for k in init)
+    for k in ref:
+        # Compare what training moved. Two ranks sum half-batch gradients, one process the whole batch: the
+        # same float32 terms in another order, so equal up to rounding, and that rounding is relative to the
+        # gradient's scale and depends on the CPU's BLAS kernels. ADAM's eps of 1 keeps the step linear in the
+        # gradient (m / (sqrt(v) + eps)), so rounding is not amplified to lr * sign(g) where g is ~0.
+        moved, moved_ref = w0[k] - init[k], ref[k] - init[k]
+        scale = float(moved_ref.abs().max())
+        torch.testing.assert_close(moved, moved_ref, rtol=1e-3, atol=1e-3 * scale)
+    assert dp_backend.run_step("dp") == 2
+    # the comparison can fail: training moved the weights away from their (seeded) init
+    assert any(float((w0[k] - init[k]).abs().max()) > 1e-5 for k in init)
 
 
 def test_dp_small_batches_fused_items_checkpoints_and_errors(dp, backend, tmp_path):
