@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
         cfg = _load(args)
         if command == "check-config":
+            cfg.check_supported()
             print(f"{args.config or args.config_pos}: OK ({cfg.server_type}, {len(cfg.applications)} applications)")
         elif command == "print-config":
             sys.stdout.write(dump_config(cfg, args.format))

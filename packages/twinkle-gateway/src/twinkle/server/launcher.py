@@ -102,7 +102,7 @@ def launch_server(
     if server_type:
         config = config.with_server_type(server_type)
     config.check_deployable()
-    _warn_about_substitutions(config)
+    config.check_supported()
     _check_auth(config)
     settings = resolve_storage(config)
 
@@ -137,16 +137,6 @@ def launch_server(
         log.info("shutting down")
         server.shutdown()
     return server
-
-
-def _warn_about_substitutions(config: ServerConfig) -> None:
-    """Say loudly what runs differently from what the YAML asks. The megatron-core backend is not in this
-    release: a model app with ``use_megatron: true`` (as in the seed's examples) trains with transformers +
-    peft on the same devices, and its /info reports ``backend: transformers``."""
-    for app in config.applications:
-        if app.import_path == "model" and getattr(app.args, "backend", None) == "megatron":
-            log.warning("%s: use_megatron is true, but the megatron-core backend is not in this release; "
-                        "training with transformers + peft instead (same devices, same API)", app.name)
 
 
 def resolve_storage(config: ServerConfig) -> dict[str, str]:

@@ -643,6 +643,54 @@ class ServerConfig(_Strict):
             raise ConfigError.collect(problems)
 
 
+    def check_supported(self) -> None:
+        """What this release can honour, refused rather than reinterpreted. Raises :class:`ConfigError`
+        listing every setting it would otherwise run differently from what the YAML says:
+
+        - the megatron backend (``use_megatron: true``) is not in this release;
+        - tensor, pipeline, context and expert parallelism (``device_mesh.tp_size`` … ``ep_size`` > 1) need a
+          backend that implements them — the transformers backend and the samplers run data parallel only;
+        - one replica of the server (its store is one SQLite writer), model (runs live in the replica) and
+          sampler application; more (``num_replicas``, ``autoscaling_config.max_replicas``) is refused.
+        """
+        problems: list[ConfigError] = []
+        for index, app in enumerate(self.applications):
+            at = f"applications[{index}]"
+            args = app.args
+            if isinstance(args, ModelArgs) and args.backend == "megatron":
+                problems.append(_fail(f"{at}.args.use_megatron", "the megatron-core backend is not in this "
+                                      "release; use_megatron: false trains with transformers + peft (data "
+                                      "parallel only)"))
+            mesh = getattr(args, "device_mesh", None)
+            if mesh is not None and isinstance(args, (ModelArgs, SamplerArgs)):
+                serving = "the transformers backend" if isinstance(args, ModelArgs) else "the samplers"
+                for axis, what in (("tp_size", "tensor"), ("pp_size", "pipeline"), ("cp_size", "context"),
+                                   ("ep_size", "expert")):
+                    size = getattr(mesh, axis)
+                    if size > 1:
+                        problems.append(_fail(f"{at}.args.device_mesh.{axis}", f"{size} asks for {what} "
+                                              f"parallelism, which {serving} in this release do not implement "
+                                              "(they run dp_size data-parallel workers); set it to 1"))
+            if app.import_path in ("server", "model", "sampler") and app.deployment is not None:
+                problems.extend(_single_replica(app.deployment, f"{at}.deployments[0]", app.import_path))
+        if problems:
+            raise ConfigError.collect(problems)
+
+
+def _single_replica(deployment: Deployment, at: str, kind: str) -> list[ConfigError]:
+    why = {"server": "its state store has one writer", "model": "training runs live in the replica",
+           "sampler": "sampling sessions are served by one replica"}[kind]
+    replicas = deployment.num_replicas
+    if replicas == "auto" or (isinstance(replicas, int) and replicas > 1):
+        return [_fail(f"{at}.num_replicas", f"{replicas!r}: a {kind} application runs one replica in this release "
+                      f"({why})")]
+    scaling = deployment.autoscaling_config
+    if scaling is not None and (scaling.max_replicas or 1) > 1:
+        return [_fail(f"{at}.autoscaling_config.max_replicas", f"{scaling.max_replicas}: a {kind} application "
+                      f"runs one replica in this release ({why})")]
+    return []
+
+
 def plain_data(value: Any) -> Any:
     """Plain dicts/lists of a config value, leaving out struct fields that are None ("not set").
 
