@@ -125,3 +125,25 @@ def test_a_taken_port_is_a_clear_error_before_ray_starts(tmp_path, capsys, monke
         assert main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port} is not available" in err and "Traceback" not in err
+
+
+def test_the_port_probe_ignores_time_wait_sockets_of_a_stopped_server():
+    """Right after a server with client traffic stops, its port has TIME_WAIT sockets but no listener: a
+    restart must not be refused."""
+    import socket
+    import threading
+
+    from twinkle.server.launcher import _check_port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end of the connection goes to TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    _check_port_free("127.0.0.1", port)  # no LaunchError

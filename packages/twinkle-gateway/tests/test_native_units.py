@@ -136,3 +136,21 @@ def test_components_know_the_central_server(tmp_path):
     tinker = ComponentSpec(app_name="m", route_prefix="/m", import_path="model", server_type="tinker", args={},
                            central=PeerApp(app_name="s", deployment_name="d", import_path="server", route_prefix="/"))
     assert central_authority(tinker) is None
+
+
+def test_keys_given_to_the_launcher_travel_in_the_central_spec(tmp_path, monkeypatch):
+    """A ``ray start`` cluster's replicas do not have the launcher's environment: the keys must reach the
+    central app through its spec, or it would run open."""
+    from twinkle.common.config import load_config
+    from twinkle.server import launcher
+
+    config = load_config(str(launcher.Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"))
+
+    class _Plan:
+        apps: dict = {}
+
+    monkeypatch.setenv("TWINKLE_API_KEYS", "tml-from-env, tml-other")
+    specs = launcher.component_specs(config, _Plan(), {"checkpoint_dir": str(tmp_path), "state_db": ""})
+    server = next(s for s in specs if s.import_path == "server")
+    assert server.args["api_keys"] == ["tml-from-env", "tml-other"]
+    assert all("api_keys" not in s.args for s in specs if s.import_path != "server")

@@ -53,6 +53,8 @@ def _check_port_free(host: str, port: int) -> None:
     bind_host = "" if host in ("0.0.0.0", "::") else host
     family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # as a server binds: TIME_WAIT sockets of a stopped server's connections must not look like a listener
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((bind_host, port))
         except OSError as e:
@@ -233,13 +235,16 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
     central = _central_app(config)
     specs = []
     for app in config.applications:
+        args = _plain(app.args)
+        if app.import_path == "server":
+            args["api_keys"] = _launcher_keys(args)
         specs.append(
             ComponentSpec(
                 app_name=app.name,
                 route_prefix=app.route_prefix,
                 import_path=app.import_path,
                 server_type=config.server_type,
-                args=_plain(app.args),
+                args=args,
                 workers=worker_specs(plan, app.name),
                 checkpoint_dir=settings["checkpoint_dir"],
                 state_db=settings["state_db"],
@@ -249,6 +254,15 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
             )
         )
     return specs
+
+
+def _launcher_keys(server_args: dict[str, Any]) -> list[str]:
+    """The server's keys: the YAML's and those in the launcher's ``TWINKLE_API_KEYS``. They travel in the
+    central app's spec, because its replica may run on a cluster started without the launcher's environment
+    (``ray start``), where reading the variable there would find nothing and run open."""
+    from .auth import keys_from_env
+
+    return list(dict.fromkeys([*(server_args.get("api_keys") or []), *keys_from_env()]))
 
 
 def _central_app(config: ServerConfig) -> PeerApp | None:
