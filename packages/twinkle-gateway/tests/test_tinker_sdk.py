@@ -92,6 +92,14 @@ def test_supervised_loss_falls(trained):
     assert info.model_data.model_name and info.lora_rank == 16
 
 
+def test_the_sdk_loads_the_tokenizer_the_server_names(trained):
+    """get_tokenizer() is AutoTokenizer.from_pretrained(tokenizer_id): for the built-in model that is its local
+    directory, loadable by a client on the server's machine without any hub."""
+    tc, _ = trained
+    tokenizer = tc.get_tokenizer()
+    assert tokenizer.decode(tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
+
+
 def test_forward_gives_logprobs_and_changes_nothing(trained):
     tc, _ = trained
     a = tc.forward([_datum()], "cross_entropy").result()

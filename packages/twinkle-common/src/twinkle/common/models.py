@@ -90,6 +90,17 @@ def resolve_model_path(model_id: str) -> str:
     return _from_hf(model_id)
 
 
+def tokenizer_id(model_id: str) -> str:
+    """What a client passes to ``AutoTokenizer.from_pretrained`` for this model: the hub id of a Hugging Face
+    model, else the model's local directory (built-in, local and ModelScope models), which a client on the
+    server's machine can load and a hub cannot resolve anyway."""
+    if model_id.startswith("hf://"):
+        return model_id[len("hf://"):]
+    if model_id.startswith((BUILTIN_SCHEME, "ms://")) or _looks_like_path(model_id):
+        return resolve_model_path(model_id)
+    return model_id
+
+
 def _looks_like_path(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~")) or os.path.isdir(model_id)
 

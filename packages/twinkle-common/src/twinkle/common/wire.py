@@ -183,3 +183,4 @@ class ModelInfo(msgspec.Struct):
     vocab_size: int
     dp_size: int = 1
     runs: int = 0
+    tokenizer_id: str | None = None  # for AutoTokenizer.from_pretrained: a hub id, or the local directory

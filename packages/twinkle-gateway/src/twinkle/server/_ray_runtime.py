@@ -3,6 +3,10 @@
 Rule: ``RAY_ADDRESS`` (or ``--address``) names a cluster -> join it. Otherwise, if this machine runs a Ray
 cluster started with ``ray start`` -> join it. Otherwise start an embedded single-node Ray inside this
 process; it lives as long as the launcher does.
+
+Ray 2.60's ``ray start --head`` turns on token authentication, and a driver joins only in token mode. When
+a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and the user set no
+``RAY_AUTH_MODE``, the launcher joins in token mode, which also works with clusters that have auth off.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ def _existing_cluster_address() -> str | None:
         return None
 
 
+def use_token_auth_if_available() -> None:
+    if os.environ.get("RAY_AUTH_MODE"):
+        return  # the user's choice
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _join_error(target: str, error: Exception):
+    from .launcher import LaunchError
+
+    return LaunchError(
+        f"cannot join the Ray cluster at {target} ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+        "If it uses token authentication (the default of `ray start` since Ray 2.60), make its token available "
+        "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token; or pass "
+        "--address for another cluster")
+
+
 def _job_runtime_env() -> dict:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     return {"env_vars": env} if env else {}
@@ -51,18 +73,22 @@ def connect(namespace: str, *, address: str | None = None, log_level: str = "INF
     common = dict(namespace=namespace, runtime_env=_job_runtime_env(), logging_level=log_level, log_to_driver=True)
     target = address or _existing_cluster_address()
     if target:
+        use_token_auth_if_available()
         try:
             ray.init(address=target, **common)
             log.info("joined the Ray cluster at %s", target)
             return RayConnection(embedded=False, address=target)
-        except (ConnectionError, RuntimeError) as e:
+        except (ConnectionError, RuntimeError, ValueError) as e:
             if address or os.environ.get("RAY_ADDRESS"):
-                raise
+                raise _join_error(target, e) from None
             log.info("no live Ray cluster at %s (%s); starting an embedded one", target, e)
     # A prestarted idle worker costs ~80 MB and every Twinkle actor starts its own process anyway.
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1, **common)
+    try:
+        ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1, **common)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise _join_error(target or "this machine", e) from None
     log.info("started an embedded local Ray (%s CPUs)", os.cpu_count())
     return RayConnection(embedded=True, address=None)
 

@@ -25,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from twinkle.common.models import tokenizer_id
 from twinkle.common.wire import (
     AdamParams,
     CheckpointInfo,
@@ -237,6 +238,7 @@ class ModelService:
             vocab_size=d.vocab_size,
             dp_size=d.dp_size,
             runs=len(self._runs),
+            tokenizer_id=tokenizer_id(self.model_id),
         )
 
     async def health(self) -> dict:

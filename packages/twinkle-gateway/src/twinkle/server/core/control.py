@@ -25,6 +25,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import msgspec
+
 from twinkle.common.http import release_seq_id
 from twinkle.common.limits import check_page, check_seq_id, check_ttl
 from twinkle.common.wire import NotFoundError, UserError
@@ -61,6 +63,19 @@ def iso(t: float | None) -> str | None:
 
 def not_expired(c: CheckpointRecord, now: float | None = None) -> bool:
     return c.expires_at is None or c.expires_at > (time.time() if now is None else now)
+
+
+class ServedModel(msgspec.Struct, kw_only=True):
+    """What the central app reads of a model or sampler service's ``info()`` (one typed view, whatever form
+    the service answers in: a struct in-process, plain data through a Serve handle)."""
+
+    model_name: str | None = None
+    model_id: str | None = None
+    backend: str | None = None
+    max_context_length: int | None = None
+    vocab_size: int | None = None
+    tokenizer_id: str | None = None
+    arch: str | None = None
 
 
 class ControlPlane:
@@ -178,7 +193,7 @@ class ControlPlane:
     def served_names(self) -> list[str]:
         return sorted(set(self.models) | set(self.samplers))
 
-    async def model_info(self, name: str) -> Any | None:
+    async def model_info(self, name: str) -> ServedModel | None:
         """``info()`` of the service serving ``name``, cached once read; None while it cannot answer."""
         if name in self._model_info:
             return self._model_info[name]
@@ -186,7 +201,8 @@ class ControlPlane:
         if port is None:
             return None
         try:
-            info = await asyncio.wait_for(port.info(), _INFO_TIMEOUT_S)
+            raw = await asyncio.wait_for(port.info(), _INFO_TIMEOUT_S)
+            info = msgspec.convert(msgspec.to_builtins(raw), ServedModel, strict=False)
         except Exception as e:  # noqa: BLE001 - capabilities degrade gracefully while a peer starts
             log.warning("could not read info of model %s: %s", name, e)
             return None
