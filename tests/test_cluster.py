@@ -53,7 +53,9 @@ def test_workers_get_their_planned_gpus(tmp_path):
         port = free_port()
         cfg = tmp_path / "cluster.yaml"
         cfg.write_text(textwrap.dedent(CONFIG.format(port=port)))
-        env = base_env(DEVICE_COUNT_PER_PHYSICAL_NODE="4", TWINKLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+        # The keys reach the replicas through the launcher, not the cluster's environment (ray start never saw them).
+        env = base_env(DEVICE_COUNT_PER_PHYSICAL_NODE="4", TWINKLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+                       TWINKLE_API_KEYS="tml-cluster-key")
         plan = subprocess.run([sys.executable, "-m", "twinkle.server", "plan", str(cfg)], env={**env, "RAY_ADDRESS": head.address},
                               capture_output=True, text=True, timeout=180)
         assert plan.returncode == 0, plan.stderr
@@ -68,6 +70,9 @@ def test_workers_get_their_planned_gpus(tmp_path):
         for prefix in ("/server", "/models/tiny", "/sampler/tiny"):
             assert wait_http(f"{base}{prefix}/healthz", 60).status_code == 200
 
+        assert httpx.get(f"{base}/server/capabilities", headers={"X-API-Key": "tml-unknown"}).status_code == 401
+        assert httpx.get(f"{base}/server/capabilities", headers={"X-API-Key": "tml-cluster-key"}).status_code == 200
+
         model_workers = httpx.get(f"{base}/models/tiny/info", timeout=30).json()["workers"]
         assert sorted(w["cuda_visible_devices"] for w in model_workers) == ["2", "3"]
         assert [w["cuda_visible_devices"] for w in sorted(model_workers, key=lambda w: w["rank"])] == ["2", "3"]
@@ -79,7 +84,7 @@ def test_workers_get_their_planned_gpus(tmp_path):
         # Training runs data-parallel over the two pinned workers (gloo): the loss falls.
         from twinkle_client import Datum, TwinkleClient
 
-        with TwinkleClient(base, api_key="tml-cluster-test") as client:
+        with TwinkleClient(base, api_key="tml-cluster-key") as client:
             run = client.create_training_run("tiny-qwen2", rank=4, seed=0)
             data = [Datum.from_tokens([5 + i, 17, 29, 31, 37, 41, 43]) for i in range(4)]  # 2 per rank
             losses = []
