@@ -28,7 +28,7 @@ import time
 from typing import Any, Protocol, runtime_checkable
 
 from .native import FutureRef, LoadRequest, ResolvedCheckpoint, SaveRequest
-from .wire import UserError, unwrap_user_error
+from .wire import UserError, remote_call
 
 API_KEY_HEADER = "x-api-key"
 
@@ -100,13 +100,12 @@ class HandleAuthority:
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(getattr(self.handle, method).remote(*args), self.timeout_s)
+            return await asyncio.wait_for(remote_call(getattr(self.handle, method).remote(*args)), self.timeout_s)
         except asyncio.TimeoutError:
             raise UserError("the central server did not answer in time; retry shortly", status=503) from None
-        except Exception as e:  # noqa: BLE001 - unwrap the service's own error from Ray's wrapper
-            cause = unwrap_user_error(e)
-            if cause is not None:
-                raise cause from None
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a central server that is down is a 503, not a 500
             if _is_unavailable(e):
                 raise UserError("the central server is not available right now; retry shortly",
                                 status=503) from None

@@ -1,5 +1,5 @@
-"""What every component's Litestar app shares: error mapping, the health/info routes, OpenAPI, awaiting a
-service call through Ray (``service_call``) and the served model name (``served_model_name``).
+"""What every component's Litestar app shares: error mapping, the health/info routes, OpenAPI and the served
+model name (``served_model_name``).
 
 Errors: a ``UserError`` becomes its 4xx with ``{"detail": message, "field": ...}``; a validation error of a
 request body becomes 400 naming the field; anything else becomes a 500 with a correlation id, and the
@@ -17,7 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from .wire import UserError, unwrap_user_error
+from .wire import UserError
 
 log = logging.getLogger("twinkle")
 
@@ -72,17 +72,6 @@ def health_routes(health: Callable[[], Awaitable[dict]], info: Callable[[], Awai
         return await info()
 
     return [healthz, info_route]
-
-
-async def service_call(awaitable: Awaitable[T]) -> T:
-    """Await a service call; a service error wrapped by Ray comes out as itself (no remote traceback)."""
-    try:
-        return await awaitable
-    except UserError as e:
-        cause = unwrap_user_error(e)
-        if cause is not None and cause is not e:
-            raise cause from None
-        raise
 
 
 def served_model_name(component: Any, model_name: str | None = None) -> Callable[[], Awaitable[str]]:

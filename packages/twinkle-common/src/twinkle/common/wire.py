@@ -149,6 +149,25 @@ def _rebuild_user_error(cls, message, field, status):
     return cls(message, field=field, status=status)
 
 
+async def remote_call(awaitable):
+    """Await a call into another process (a Ray actor or a Serve handle): its ``UserError`` comes out as itself
+    (status, field; never Ray's wrapper, whose message is the remote traceback); any other failure is Ray's
+    ``cause`` where it has one. The one place where Ray errors are unwrapped."""
+    try:
+        return await awaitable
+    except Exception as e:  # noqa: BLE001 - re-raised as the remote side's own exception
+        raise remote_error(e) from None
+
+
+def remote_error(e: BaseException) -> BaseException:
+    """The exception the remote side raised, for an error coming out of a Ray call (see ``remote_call``)."""
+    user = unwrap_user_error(e)
+    if user is not None:
+        return user
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, Exception) else e
+
+
 def unwrap_user_error(e: BaseException) -> UserError | None:
     """The ``UserError`` a Ray task error wraps, if any (``RayTaskError.cause``, possibly nested). Ray's
     wrapper is an instance of the cause's class too, but its message is the remote traceback, which must not

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from .env import CACHE_DIR_ENV, TRUST_REMOTE_CODE_ENV
-from .wire import unwrap_user_error
+from .wire import remote_call, remote_error
 
 # Environment variables every worker inherits from the launcher when set there.
 FORWARDED_ENV = (TRUST_REMOTE_CODE_ENV, CACHE_DIR_ENV, "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -117,16 +117,6 @@ class InProcessWorker:
         return info
 
 
-def unwrap_ray_error(error: BaseException) -> BaseException:
-    """The exception a worker raised, not Ray's wrapper: a ``UserError`` must reach the client as itself
-    (status, field), whichever process raised it; any other exception is Ray's ``cause`` (one level)."""
-    user = unwrap_user_error(error)
-    if user is not None:
-        return user
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, Exception) else error
-
-
 class RayWorker:
     """A handle on one worker actor with the same async interface as ``InProcessWorker``."""
 
@@ -135,10 +125,7 @@ class RayWorker:
         self.spec = spec
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await self.actor.call.remote(method, *args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - re-raised as the worker's own exception
-            raise unwrap_ray_error(e) from None
+        return await remote_call(self.actor.call.remote(method, *args, **kwargs))
 
     def submit(self, method: str, *args: Any) -> concurrent.futures.Future:
         """The same call for a caller on a plain thread (the model's compute thread)."""
@@ -148,7 +135,7 @@ class RayWorker:
             try:
                 result.set_result(ray_future.result())
             except Exception as e:  # noqa: BLE001
-                result.set_exception(unwrap_ray_error(e))
+                result.set_exception(remote_error(e))
 
         self.actor.call.remote(method, *args).future().add_done_callback(_done)
         return result

@@ -26,7 +26,7 @@ from typing import Any
 
 from litestar import Litestar, Request, get, post
 from twinkle.common.authority import Authority, principal_of
-from twinkle.common.http import component_app, release_seq_id, served_model_name, service_call
+from twinkle.common.http import component_app, release_seq_id, served_model_name
 from twinkle.common.native import (
     MAX_BODY_BYTES,
     FutureRef,
@@ -38,7 +38,8 @@ from twinkle.common.native import (
     decode,
     peek_seq_id,
 )
-from twinkle.common.wire import AdamParams, ForwardBackwardInput, ForwardBackwardOutput, OptimStepOutput, UserError
+from twinkle.common.wire import (AdamParams, ForwardBackwardInput, ForwardBackwardOutput, OptimStepOutput, UserError,
+                                 remote_call)
 
 log = logging.getLogger("twinkle.model.app")
 
@@ -69,8 +70,8 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
     @get("/runs/{run_id:str}")
     async def run_state(request: Request, run_id: str) -> RunState:
         owner = await owner_of(request)
-        info = await service_call(model.run_info(run_id, owner))
-        next_seq = await service_call(model.next_seq_id(run_id, owner))
+        info = await remote_call(model.run_info(run_id, owner))
+        next_seq = await remote_call(model.next_seq_id(run_id, owner))
         return RunState(run_id=info.run_id, base_model=await served_name(), lora=info.lora, step=info.step,
                         resident=info.resident, next_seq_id=next_seq)
 
@@ -78,7 +79,7 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         owner = await owner_of(request)
         req: TrainRequest = await numbered(request, run_id, owner, TrainRequest)
         inp = ForwardBackwardInput(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config)
-        out = await service_call(model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
+        out = await remote_call(model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
         return _expect(out, ForwardBackwardOutput, req.seq_id, run_id)
 
     @post("/runs/{run_id:str}/forward", status_code=200, request_max_body_size=MAX_BODY_BYTES)
@@ -95,7 +96,7 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         req: OptimStepRequest = await numbered(request, run_id, owner, OptimStepRequest)
         params = AdamParams(learning_rate=req.learning_rate, beta1=req.beta1, beta2=req.beta2, eps=req.eps,
                             weight_decay=req.weight_decay, grad_clip_norm=req.grad_clip_norm)
-        out = await service_call(model.optim_step(run_id, owner, req.seq_id, params))
+        out = await remote_call(model.optim_step(run_id, owner, req.seq_id, params))
         return _expect(out, OptimStepOutput, req.seq_id, run_id)
 
     @post("/runs/{run_id:str}/save", status_code=202)

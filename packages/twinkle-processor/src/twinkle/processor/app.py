@@ -29,9 +29,9 @@ import msgspec
 from litestar import Litestar, Request, post
 from litestar.response import Stream
 from twinkle.common.authority import Authority, principal_of
-from twinkle.common.http import component_app, service_call
+from twinkle.common.http import component_app
 from twinkle.common.native import decode
-from twinkle.common.wire import UserError
+from twinkle.common.wire import UserError, remote_call
 
 from .protocol import (
     DetokenizeRequest,
@@ -64,24 +64,24 @@ def _data_routes(processor: Any, authority: Authority) -> list:
 
     @post("/tokenize", status_code=200, request_max_body_size=MAX_BODY_BYTES)
     async def tokenize(request: Request) -> TokenizeResponse:
-        return await service_call(processor.tokenize(await body_of(request, TokenizeRequest)))
+        return await remote_call(processor.tokenize(await body_of(request, TokenizeRequest)))
 
     @post("/detokenize", status_code=200, request_max_body_size=MAX_BODY_BYTES)
     async def detokenize(request: Request) -> DetokenizeResponse:
-        return await service_call(processor.detokenize(await body_of(request, DetokenizeRequest)))
+        return await remote_call(processor.detokenize(await body_of(request, DetokenizeRequest)))
 
     @post("/render_chat", status_code=200, request_max_body_size=MAX_BODY_BYTES)
     async def render_chat(request: Request) -> RenderChatResponse:
-        return await service_call(processor.render_chat(await body_of(request, RenderChatRequest)))
+        return await remote_call(processor.render_chat(await body_of(request, RenderChatRequest)))
 
     @post("/encode", status_code=200, request_max_body_size=MAX_ENCODE_BODY_BYTES)
     async def encode(request: Request) -> EncodeResponse:
-        return await service_call(processor.encode(await body_of(request, EncodeRequest)))
+        return await remote_call(processor.encode(await body_of(request, EncodeRequest)))
 
     @post("/encode/stream", status_code=200, request_max_body_size=MAX_ENCODE_BODY_BYTES)
     async def encode_stream(request: Request) -> Stream:
         req: EncodeRequest = await body_of(request, EncodeRequest)
-        first: EncodeResponse = await service_call(processor.encode(req))
+        first: EncodeResponse = await remote_call(processor.encode(req))
         return Stream(_pages(processor, req, first), media_type="application/x-ndjson")
 
     return [tokenize, detokenize, render_chat, encode, encode_stream]
@@ -92,7 +92,7 @@ async def _pages(processor: Any, req: EncodeRequest, first: EncodeResponse) -> A
     yield msgspec.json.encode({"page": page}) + b"\n"
     while page.next_offset is not None:
         try:
-            page = await service_call(processor.encode(msgspec.structs.replace(req, offset=page.next_offset)))
+            page = await remote_call(processor.encode(msgspec.structs.replace(req, offset=page.next_offset)))
         except UserError as e:
             yield msgspec.json.encode({"error": {"detail": str(e), "field": e.field, "status": e.status}}) + b"\n"
             return

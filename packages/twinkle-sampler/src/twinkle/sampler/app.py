@@ -14,10 +14,10 @@ from typing import Any
 
 from litestar import Litestar, Request, post
 from twinkle.common.authority import Authority, principal_of
-from twinkle.common.http import component_app, served_model_name, service_call
+from twinkle.common.http import component_app, served_model_name
 from twinkle.common.limits import DEFAULT_LIMITS
 from twinkle.common.native import MAX_BODY_BYTES, SampleRequestIn, decode
-from twinkle.common.wire import SampleOutput, SampleRequest, UserError
+from twinkle.common.wire import SampleOutput, SampleRequest, UserError, remote_call
 
 #: Most continuations of one prompt per request (the Tinker front-end's limit too).
 MAX_NUM_SAMPLES = DEFAULT_LIMITS.max_num_samples
@@ -46,7 +46,7 @@ def _sample_route(sampler: Any, authority: Authority, model_name: str | None):
         wire = SampleRequest(prompt=list(req.prompt_tokens), sampling_params=params, num_samples=req.num_samples,
                              prompt_logprobs=req.prompt_logprobs, adapter_path=adapter_path)
         try:
-            return await service_call(sampler.sample(wire))
+            return await remote_call(sampler.sample(wire))
         except UserError as e:
             if e.field == "adapter_path":  # the client named a URI: speak of it, never of the path
                 message = e.message.replace(adapter_path or "\0", str(req.model_uri))

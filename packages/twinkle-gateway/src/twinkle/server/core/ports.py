@@ -31,7 +31,7 @@ from twinkle.common.wire import (
     RunInfo,
     SampleOutput,
     SampleRequest,
-    unwrap_user_error,
+    remote_call,
 )
 
 
@@ -133,13 +133,7 @@ class HandlePort(_Port):
         return self._handle
 
     async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await getattr(self.handle, name).remote(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - unwrap Ray's wrapper around a service error
-            cause = unwrap_user_error(e)
-            if cause is not None:
-                raise cause from None
-            raise
+        return await remote_call(getattr(self.handle, name).remote(*args, **kwargs))
 
 
 def _is_handle(obj: Any) -> bool:
