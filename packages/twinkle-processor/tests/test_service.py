@@ -133,7 +133,11 @@ async def test_page_size_is_capped_by_the_service(service):
     rows = [_pc(k) for k in range(120)]
     first = await service.encode(EncodeRequest(rows=rows, limit=1000))
     assert len(first.data) == 50 and first.next_offset == 50
-    pages = [p async for p in service.iter_encode(EncodeRequest(rows=rows, offset=10))]
+    pages, request = [], EncodeRequest(rows=rows, offset=10)
+    while request is not None:  # the client's walk over the pages
+        pages.append(await service.encode(request))
+        nxt = pages[-1].next_offset
+        request = None if nxt is None else EncodeRequest(rows=rows, offset=nxt)
     assert [(p.offset, p.next_offset, len(p.data)) for p in pages] == [(10, 60, 50), (60, 110, 50), (110, None, 10)]
     end = await service.encode(EncodeRequest(rows=rows, offset=120))
     assert end.data == [] and end.next_offset is None

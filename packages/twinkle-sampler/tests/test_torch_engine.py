@@ -266,7 +266,7 @@ async def test_adapter_churn_isolation(reference, prompts, adapters):
         st = eng.stats()
         assert st["max_resident_adapters"] <= 2
         assert st["adapters"]["evictions"] > 0 and st["adapters"]["loads"] > len(adapters)
-        assert len(svc.info()["resident_adapters"]) <= 2
+        assert len((await svc.info())["resident_adapters"]) <= 2
     finally:
         await svc.close()
 
@@ -398,9 +398,9 @@ async def test_service_validation_health_info(service, engine):
         with pytest.raises(UserError) as e:
             await service.sample(req)
         assert e.value.field == field
-    h = service.health()
+    h = await service.health()
     assert h["status"] == "ok" and h["engine"] == "torch" and h["model_name"] == "tiny-qwen2"
-    info = service.info()
+    info = await service.info()
     assert info["engine"] == "torch" and info["vocab_size"] == engine.vocab_size
     assert info["max_context_length"] == 2048 and isinstance(info["resident_adapters"], list)
     assert all("path" not in e for e in info["resident_adapters"])  # info is public: no server paths

@@ -30,7 +30,7 @@ from litestar import Litestar, Request, post
 from litestar.response import Stream
 from twinkle.common.authority import Authority, principal_of
 from twinkle.common.http import component_app
-from twinkle.common.native import decode
+from twinkle.common.native import MAX_BODY_BYTES, MiB, decode
 from twinkle.common.wire import UserError, remote_call
 
 from .protocol import (
@@ -46,10 +46,9 @@ from .protocol import (
 
 log = logging.getLogger("twinkle.processor.app")
 
-MiB = 1024 * 1024
-#: Largest dataset upload (JSONL text or rows) one encode request may carry.
+#: Largest dataset upload (JSONL text or rows) one encode request may carry; other bodies use the
+#: components' common MAX_BODY_BYTES.
 MAX_ENCODE_BODY_BYTES = 256 * MiB
-MAX_BODY_BYTES = 16 * MiB
 
 
 def create_processor_app(processor: Any, authority: Authority | None = None) -> Litestar:

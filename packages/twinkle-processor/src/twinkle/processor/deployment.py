@@ -32,9 +32,6 @@ class ProcessorManagement:
         host_spec = msgspec.structs.replace(spec, workers=host)
         (self.host,) = start_workers(host_spec, _SERVICE, lambda w: ((model_id,), {"num_workers": num_workers}))
 
-    async def call(self, method: str, *args: Any) -> Any:
-        return await self.host.call(method, *args)
-
     # The service's operations by name, so the app (and handle callers) use one API for this deployment and
     # for a ``ProcessorService`` in-process.
     async def tokenize(self, request: Any) -> Any:

@@ -6,13 +6,12 @@ of this process, dataset encoding runs on the worker processes (or that thread, 
 
 Large datasets are paged, not sent whole: ``encode`` encodes at most ``max_rows_per_request`` rows from
 ``offset`` and returns ``next_offset`` while rows remain, so one response stays a bounded size and a
-client (or :meth:`ProcessorService.iter_encode`) walks the pages. Each row is encoded in exactly one page.
+client walks the pages. Each row is encoded in exactly one page.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
 
 import msgspec
 
@@ -122,15 +121,6 @@ class ProcessorService:
             total_rows=total,
             next_offset=end if end < total else None,
         )
-
-    async def iter_encode(self, request: EncodeRequest) -> AsyncIterator[EncodeResponse]:
-        """Every page from ``request.offset`` to the end, in order (for streaming responses)."""
-        while True:
-            page = await self.encode(request)
-            yield page
-            if page.next_offset is None:
-                return
-            request = msgspec.structs.replace(request, offset=page.next_offset)
 
     async def info(self) -> ProcessorInfo:
         tok = self._tokenizer

@@ -48,7 +48,7 @@ class SamplerService:
         self._served += 1
         return out
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
             "engine": self.engine.engine_type,
@@ -59,11 +59,8 @@ class SamplerService:
             "failed": self._failed,
         }
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         return self.engine.info()
-
-    def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
 
     async def close(self) -> None:
         await self.engine.close()

@@ -25,22 +25,6 @@ from .serving import NativeService
 from .settings import NativeSettings
 
 
-class _SyncServiceAdapter:
-    """Presents a service whose ``health``/``info`` are plain methods (the sampler's) as async ones."""
-
-    def __init__(self, service: Any) -> None:
-        self._service = service
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._service, name)
-
-    async def health(self) -> Any:
-        return self._service.health()
-
-    async def info(self) -> Any:
-        return self._service.info()
-
-
 class PrefixDispatcher:
     """An ASGI app routing by path prefix to sub-apps (longest prefix first), as the Serve proxy does, and
     running every sub-app's lifespan in order (shut down in reverse)."""
@@ -159,7 +143,7 @@ class LocalTwinkleStack(BackgroundServer):
         prefixes = {"model": f"/models/{name}", "sampler": f"/sampler/{name}", "processor": "/processors"}
         peers = [PeerApp(app_name=f"{kind}-{name}", deployment_name=kind, import_path=kind, route_prefix=prefix,
                          model_name=name, model_id=model_id) for kind, prefix in prefixes.items()]
-        sampler = _SyncServiceAdapter(self.services["sampler"])
+        sampler = self.services["sampler"]
         self.native = NativeService(
             self.settings, models={name: LocalPort(self.services["model"])}, samplers={name: LocalPort(sampler)},
             peers=peers, server_prefix="/server",
