@@ -195,7 +195,7 @@ class ModelService:
         ``seq_id`` is None, an unnumbered request before the run's seq 1. A failed create-and-load leaves no run."""
         self._ensure_started()
         if create:
-            lora = await asyncio.to_thread(self._read_checkpoint_lora, path)
+            lora = await asyncio.to_thread(self.backend.read_checkpoint_lora, path)
             await self.create_run(run_id, owner, lora, first_seq_id=seq_id if seq_id is not None else 1)
             try:
                 await self._submit(run_id, seq_id, lambda: self.backend.load_state(run_id, path, include_optimizer))
@@ -207,11 +207,6 @@ class ModelService:
             self._get(run_id, owner)
             await self._submit(run_id, seq_id, lambda: self.backend.load_state(run_id, path, include_optimizer))
         return self._info(self._get(run_id, owner))
-
-    def _read_checkpoint_lora(self, path: str) -> LoraConfig:
-        from .transformers_backend import read_checkpoint_lora
-
-        return read_checkpoint_lora(path)
 
     # --- service --------------------------------------------------------------------------------------
 
