@@ -107,7 +107,7 @@ def test_unwrap_finds_the_service_error_inside_a_wrapper():
 
 def test_deployments_admit_many_concurrent_requests_unless_the_yaml_says_otherwise():
     from twinkle.common.config.schema import Deployment
-    from twinkle.common.serving import DEFAULT_MAX_ONGOING_REQUESTS, deployment_options
+    from twinkle.common.binding import DEFAULT_MAX_ONGOING_REQUESTS, deployment_options
 
     assert deployment_options(None, "X") == ("X", deployment_options(Deployment(name="X"), "X")[1])
     assert deployment_options(None, "X")[1]["max_ongoing_requests"] == DEFAULT_MAX_ONGOING_REQUESTS

@@ -14,7 +14,7 @@ from ray import serve
 
 from twinkle.common.component import ComponentSpec
 from twinkle.common.http import component_app, distribution_version
-from twinkle.common.serving import bind_component
+from twinkle.common.binding import bind_component
 
 
 @serve.ingress()

@@ -20,7 +20,7 @@ from litestar import Litestar
 from ray import serve
 
 from twinkle.common.component import ComponentSpec
-from twinkle.common.serving import bind_component, set_torch_threads
+from twinkle.common.binding import bind_component, set_torch_threads
 from twinkle.common.workers import free_port_on_node, start_ray_workers
 
 from .app import create_model_app

@@ -15,7 +15,7 @@ from ray import serve
 
 from twinkle.common.component import ComponentSpec
 from twinkle.common.models import TINY_MODEL_ID
-from twinkle.common.serving import bind_component, start_workers
+from twinkle.common.binding import bind_component, start_workers
 
 from .app import create_processor_app
 

@@ -15,7 +15,7 @@ from litestar import Litestar
 from ray import serve
 
 from twinkle.common.component import ComponentSpec
-from twinkle.common.serving import bind_component, start_workers
+from twinkle.common.binding import bind_component, start_workers
 from twinkle.common.wire import SampleOutput, SampleRequest
 
 from .app import create_sampler_app
