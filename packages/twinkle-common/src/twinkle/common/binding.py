@@ -58,7 +58,7 @@ def start_workers(spec: ComponentSpec, target: str, args_for) -> list[InProcessW
     """Start the component's workers as planned: one CPU worker runs in this process, anything else
     (GPU workers, data-parallel groups) runs as pinned Ray actors."""
     workers = spec.workers or [WorkerSpec(app=spec.app_name, rank=0, world_size=1)]
-    if len(workers) == 1 and workers[0].cuda_visible_devices is None and _on_this_node(workers[0].node_id):
+    if len(workers) == 1 and workers[0].cuda_visible_devices is None and on_this_node(workers[0].node_id):
         only = workers[0]
         # Ray sets OMP_NUM_THREADS to a replica's CPU request (0.1 -> 1 thread); use the cores we planned.
         set_torch_threads(only.threads or os.cpu_count() or 1)
@@ -67,7 +67,7 @@ def start_workers(spec: ComponentSpec, target: str, args_for) -> list[InProcessW
     return start_ray_workers(target, list(workers), args_for)
 
 
-def _on_this_node(node_id: str | None) -> bool:
+def on_this_node(node_id: str | None) -> bool:
     if node_id is None:
         return True
     import ray

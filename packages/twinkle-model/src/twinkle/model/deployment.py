@@ -4,7 +4,7 @@ The replica hosts one ``ModelService`` (scheduling, adapters, limits) and its HT
 runs follows the placement plan:
 
 - one CPU worker on the replica's node: the backend lives in the replica process (no extra process);
-- otherwise (GPU ranks, or ``dp_size`` > 1): one pinned Ray actor per rank, each a ``ModelWorker`` in a
+- otherwise (GPU ranks, ``dp_size`` > 1, or a worker planned on another node): one pinned Ray actor per rank, each a ``ModelWorker`` in a
   torch.distributed group, driven by a ``DataParallelBackend``.
 
 The central server calls the service's methods through this deployment's handle (``_HANDLE_API``).
@@ -20,7 +20,7 @@ from litestar import Litestar
 from ray import serve
 
 from twinkle.common.component import ComponentSpec
-from twinkle.common.binding import bind_component, set_torch_threads
+from twinkle.common.binding import bind_component, on_this_node, set_torch_threads
 from twinkle.common.workers import free_port_on_node, start_ray_workers
 
 from .app import create_model_app
@@ -43,7 +43,9 @@ class ModelManagement:
         self.workers = []
         backend = None
         specs = list(spec.workers)
-        in_process = len(specs) <= 1 and (not specs or specs[0].cuda_visible_devices is None)
+        # The same rule as every component's start_workers: one CPU worker planned on this node runs here.
+        in_process = len(specs) <= 1 and (not specs or (specs[0].cuda_visible_devices is None
+                                                        and on_this_node(specs[0].node_id)))
         if in_process:
             # Ray set OMP_NUM_THREADS to this replica's CPU request (0.1 -> 1 thread): use the planned cores.
             set_torch_threads((specs[0].threads if specs else None) or os.cpu_count() or 1)
