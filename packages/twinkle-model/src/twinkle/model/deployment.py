@@ -56,7 +56,7 @@ class ModelManagement:
             self.workers = start_ray_workers(
                 _WORKER, specs,
                 lambda w: ((model_id,), dict(rank=w.rank, world_size=w.world_size, master_addr=master_addr,
-                                             master_port=master_port)),
+                                             master_port=master_port, max_tokens_per_datum=args.get("max_length"))),
             )
             # Each RayWorker is the RankHandle the backend drives: submit(method, *args) -> Future.
             backend = DataParallelBackend(self.workers, model_id=model_id)

@@ -105,6 +105,7 @@ class ModelWorker:
         *,
         spill_dir: str | None = None,
         timeout_s: float = 1800.0,
+        max_tokens_per_datum: int | None = None,
     ) -> None:
         import datetime
 
@@ -127,7 +128,8 @@ class ModelWorker:
                 world_size=world_size,
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
-        self.backend = TransformersBackend(model_id, device=dev, rank=rank, spill_dir=spill_dir)
+        self.backend = TransformersBackend(model_id, device=dev, rank=rank, spill_dir=spill_dir,
+                                           max_tokens_per_datum=max_tokens_per_datum)
         if world_size > 1:
             self.backend._grad_sync = allreduce_gradients
 
