@@ -6,8 +6,9 @@ import pytest
 import torch
 from model_testutil import make_batch
 from twinkle.common.wire import AdamParams, LoraConfig, UserError
+from twinkle.common.workers import WorkerSpec, free_local_port, start_process_workers
 from twinkle.model.backend import FusedItem
-from twinkle.model.distributed import DataParallelBackend, shard_sizes, spawn_local_ranks, split
+from twinkle.model.distributed import DataParallelBackend, shard_sizes, split
 
 ADAM = AdamParams(learning_rate=1e-2, eps=1.0, weight_decay=0.01, grad_clip_norm=1.0)
 
@@ -21,7 +22,12 @@ def test_shards_are_contiguous_and_balanced():
 
 @pytest.fixture(scope="module")
 def dp(tiny_model_id):
-    ranks = spawn_local_ranks(tiny_model_id, 2, threads=1)
+    port = free_local_port()
+    specs = [WorkerSpec(app="test-dp", rank=r, world_size=2, threads=1) for r in range(2)]
+    ranks = start_process_workers(
+        "twinkle.model.distributed:ModelWorker", specs,
+        lambda w: ((tiny_model_id, w.rank, w.world_size, "127.0.0.1", port, "cpu"), {}), ready_timeout=300,
+    )
     backend = DataParallelBackend(ranks)
     yield backend, ranks
     backend.close()

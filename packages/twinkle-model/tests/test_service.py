@@ -132,7 +132,7 @@ async def test_health_answers_fast_during_a_long_step(service):
         t = time.perf_counter()
         h = await asyncio.create_task(service.health())  # a separate request, scheduled on the loop
         latencies.append(time.perf_counter() - t)
-        busy_seen |= h["busy_for_s"] > 0
+        busy_seen |= h.busy_for_s > 0
         await asyncio.sleep(0.01)
     await step
     step_s = time.perf_counter() - t0
@@ -140,7 +140,7 @@ async def test_health_answers_fast_during_a_long_step(service):
     assert busy_seen and len(latencies) >= 10, latencies
     assert latencies[int(len(latencies) * 0.95)] < 0.05, latencies[-5:]
     assert latencies[-1] < min(0.25, step_s / 4), (latencies[-5:], step_s)
-    assert h["status"] == "ok"
+    assert h.status == "ok"
 
 
 async def test_idle_runs_are_offloaded_and_restored_transparently(tiny_model_id, tmp_path):
@@ -156,7 +156,7 @@ async def test_idle_runs_are_offloaded_and_restored_transparently(tiny_model_id,
         while (await svc.run_info("idle", "u")).resident:
             assert time.monotonic() < deadline, "the idle run was never offloaded"
             await asyncio.sleep(0.05)
-        assert (await svc.health())["resident_runs"] == 0
+        assert (await svc.health()).resident_runs == 0
         after = await svc.forward_backward("idle", "u", 4, probe, forward_only=True)
         assert _lp(after) == _lp(before)
         info = await svc.run_info("idle", "u")

@@ -7,10 +7,14 @@ the central server. This module holds what they share.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
+import msgspec
+
 from .component import ComponentSpec
+from .wire import ServiceHealth
 from .workers import FORWARDED_ENV, InProcessWorker, RayWorker, WorkerSpec, set_torch_threads, start_ray_workers
 
 # A replica is an orchestrator: it needs no whole CPU, and on a 2-core laptop four whole-CPU replicas would
@@ -73,3 +77,23 @@ def on_this_node(node_id: str | None) -> bool:
     import ray
 
     return not ray.is_initialized() or ray.get_runtime_context().get_node_id() == node_id
+
+
+async def count_alive(workers: list, timeout_s: float = 5.0) -> int:
+    """How many of ``workers`` answer ``describe()`` within ``timeout_s`` (a Ray actor answers even during a
+    long call: its host is an asyncio actor)."""
+
+    async def answers(worker: Any) -> bool:
+        try:
+            await asyncio.wait_for(worker.describe(), timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - dead, unreachable or too slow all mean "not alive"
+            return False
+
+    return sum(await asyncio.gather(*(answers(w) for w in workers)))
+
+
+def with_workers_alive(health: ServiceHealth, planned: int, alive: int) -> ServiceHealth:
+    """``health`` with the deployment's count of its workers; degraded when some are gone."""
+    status = health.status if alive >= planned else "degraded"
+    return msgspec.structs.replace(health, workers=planned, workers_alive=alive, status=status)

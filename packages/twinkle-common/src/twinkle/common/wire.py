@@ -12,7 +12,7 @@ Conventions (the Tinker ones, so both protocols share one engine):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -194,12 +194,60 @@ class RunInfo(msgspec.Struct):
     resident: bool = True  # False while offloaded after ``adapter_timeout`` of idleness
 
 
-class ModelInfo(msgspec.Struct):
+ServiceKind = Literal["model", "sampler", "processor"]
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """Where one worker of a service runs (its process, host, Ray node and visible GPUs)."""
+
+    rank: int
+    pid: int
+    hostname: str
+    node_id: str | None = None
+    cuda_visible_devices: str | None = None
+
+
+class ServiceInfo(msgspec.Struct, kw_only=True):
+    """What a model, sampler or processor service says about itself (``info()``, ``GET /info``). Fields that
+    do not apply to a kind of service are None. Nothing in it belongs to one tenant: counts, never run ids,
+    adapter names or paths."""
+
+    kind: ServiceKind
     model_name: str  # served name, e.g. "Qwen/Qwen2.5-7B-Instruct" or "tiny-qwen2"
     model_id: str  # as configured, e.g. "ms://Qwen/Qwen2.5-7B-Instruct"
-    backend: str  # "transformers" | "megatron"
-    max_context_length: int
-    vocab_size: int
-    dp_size: int = 1
-    runs: int = 0
+    backend: str | None = None  # the engine: "transformers" (model), "torch" | "vllm" (sampler)
+    max_context_length: int | None = None
+    vocab_size: int | None = None
     tokenizer_id: str | None = None  # for AutoTokenizer.from_pretrained: a hub id, or the local directory
+    arch: str | None = None  # the model's architecture family (``config.model_type``), e.g. "qwen2"
+    dp_size: int | None = None  # data-parallel workers
+    app: str | None = None  # the application's name in the YAML, when deployed
+    workers: list[WorkerInfo] = []
+    runs: int | None = None  # model: training runs held, all tenants together
+    # processor: the tokenizer's special tokens and what one request may carry
+    eos_token: str | None = None
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    has_chat_template: bool | None = None
+    roles: list[str] | None = None
+    max_rows_per_request: int | None = None
+    # engine settings worth showing an operator (device, dtype, batch sizes, engine args)
+    settings: dict[str, Any] = {}
+
+
+class ServiceHealth(msgspec.Struct, kw_only=True):
+    """A service's liveness (``health()``, ``GET /healthz``); cheap, never waits for compute. ``degraded``
+    while fewer workers answer than were planned. Counters are totals over all tenants."""
+
+    kind: ServiceKind
+    status: Literal["ok", "degraded"] = "ok"
+    uptime_s: float = 0.0
+    workers: int = 1  # planned
+    workers_alive: int | None = None  # None where the service cannot see its workers (the deployment counts)
+    queued: int | None = None  # requests waiting or running
+    busy_for_s: float | None = None  # model: how long the current operation has run
+    runs: int | None = None  # model: training runs held
+    resident_runs: int | None = None  # model: runs whose adapter is on the device
+    served: int | None = None  # sampler: requests answered
+    failed: int | None = None  # sampler: requests that failed

@@ -13,6 +13,12 @@ into Ray actors:
 
 A component with a single CPU worker runs it in-process instead (``InProcessWorker``): on a laptop that saves
 a ~90 MB Ray worker process and a pickling hop per call, and nothing needs pinning on a CPU.
+
+Without Ray, ``ProcessWorker`` hosts the target in a local process started with ``spawn`` (the processor's
+encoding pool, data-parallel model ranks in tests). All three kinds have one interface: ``await call(method,
+*args)``, ``submit(method, *args)`` for a caller on a plain thread (a ``concurrent.futures.Future``), and
+``describe()`` (a ``WorkerInfo``). A target's sync methods run off the caller's event loop; an error raised
+by the target comes back as itself (Ray's wrapper unwrapped by ``wire.remote_call``).
 """
 
 from __future__ import annotations
@@ -21,15 +27,18 @@ import asyncio
 import concurrent.futures
 import importlib
 import inspect
+import itertools
+import multiprocessing
 import os
 import socket
 import sys
-from typing import Any
+import threading
+from typing import Any, Literal
 
 import msgspec
 
 from .env import CACHE_DIR_ENV, TRUST_REMOTE_CODE_ENV
-from .wire import remote_call, remote_error
+from .wire import WorkerInfo, remote_call, remote_error
 
 # Environment variables every worker inherits from the launcher when set there.
 FORWARDED_ENV = (TRUST_REMOTE_CODE_ENV, CACHE_DIR_ENV, "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -55,13 +64,14 @@ def load_object(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def describe_process(rank: int) -> dict[str, Any]:
-    return {
-        "rank": rank,
-        "pid": os.getpid(),
-        "hostname": socket.gethostname(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-    }
+def describe_process(rank: int) -> WorkerInfo:
+    """This process as a worker of rank ``rank`` (with its Ray node when Ray is running here)."""
+    node_id = None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        node_id = ray.get_runtime_context().get_node_id()
+    return WorkerInfo(rank=rank, pid=os.getpid(), hostname=socket.gethostname(), node_id=node_id,
+                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 async def _invoke(target: Any, method: str, args: tuple, kwargs: dict) -> Any:
@@ -88,12 +98,8 @@ class _WorkerHost:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return await _invoke(self._target, method, args, kwargs)
 
-    async def describe(self) -> dict[str, Any]:
-        import ray
-
-        info = describe_process(self._rank)
-        info["node_id"] = ray.get_runtime_context().get_node_id()
-        return info
+    async def describe(self) -> WorkerInfo:
+        return describe_process(self._rank)
 
 
 class InProcessWorker:
@@ -106,15 +112,22 @@ class InProcessWorker:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return await _invoke(self.target, method, args, kwargs)
 
-    async def describe(self) -> dict[str, Any]:
-        info = describe_process(self._rank)
+    def submit(self, method: str, *args: Any) -> concurrent.futures.Future:
+        """The call for a caller on a plain thread: runs on that thread, returns a done future."""
+        result: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            import ray
+            result.set_result(getattr(self.target, method)(*args))
+        except Exception as e:  # noqa: BLE001 - delivered through the future
+            result.set_exception(e)
+        return result
 
-            info["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        except ImportError:  # pragma: no cover
-            info["node_id"] = None
-        return info
+    async def describe(self) -> WorkerInfo:
+        return describe_process(self._rank)
+
+    def close(self) -> None:
+        close = getattr(self.target, "close", None)
+        if close is not None and not inspect.iscoroutinefunction(close):
+            close()
 
 
 class RayWorker:
@@ -140,8 +153,8 @@ class RayWorker:
         self.actor.call.remote(method, *args).future().add_done_callback(_done)
         return result
 
-    async def describe(self) -> dict[str, Any]:
-        return await self.actor.describe.remote()
+    async def describe(self) -> WorkerInfo:
+        return await remote_call(self.actor.describe.remote())
 
 
 def worker_env(spec: WorkerSpec) -> dict[str, str]:
@@ -204,3 +217,181 @@ def free_port_on_node(node_id: str | None) -> tuple[str, int]:
     if node_id:
         task = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
     return ray.get(task.remote(), timeout=120)
+
+
+# --- workers in local processes ----------------------------------------------------------------------------
+
+StartMethod = Literal["spawn", "forkserver"]
+
+_DESCRIBE = "__describe__"
+_CLOSE = "__close__"
+
+
+class WorkerExited(RuntimeError):
+    """A worker's process ended; the calls it had not answered fail with this."""
+
+
+def _process_main(conn: Any, target: str, rank: int, args: tuple, kwargs: dict, env: dict[str, str]) -> None:
+    """The body of a ``ProcessWorker``: build the target, then answer calls one at a time, in order."""
+    os.environ.update(env)
+    threads = os.environ.get("TWINKLE_TORCH_THREADS")
+    if threads:
+        set_torch_threads(int(threads))
+    loop = asyncio.new_event_loop()  # for a target's async methods
+    try:
+        obj = load_object(target)(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - delivered to the parent
+        _send(conn, 0, False, e)
+        return
+    _send(conn, 0, True, None)
+    while True:
+        try:
+            call_id, method, call_args, call_kwargs = conn.recv()
+        except (EOFError, OSError):
+            break
+        try:
+            if method == _DESCRIBE:
+                value: Any = describe_process(rank)
+            elif method == _CLOSE:
+                close = getattr(obj, "close", None)
+                value = close() if close is not None else None
+            else:
+                value = getattr(obj, method)(*call_args, **call_kwargs)
+            if inspect.isawaitable(value):
+                value = loop.run_until_complete(value)
+            reply = (True, value)
+        except BaseException as e:  # noqa: BLE001 - delivered to the parent
+            reply = (False, e)
+        _send(conn, call_id, *reply)
+        if method == _CLOSE:
+            break
+
+
+def _send(conn: Any, call_id: int, ok: bool, value: Any) -> None:
+    try:
+        conn.send((call_id, ok, value))
+    except Exception as e:  # noqa: BLE001 - a result or an exception that does not pickle
+        conn.send((call_id, False, RuntimeError(f"{type(value).__name__} could not be sent back: {e}")))
+
+
+class ProcessWorker:
+    """A worker in a local process (started with ``spawn``, never ``fork``: the parent has threads of its own,
+    and forking a threaded process can deadlock the child). The child builds ``target(*args, **kwargs)`` and
+    answers calls one at a time, in the order they were sent; calls may be sent before it is ready.
+
+    Like every spawn-started process, the child re-imports the parent's ``__main__`` module, so that must be
+    import-safe. ``env`` is added to the child's environment (``TWINKLE_TORCH_THREADS`` sets its torch
+    threads)."""
+
+    def __init__(self, target: str, rank: int = 0, args: tuple = (), kwargs: dict | None = None, *,
+                 env: dict[str, str] | None = None, start_method: StartMethod = "spawn") -> None:
+        self.rank = rank
+        ctx = multiprocessing.get_context(start_method)
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_process_main, args=(child, target, rank, tuple(args), dict(kwargs or {}),
+                                                                dict(env or {})),
+                                    daemon=True, name=f"twinkle-worker{rank}")
+        self._process.start()
+        child.close()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._pending: dict[int, concurrent.futures.Future] = {0: self._ready}
+        self._gone: BaseException | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"twinkle-worker{rank}-reader")
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def is_alive(self) -> bool:
+        return self._gone is None and self._process.is_alive()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the target is built; raises the error its constructor raised."""
+        self._ready.result(timeout)
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._gone is not None:
+                future.set_exception(self._gone)
+                return future
+            call_id = next(self._ids)
+            self._pending[call_id] = future
+            try:
+                self._conn.send((call_id, method, args, kwargs))
+            except (OSError, ValueError) as e:  # the pipe is closed: the process is gone
+                self._pending.pop(call_id, None)
+                future.set_exception(WorkerExited(f"worker {self.rank} has exited ({e})"))
+        return future
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.wrap_future(self.submit(method, *args, **kwargs))
+
+    async def describe(self) -> WorkerInfo:
+        return await self.call(_DESCRIBE)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Close the target (its ``close()``, if any) and end the process; kill it if it does not end."""
+        if self.is_alive():
+            try:
+                self.submit(_CLOSE).result(timeout)
+            except Exception:  # noqa: BLE001, S110 - ending anyway
+                pass
+            self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        self._conn.close()
+
+    def _read(self) -> None:
+        error: BaseException | None = None
+        while True:
+            try:
+                call_id, ok, value = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if call_id == 0 and not ok:
+                error = value  # the constructor failed: every call fails with its error
+            with self._lock:
+                future = self._pending.pop(call_id, None)
+            if future is None:
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        with self._lock:
+            self._gone = error or WorkerExited(f"worker {self.rank} (pid {self.pid}) has exited")
+            pending, self._pending = list(self._pending.values()), {}
+        for future in pending:
+            future.set_exception(self._gone)
+
+
+def start_process_workers(target: str, specs: list[WorkerSpec], args_for: Any, *, ready_timeout: float | None = None,
+                          env: dict[str, str] | None = None) -> list[ProcessWorker]:
+    """Start one local process per spec (``args_for(spec) -> (args, kwargs)``, as ``start_ray_workers``), each
+    with the spec's ``worker_env`` plus ``env``. With ``ready_timeout``, wait until every target is built
+    (and stop them all if one fails)."""
+    workers = []
+    for spec in specs:
+        args, kwargs = args_for(spec)
+        workers.append(ProcessWorker(target, spec.rank, args, kwargs, env={**worker_env(spec), **(env or {})}))
+    if ready_timeout is not None:
+        try:
+            for w in workers:
+                w.wait_ready(ready_timeout)
+        except BaseException:
+            for w in workers:
+                w.close(timeout=5)
+            raise
+    return workers
+
+
+def free_local_port() -> int:
+    """A TCP port free on this machine now (for a local torch.distributed rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,11 +1,12 @@
 """The Model application as a Ray Serve deployment.
 
-The replica hosts one ``ModelService`` (scheduling, adapters, limits) and its HTTP app. Where the compute
-runs follows the placement plan:
+The replica hosts one ``ModelService`` (scheduling, adapters, limits) and its HTTP app. Its compute runs in
+one ``ModelWorker`` per planned rank, started by ``start_workers`` like every component's workers:
 
-- one CPU worker on the replica's node: the backend lives in the replica process (no extra process);
-- otherwise (GPU ranks, ``dp_size`` > 1, or a worker planned on another node): one pinned Ray actor per rank, each a ``ModelWorker`` in a
-  torch.distributed group, driven by a ``DataParallelBackend``.
+- one CPU worker planned on the replica's node runs in the replica process, and the service drives its
+  backend directly;
+- otherwise (GPU ranks, ``dp_size`` > 1, or a worker planned on another node) each rank is a pinned Ray
+  actor in a torch.distributed group, driven by a ``DataParallelBackend``.
 
 The central server calls the service's methods through this deployment's handle (``_HANDLE_API``).
 """
@@ -13,17 +14,19 @@ The central server calls the service's methods through this deployment's handle 
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
+import msgspec
 from litestar import Litestar
 from ray import serve
 
+from twinkle.common.binding import bind_component, count_alive, start_workers, with_workers_alive
 from twinkle.common.component import ComponentSpec
-from twinkle.common.binding import bind_component, on_this_node, set_torch_threads
-from twinkle.common.workers import free_port_on_node, start_ray_workers
+from twinkle.common.wire import ServiceHealth, ServiceInfo
+from twinkle.common.workers import InProcessWorker, WorkerSpec, free_port_on_node
 
 from .app import create_model_app
+from .backend import TrainingBackend
 
 _WORKER = "twinkle.model.distributed:ModelWorker"
 _HANDLE_API = (
@@ -32,53 +35,50 @@ _HANDLE_API = (
 )
 
 
+def start_model_workers(spec: ComponentSpec) -> tuple[list, TrainingBackend]:
+    """Start the application's ``ModelWorker`` ranks as planned (``start_workers``) and return them with the
+    backend that drives them: the in-process worker's own backend, or a ``DataParallelBackend`` over actors."""
+    from .distributed import DataParallelBackend
+
+    args = spec.args
+    model_id = args["model_id"]
+    planned = spec.workers or [WorkerSpec(app=spec.app_name, rank=0, world_size=1)]
+    # Only a group of ranks needs a rendezvous (hosted by rank 0's node).
+    master = free_port_on_node(planned[0].node_id) if len(planned) > 1 else ("127.0.0.1", 0)
+
+    def worker_args(w: WorkerSpec) -> tuple[tuple, dict]:
+        return (model_id,), dict(rank=w.rank, world_size=w.world_size, master_addr=master[0], master_port=master[1],
+                                 device=None if w.cuda_visible_devices else "cpu",
+                                 max_tokens_per_datum=args.get("max_length"))
+
+    workers = start_workers(spec, _WORKER, worker_args)
+    if len(workers) == 1 and isinstance(workers[0], InProcessWorker):
+        return workers, workers[0].target.backend  # in this process: no fan-out, no pickling
+    return workers, DataParallelBackend(workers, model_id=model_id)
+
+
 class ModelManagement:
     def __init__(self, spec: ComponentSpec) -> None:
         from .service import ModelService
 
         self.spec = spec
-        args = spec.args
-        adapter = args.get("adapter_config") or {}
-        model_id = args["model_id"]
-        self.workers = []
-        backend = None
-        specs = list(spec.workers)
-        # The same rule as every component's start_workers: one CPU worker planned on this node runs here.
-        in_process = len(specs) <= 1 and (not specs or (specs[0].cuda_visible_devices is None
-                                                        and on_this_node(specs[0].node_id)))
-        if in_process:
-            # Ray set OMP_NUM_THREADS to this replica's CPU request (0.1 -> 1 thread): use the planned cores.
-            set_torch_threads((specs[0].threads if specs else None) or os.cpu_count() or 1)
-        else:
-            from .distributed import DataParallelBackend
-
-            master_addr, master_port = free_port_on_node(specs[0].node_id)
-            self.workers = start_ray_workers(
-                _WORKER, specs,
-                lambda w: ((model_id,), dict(rank=w.rank, world_size=w.world_size, master_addr=master_addr,
-                                             master_port=master_port, max_tokens_per_datum=args.get("max_length"))),
-            )
-            # Each RayWorker is the RankHandle the backend drives: submit(method, *args) -> Future.
-            backend = DataParallelBackend(self.workers, model_id=model_id)
+        adapter = spec.args.get("adapter_config") or {}
+        self.workers, backend = start_model_workers(spec)
         self.service = ModelService(
-            model_id,
+            spec.args["model_id"],
             adapter_limit_per_owner=adapter.get("per_token_adapter_limit", 30),
             adapter_timeout_s=adapter.get("adapter_timeout", 1800.0),
             backend=backend,
-            max_tokens_per_datum=args.get("max_length"),
+            max_tokens_per_datum=spec.args.get("max_length"),
         )
 
-    async def info(self) -> dict[str, Any]:
-        import msgspec
+    async def info(self) -> ServiceInfo:
+        info = await self.service.info()
+        workers = await asyncio.gather(*(w.describe() for w in self.workers))
+        return msgspec.structs.replace(info, app=self.spec.app_name, workers=list(workers))
 
-        info = msgspec.to_builtins(await self.service.info())
-        if self.workers:
-            info["workers"] = await asyncio.gather(*(w.describe() for w in self.workers))
-        else:
-            from twinkle.common.workers import describe_process
-
-            info["workers"] = [describe_process(0)]
-        return {**info, "app": self.spec.app_name}
+    async def health(self) -> ServiceHealth:
+        return with_workers_alive(await self.service.health(), len(self.workers), await count_alive(self.workers))
 
     def __serve_build_asgi_app__(self) -> Litestar:
         from twinkle.common.authority import central_authority

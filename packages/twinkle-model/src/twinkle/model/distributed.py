@@ -10,13 +10,13 @@ Layout:
 
 - :class:`ModelWorker` is a plain class (no Ray import) wrapping a ``TransformersBackend`` on one device, with a
   ``torch.distributed`` process group (gloo on CPU, nccl on CUDA). Its methods take and return picklable
-  msgspec structs, so the lead's Ray worker group can host it as an actor, and :class:`ProcessRank` hosts it in
-  a local spawned process (tests, single-machine deployments without Ray).
+  msgspec structs, so any worker of ``twinkle.common.workers`` hosts it: pinned Ray actors (or the replica
+  itself, for one CPU worker) in a deployment, local spawned processes (``ProcessWorker``) in tests.
 - :class:`DataParallelBackend` implements ``TrainingBackend`` on top of a list of *rank handles*: anything with
-  ``submit(method_name, *args) -> concurrent.futures.Future`` (for a Ray actor:
-  ``getattr(actor, name).remote(*args).future()``). It validates requests once (so error fields name the
-  global datum index), splits the datums contiguously (shard sizes differ by at most one, earlier ranks get
-  the extra), calls every rank concurrently, and gathers per-datum outputs back in the original order.
+  ``submit(method_name, *args) -> concurrent.futures.Future`` (every worker of ``twinkle.common.workers``).
+  It validates requests once (so error fields name the global datum index), splits the datums contiguously
+  (shard sizes differ by at most one, earlier ranks get the extra), calls every rank concurrently, and
+  gathers per-datum outputs back in the original order.
   Metrics merge like the Tinker SDK merges chunks: ``:sum`` adds, ``:min``/``:max`` reduce, ``:mean`` is
   weighted by each shard's number of datums.
 - Collectives happen only inside ``optim_step`` (every rank always takes part), never in forward/backward, so a
@@ -27,11 +27,7 @@ Layout:
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
-import multiprocessing as mp
-import os
 import secrets
-import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -360,149 +356,3 @@ def _gather(outs: list[ForwardBackwardOutput], shards: list[ForwardBackwardInput
         loss_fn_outputs=[o for out in outs for o in out.loss_fn_outputs],
         metrics=merge_metrics([(out.metrics, len(s.data)) for out, s in zip(outs, shards) if s.data]),
     )
-
-
-# --- local ranks in spawned processes -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(conn, kwargs: dict, threads: int | None, env: dict[str, str]) -> None:
-    os.environ.update(env)
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        worker = ModelWorker(**kwargs)
-    except BaseException as e:  # noqa: BLE001
-        conn.send((0, False, e))
-        return
-    conn.send((0, True, None))
-    while True:
-        try:
-            call_id, method, args = conn.recv()
-        except EOFError:
-            break
-        if method == "__close__":
-            worker.close()
-            conn.send((call_id, True, None))
-            break
-        try:
-            reply = (call_id, True, getattr(worker, method)(*args))
-        except BaseException as e:  # noqa: BLE001 - delivered to the driver
-            reply = (call_id, False, e)
-        try:
-            conn.send(reply)
-        except Exception as e:  # noqa: BLE001 - e.g. an exception that does not pickle
-            conn.send((call_id, False, RuntimeError(f"rank {kwargs['rank']}: {reply[2]!r} ({e})")))
-
-
-class ProcessRank:
-    """A ``ModelWorker`` in a spawned local process; ``submit`` returns a ``concurrent.futures.Future``."""
-
-    def __init__(
-        self,
-        model_id: str,
-        rank: int,
-        world_size: int,
-        master_addr: str = "127.0.0.1",
-        master_port: int = 29500,
-        device: str | None = "cpu",
-        *,
-        threads: int | None = None,
-        spill_dir: str | None = None,
-    ) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        kwargs = {
-            "model_id": model_id,
-            "rank": rank,
-            "world_size": world_size,
-            "master_addr": master_addr,
-            "master_port": master_port,
-            "device": device,
-            "spill_dir": spill_dir,
-        }
-        env = {k: v for k, v in os.environ.items() if k.startswith(("TWINKLE_", "HF_", "OMP_", "MKL_"))}
-        self._proc = ctx.Process(target=_rank_main, args=(child, kwargs, threads, env), daemon=True)
-        self._proc.start()
-        child.close()
-        self._ids = itertools.count(1)
-        self._ready: concurrent.futures.Future = concurrent.futures.Future()
-        self._futures: dict[int, concurrent.futures.Future] = {0: self._ready}
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"twinkle-rank{rank}-reader")
-        self._reader.start()
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until the worker has joined the process group and loaded the model (raises its error)."""
-        self._ready.result(timeout)
-
-    def _read(self) -> None:
-        while True:
-            try:
-                call_id, ok, value = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            with self._lock:
-                fut = self._futures.pop(call_id, None)
-            if fut is None:
-                continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
-        with self._lock:
-            pending, self._futures = list(self._futures.values()), {}
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(RuntimeError("model worker process exited"))
-
-    def submit(self, method: str, *args: Any) -> concurrent.futures.Future:
-        call_id = next(self._ids)
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self._futures[call_id] = fut
-        try:
-            self._conn.send((call_id, method, args))
-        except (OSError, BrokenPipeError) as e:
-            with self._lock:
-                self._futures.pop(call_id, None)
-            fut.set_exception(RuntimeError(f"model worker process is gone: {e}"))
-        return fut
-
-    def close(self, timeout: float = 30.0) -> None:
-        if self._proc.is_alive():
-            try:
-                self.submit("__close__").result(timeout)
-            except Exception:  # noqa: BLE001, S110
-                pass
-            self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5)
-
-
-def spawn_local_ranks(
-    model_id: str, world_size: int, *, device: str = "cpu", threads: int | None = None, timeout: float = 300.0
-) -> list[ProcessRank]:
-    """Start ``world_size`` local ranks (gloo on CPU) and wait until every one has loaded the model."""
-    port = free_port()
-    ranks = [
-        ProcessRank(model_id, r, world_size, "127.0.0.1", port, device, threads=threads) for r in range(world_size)
-    ]
-    try:
-        for h in ranks:
-            h.wait_ready(timeout)
-    except BaseException:
-        for h in ranks:
-            h.close(timeout=5)
-        raise
-    return ranks

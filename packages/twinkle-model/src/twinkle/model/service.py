@@ -32,10 +32,11 @@ from twinkle.common.wire import (
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
-    ModelInfo,
     NotFoundError,
     OptimStepOutput,
     RunInfo,
+    ServiceHealth,
+    ServiceInfo,
     UserError,
 )
 
@@ -223,31 +224,32 @@ class ModelService:
         except UserError:
             pass
 
-    async def info(self) -> ModelInfo:
+    async def info(self) -> ServiceInfo:
         d = self.backend.describe()
-        return ModelInfo(
+        return ServiceInfo(
+            kind="model",
             model_name=d.model_name,
             model_id=d.model_id,
             backend=d.backend,
             max_context_length=d.max_context_length,
             vocab_size=d.vocab_size,
+            tokenizer_id=tokenizer_id(self.model_id),
             dp_size=d.dp_size,
             runs=len(self._runs),
-            tokenizer_id=tokenizer_id(self.model_id),
         )
 
-    async def health(self) -> dict:
+    async def health(self) -> ServiceHealth:
         """Answers from the event loop without touching the model thread: cheap even during a long step."""
         resident = sum(1 for r in self._runs.values() if r.ready and self._safe_resident(r.run_id))
-        return {
-            "status": "ok",
-            "model": self.model_id,
-            "runs": len(self._runs),
-            "resident_runs": resident,
-            "queued": self.scheduler.pending(),
-            "busy_for_s": round(self.scheduler.busy_for_s, 3),
-            "uptime_s": round(time.time() - self._started, 1),
-        }
+        return ServiceHealth(
+            kind="model",
+            uptime_s=round(time.time() - self._started, 1),
+            workers=self.backend.describe().dp_size,
+            queued=self.scheduler.pending(),
+            busy_for_s=round(self.scheduler.busy_for_s, 3),
+            runs=len(self._runs),
+            resident_runs=resident,
+        )
 
     async def offload_idle(self, now: float | None = None) -> list[str]:
         """Offload every run idle for ``adapter_timeout_s`` (the sweeper calls this); returns their ids."""
