@@ -16,7 +16,8 @@ import time
 import pytest
 import torch
 
-from twinkle.common.wire import NotFoundError, SampleOutput, SampleRequest, SamplingParams, UserError
+from twinkle.common.wire import (NotFoundError, SampleOutput, SampleRequest, SamplingParams, ServiceHealth, ServiceInfo,
+                                 UserError)
 
 ATOL = 1e-4
 
@@ -266,7 +267,7 @@ async def test_adapter_churn_isolation(reference, prompts, adapters):
         st = eng.stats()
         assert st["max_resident_adapters"] <= 2
         assert st["adapters"]["evictions"] > 0 and st["adapters"]["loads"] > len(adapters)
-        assert len((await svc.info())["resident_adapters"]) <= 2
+        assert (await svc.info()).settings["resident_adapters"] <= 2
     finally:
         await svc.close()
 
@@ -399,11 +400,13 @@ async def test_service_validation_health_info(service, engine):
             await service.sample(req)
         assert e.value.field == field
     h = await service.health()
-    assert h["status"] == "ok" and h["engine"] == "torch" and h["model_name"] == "tiny-qwen2"
+    assert isinstance(h, ServiceHealth) and (h.kind, h.status) == ("sampler", "ok") and h.failed == 0
     info = await service.info()
-    assert info["engine"] == "torch" and info["vocab_size"] == engine.vocab_size
-    assert info["max_context_length"] == 2048 and isinstance(info["resident_adapters"], list)
-    assert all("path" not in e for e in info["resident_adapters"])  # info is public: no server paths
+    assert isinstance(info, ServiceInfo) and info.kind == "sampler" and info.model_name == "tiny-qwen2"
+    assert info.backend == "torch" and info.vocab_size == engine.vocab_size and info.tokenizer_id
+    assert info.max_context_length == 2048 and "device" in info.settings
+    # info is public: adapters are counted, never named (a name or path belongs to another user's run)
+    assert isinstance(info.settings["resident_adapters"], int)
     # a long prompt with no max_tokens is capped by the context window, with stop reason "length"
     (out,) = await sample_all(service, [R([5] * (engine.max_context_length - 3), temperature=0.0, stop=[])])
     assert len(out.sequences[0].tokens) == 3 and out.sequences[0].stop_reason == "length"

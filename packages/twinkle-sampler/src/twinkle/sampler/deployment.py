@@ -11,12 +11,13 @@ import asyncio
 import itertools
 from typing import Any
 
+import msgspec
 from litestar import Litestar
 from ray import serve
 
+from twinkle.common.binding import bind_component, start_workers, with_workers_alive
 from twinkle.common.component import ComponentSpec
-from twinkle.common.binding import bind_component, start_workers
-from twinkle.common.wire import SampleOutput, SampleRequest
+from twinkle.common.wire import SampleOutput, SampleRequest, ServiceHealth, ServiceInfo
 
 from .app import create_sampler_app
 
@@ -51,14 +52,25 @@ class SamplerManagement:
         finally:
             self._inflight[i] -= 1
 
-    async def health(self) -> dict[str, Any]:
-        checks = await asyncio.gather(*(w.call("health") for w in self.workers))
-        return {"status": "ok", "workers": checks}
+    async def health(self) -> ServiceHealth:
+        """The workers' counters added up; degraded while some worker does not answer, down when none does."""
+        answers = await asyncio.gather(*(w.call("health") for w in self.workers), return_exceptions=True)
+        alive = [h for h in answers if isinstance(h, ServiceHealth)]
+        if not alive:
+            raise next(e for e in answers if isinstance(e, BaseException))
+        total = ServiceHealth(
+            kind="sampler",
+            uptime_s=min(h.uptime_s for h in alive),
+            queued=sum(h.queued or 0 for h in alive),
+            served=sum(h.served or 0 for h in alive),
+            failed=sum(h.failed or 0 for h in alive),
+        )
+        return with_workers_alive(total, len(self.workers), len(alive))
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> ServiceInfo:
         info = await self.workers[0].call("info")
-        described = await asyncio.gather(*(w.describe() for w in self.workers))
-        return {**info, "app": self.spec.app_name, "workers": described}
+        workers = await asyncio.gather(*(w.describe() for w in self.workers))
+        return msgspec.structs.replace(info, app=self.spec.app_name, dp_size=len(self.workers), workers=list(workers))
 
     def __serve_build_asgi_app__(self) -> Litestar:
         from twinkle.common.authority import central_authority

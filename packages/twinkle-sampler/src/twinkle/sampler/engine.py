@@ -28,7 +28,7 @@ import abc
 from typing import Any, Sequence
 
 from twinkle.common.models import served_model_name
-from twinkle.common.wire import SampleOutput, SampleRequest
+from twinkle.common.wire import SampleOutput, SampleRequest, ServiceInfo
 
 from .adapters import AdapterCache
 from .params import DEFAULT_MAX_NUM_SAMPLES, Limits, ResolvedRequest, resolve_request
@@ -65,18 +65,20 @@ class SamplerEngine(abc.ABC):
     def stats(self) -> dict[str, Any]:
         return {"adapters": dict(self.adapters.stats)}
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "engine": self.engine_type,
-            "model_name": self.model_name,
-            "model_id": self.model_id,
-            "vocab_size": self.vocab_size,
-            "max_context_length": self.max_context_length,
-            "max_loras": self.max_loras,
-            # No checkpoint paths here: info is served over HTTP, and a path names another user's run.
-            "resident_adapters": [{k: e[k] for k in ("name", "version", "state", "pins", "stale", "load_s")}
-                                  for e in self.adapters.resident()],
-        }
+    def info(self) -> ServiceInfo:
+        """This engine as a sampler's ``ServiceInfo``. Adapters are counted, never named: info is served over
+        HTTP, and an adapter's name or path belongs to another user's run."""
+        return ServiceInfo(
+            kind="sampler",
+            model_name=self.model_name,
+            model_id=self.model_id,
+            backend=self.engine_type,
+            max_context_length=self.max_context_length,
+            vocab_size=self.vocab_size,
+            dp_size=1,
+            settings={"max_loras": self.max_loras, "max_num_samples": self.max_num_samples,
+                      "resident_adapters": len(self.adapters.resident())},
+        )
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's threads/processes."""

@@ -7,10 +7,14 @@ field), hands it to the engine, which batches it with whatever else is in flight
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
-from twinkle.common.wire import SampleOutput, SampleRequest
+import msgspec
+
+from twinkle.common.models import tokenizer_id
+from twinkle.common.wire import SampleOutput, SampleRequest, ServiceHealth, ServiceInfo
 
 from .engine import SamplerEngine, make_engine
 
@@ -34,6 +38,7 @@ class SamplerService:
         self._served = 0
         self._failed = 0
         self._in_flight = 0
+        self._tokenizer_id: str | None = None
 
     async def sample(self, req: SampleRequest) -> SampleOutput:
         self.engine.resolve(req)  # validate here, so a bad request never reaches the engine's queue
@@ -48,19 +53,19 @@ class SamplerService:
         self._served += 1
         return out
 
-    async def health(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "engine": self.engine.engine_type,
-            "model_name": self.engine.model_name,
-            "uptime_s": round(time.time() - self._started, 3),
-            "in_flight": self._in_flight,
-            "served": self._served,
-            "failed": self._failed,
-        }
+    async def health(self) -> ServiceHealth:
+        return ServiceHealth(
+            kind="sampler",
+            uptime_s=round(time.time() - self._started, 3),
+            queued=self._in_flight,
+            served=self._served,
+            failed=self._failed,
+        )
 
-    async def info(self) -> dict[str, Any]:
-        return self.engine.info()
+    async def info(self) -> ServiceInfo:
+        if self._tokenizer_id is None:  # resolving it may look the model up on its hub: once is enough
+            self._tokenizer_id = await asyncio.to_thread(tokenizer_id, self.model_id)
+        return msgspec.structs.replace(self.engine.info(), tokenizer_id=self._tokenizer_id)
 
     async def close(self) -> None:
         await self.engine.close()

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 from twinkle.common.env import trust_remote_code
 from twinkle.common.models import resolve_model_path
-from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest
+from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, ServiceInfo
 
 from .adapters import AdapterCache, adapter_files
 from .engine import SamplerEngine
@@ -184,11 +184,11 @@ class TorchEngine(SamplerEngine):
                 self._counters[k] = 0
             self._batch_rows.clear()
 
-    def info(self) -> dict[str, Any]:
-        out = super().info()
-        out.update({"device": str(self.device), "dtype": str(self._base.dtype).replace("torch.", ""),
-                    "max_batch_size": self.max_batch_size, "batch_wait_ms": self.batch_wait_s * 1000})
-        return out
+    def info(self) -> ServiceInfo:
+        info = super().info()
+        info.settings.update({"device": str(self.device), "dtype": str(self._base.dtype).replace("torch.", ""),
+                              "max_batch_size": self.max_batch_size, "batch_wait_ms": self.batch_wait_s * 1000})
+        return info
 
     async def close(self) -> None:
         with self._cv:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 from twinkle.common.env import trust_remote_code
 from twinkle.common.models import resolve_model_path
-from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, UserError
+from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, ServiceInfo, UserError
 
 from .adapters import AdapterCache, adapter_files
 from .engine import SamplerEngine
@@ -273,10 +273,10 @@ class VLLMEngine(SamplerEngine):
         out["adapters"] = dict(self.adapters.stats)
         return out
 
-    def info(self) -> dict[str, Any]:
-        out = super().info()
-        out["engine_args"] = {k: v for k, v in self.engine_kwargs.items() if k not in ("model", "tokenizer")}
-        return out
+    def info(self) -> ServiceInfo:
+        info = super().info()
+        info.settings["engine_args"] = {k: v for k, v in self.engine_kwargs.items() if k not in ("model", "tokenizer")}
+        return info
 
     async def close(self) -> None:
         self._engine.shutdown()
