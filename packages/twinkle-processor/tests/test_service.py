@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import msgspec
 import pytest
 
-from twinkle.common.wire import UserError
+from twinkle.common.wire import ServiceHealth, ServiceInfo, UserError
 from twinkle.processor.protocol import (
     ChatMessage,
     DetokenizeRequest,
@@ -182,8 +183,24 @@ async def test_wire_round_trip(service):
 
 async def test_info_and_health(service):
     info = await service.info()
+    assert isinstance(info, ServiceInfo) and (info.kind, info.backend) == ("processor", None)
     assert (info.model_name, info.eos_token, info.eos_token_id, info.vocab_size) == ("tiny-qwen2", "<|im_end|>", 2, 2168)
-    assert info.has_chat_template and info.num_workers == 1 and info.max_rows_per_request == 50
-    assert info.model_max_length == 2048 and info.roles == ["system", "user", "assistant", "tool"]
+    assert info.has_chat_template and info.dp_size == 1 and info.max_rows_per_request == 50
+    assert info.max_context_length == 2048 and info.roles == ["system", "user", "assistant", "tool"]
+    assert [w.pid for w in info.workers] == [os.getpid()]  # one worker: encoding runs in this process
     health = await service.health()
-    assert (health.status, health.workers_alive) == ("ok", 1)
+    assert isinstance(health, ServiceHealth)
+    assert (health.kind, health.status, health.workers, health.workers_alive) == ("processor", "ok", 1, 1)
+
+
+def test_health_and_info_routes_answer_the_typed_structs(service):
+    from litestar.testing import TestClient
+    from twinkle.processor.app import create_processor_app
+
+    with TestClient(create_processor_app(service)) as client:
+        health = client.get("/healthz")
+        info = client.get("/info")
+    assert health.status_code == info.status_code == 200
+    assert msgspec.convert(health.json(), ServiceHealth).kind == "processor"
+    got = msgspec.convert(info.json(), ServiceInfo)
+    assert (got.kind, got.model_name, got.vocab_size) == ("processor", "tiny-qwen2", 2168)

@@ -57,17 +57,35 @@ async def test_tokenizer_loaded_once_per_worker(service2):
     assert 1 <= len(loads) <= 2 and os.getpid() not in loads
     assert set(loads.values()) == {1}
     health = await service2.health()
-    assert (health.status, health.num_workers, health.workers_alive) == ("ok", 2, 2)
+    assert (health.status, health.workers, health.workers_alive) == ("ok", 2, 2)
+    info = await service2.info()
+    assert info.dp_size == 2 and sorted(w.pid for w in info.workers) == sorted(loads)
 
 
 async def _kill_a_worker(svc: ProcessorService) -> int:
     victim = next(iter(await svc._pool.worker_loads()))
     os.kill(victim, signal.SIGKILL)
-    for _ in range(200):  # until the executor has noticed (it then refuses new work)
-        if svc._pool.workers_alive() == 0:
+    for _ in range(200):  # until the process is reaped
+        if svc._pool.workers_alive() < svc.num_workers:
             return victim
         await asyncio.sleep(0.05)
-    raise AssertionError("the process pool never noticed its dead worker")
+    raise AssertionError("the pool never noticed its dead worker")
+
+
+async def test_a_batch_that_meets_a_dead_worker_is_retried_once(service2, monkeypatch):
+    pool = service2._pool
+    request = EncodeRequest(rows=_mixed_rows(30), on_error="skip")
+    before, restarts = await service2.encode(request), pool.restarts
+    await _kill_a_worker(service2)
+    heal, looked = pool.heal, []
+
+    def heal_from_the_second_look() -> bool:  # the first attempt sends shards to the dead worker
+        looked.append(True)
+        return heal() if len(looked) > 1 else False
+
+    monkeypatch.setattr(pool, "heal", heal_from_the_second_look)
+    assert await service2.encode(request) == before
+    assert len(looked) == 2 and pool.restarts == restarts + 1 and pool.workers_alive() == 2
 
 
 async def test_a_dead_worker_is_replaced(service2):
@@ -76,7 +94,7 @@ async def test_a_dead_worker_is_replaced(service2):
     request = EncodeRequest(rows=_mixed_rows(30), on_error="skip")
     before, restarts = await service2.encode(request), pool.restarts
     victim = await _kill_a_worker(service2)
-    after = await service2.encode(request)  # the broken pool is replaced and the batch retried
+    after = await service2.encode(request)  # the dead worker is replaced before the batch
     assert after == before and pool.restarts == restarts + 1
     assert victim not in await pool.worker_loads()
     # A worker that dies while the service is idle is replaced by the next health check.

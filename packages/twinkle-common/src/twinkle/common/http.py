@@ -17,7 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from .wire import UserError
+from .wire import ServiceHealth, ServiceInfo, UserError
 
 log = logging.getLogger("twinkle")
 
@@ -60,15 +60,16 @@ EXCEPTION_HANDLERS = {
 }
 
 
-def health_routes(health: Callable[[], Awaitable[dict]], info: Callable[[], Awaitable[Any]]) -> list:
-    """``GET /healthz`` (cheap liveness plus the component's own check) and ``GET /info``."""
+def health_routes(health: Callable[[], Awaitable[ServiceHealth]], info: Callable[[], Awaitable[ServiceInfo]]) -> list:
+    """``GET /healthz`` (cheap liveness plus the component's own check) and ``GET /info``, as the component's
+    ``ServiceHealth`` and ``ServiceInfo``."""
 
     @get("/healthz")
-    async def healthz() -> dict:
+    async def healthz() -> ServiceHealth:
         return await health()
 
     @get("/info")
-    async def info_route() -> Any:
+    async def info_route() -> ServiceInfo:
         return await info()
 
     return [healthz, info_route]
@@ -82,8 +83,7 @@ def served_model_name(component: Any, model_name: str | None = None) -> Callable
         if model_name:
             return model_name
         if "name" not in names:
-            info = await component.info()
-            names["name"] = info["model_name"] if isinstance(info, dict) else info.model_name
+            names["name"] = (await component.info()).model_name
         return names["name"]
 
     return served_name

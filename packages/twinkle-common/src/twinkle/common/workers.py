@@ -30,6 +30,7 @@ import inspect
 import itertools
 import multiprocessing
 import os
+import queue
 import socket
 import sys
 import threading
@@ -281,7 +282,8 @@ class ProcessWorker:
 
     Like every spawn-started process, the child re-imports the parent's ``__main__`` module, so that must be
     import-safe. ``env`` is added to the child's environment (``TWINKLE_TORCH_THREADS`` sets its torch
-    threads)."""
+    threads). Calls are sent by a thread of their own: a large argument never blocks the caller while the
+    child is busy with an earlier call."""
 
     def __init__(self, target: str, rank: int = 0, args: tuple = (), kwargs: dict | None = None, *,
                  env: dict[str, str] | None = None, start_method: StartMethod = "spawn") -> None:
@@ -298,8 +300,11 @@ class ProcessWorker:
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self._pending: dict[int, concurrent.futures.Future] = {0: self._ready}
         self._gone: BaseException | None = None
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"twinkle-worker{rank}-reader")
+        self._sender = threading.Thread(target=self._send, daemon=True, name=f"twinkle-worker{rank}-sender")
         self._reader.start()
+        self._sender.start()
 
     @property
     def pid(self) -> int | None:
@@ -320,11 +325,7 @@ class ProcessWorker:
                 return future
             call_id = next(self._ids)
             self._pending[call_id] = future
-            try:
-                self._conn.send((call_id, method, args, kwargs))
-            except (OSError, ValueError) as e:  # the pipe is closed: the process is gone
-                self._pending.pop(call_id, None)
-                future.set_exception(WorkerExited(f"worker {self.rank} has exited ({e})"))
+        self._outbox.put((call_id, method, args, kwargs))
         return future
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -344,7 +345,20 @@ class ProcessWorker:
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5)
+        self._outbox.put(None)
+        self._sender.join(5)
         self._conn.close()
+
+    def _send(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._conn.send(message)
+            except Exception as e:  # noqa: BLE001 - an argument that does not pickle, or the process is gone
+                with self._lock:
+                    future = self._pending.pop(message[0], None)
+                if future is not None:
+                    gone = isinstance(e, (OSError, EOFError))
+                    future.set_exception(WorkerExited(f"worker {self.rank} has exited ({e})") if gone else e)
 
     def _read(self) -> None:
         error: BaseException | None = None

@@ -1,8 +1,8 @@
 """The Processor application as a Ray Serve deployment.
 
-Its CPU workers are processes of one ``ProcessorService`` (a process pool sized by the plan: the mesh's
-``dp_size``), hosted on the node the planner chose — in the replica itself when that is where the replica
-runs, else in one pinned Ray actor there.
+Its CPU workers are local processes (``twinkle.common.workers.ProcessWorker``) of one ``ProcessorService``,
+as many as the plan's ``dp_size``. The service is hosted by ``start_workers`` on the node the planner chose:
+in the replica itself when that is where the replica runs, else in one pinned Ray actor there.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import msgspec
 from litestar import Litestar
 from ray import serve
 
+from twinkle.common.binding import bind_component, start_workers
 from twinkle.common.component import ComponentSpec
 from twinkle.common.models import TINY_MODEL_ID
-from twinkle.common.binding import bind_component, start_workers
+from twinkle.common.wire import ServiceHealth, ServiceInfo
 
 from .app import create_processor_app
 
@@ -46,12 +47,15 @@ class ProcessorManagement:
     async def encode(self, request: Any) -> Any:
         return await self.host.call("encode", request)
 
-    async def health(self) -> Any:
+    async def health(self) -> ServiceHealth:
         return await self.host.call("health")
 
-    async def info(self) -> Any:
-        info = await self.host.call("info")
-        return {"app": self.spec.app_name, "processor": info, "host": await self.host.describe()}
+    async def info(self) -> ServiceInfo:
+        info: ServiceInfo = await self.host.call("info")
+        host = await self.host.describe()
+        # The worker processes are the host's children, on its node (they are not Ray actors).
+        workers = [w if w.node_id else msgspec.structs.replace(w, node_id=host.node_id) for w in info.workers]
+        return msgspec.structs.replace(info, app=self.spec.app_name, workers=workers)
 
     def __serve_build_asgi_app__(self) -> Litestar:
         from twinkle.common.authority import central_authority

@@ -127,27 +127,6 @@ class EncodeResponse(msgspec.Struct):
     next_offset: int | None = None
 
 
-class ProcessorInfo(msgspec.Struct):
-    model_id: str
-    model_name: str
-    vocab_size: int
-    eos_token: str | None
-    eos_token_id: int | None
-    bos_token_id: int | None
-    pad_token_id: int | None
-    model_max_length: int | None
-    has_chat_template: bool
-    num_workers: int
-    max_rows_per_request: int
-    roles: list[str] = msgspec.field(default_factory=lambda: list(ROLES))
-
-
-class ProcessorHealth(msgspec.Struct):
-    status: Literal["ok", "degraded"]
-    num_workers: int
-    workers_alive: int
-
-
 class RowsError(UserError):
     """Some rows of an ``on_error="fail"`` request are malformed; ``errors`` lists them (the first few also
     appear in the message, and ``field`` names the first, e.g. ``line 17`` or ``rows[16]``)."""

@@ -12,22 +12,23 @@ client walks the pages. Each row is encoded in exactly one page.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 
-from twinkle.common.models import load_tokenizer, resolve_model_path, served_model_name
-from twinkle.common.wire import UserError
+from twinkle.common.models import load_tokenizer, resolve_model_path, served_model_name, tokenizer_id
+from twinkle.common.wire import ServiceHealth, ServiceInfo, UserError
+from twinkle.common.workers import StartMethod
 
 from . import encoding
 from .encoding import EncodedRow, EncodeOptions, InvalidRow
 from .protocol import (
+    ROLES,
     DetokenizeRequest,
     DetokenizeResponse,
     EncodeRequest,
     EncodeResponse,
     EncodeStats,
-    ProcessorHealth,
-    ProcessorInfo,
     RenderChatRequest,
     RenderChatResponse,
     RowError,
@@ -35,7 +36,7 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .workers import EncoderPool, StartMethod
+from .workers import EncoderPool
 
 # Tokenizers without a configured limit report a huge sentinel (int(1e30)); that is "unknown", not a limit.
 _NO_LIMIT = 10**9
@@ -64,6 +65,8 @@ class ProcessorService:
         self.max_rows_per_request = max_rows_per_request
         path = resolve_model_path(model_id)
         self._tokenizer = load_tokenizer(path)
+        self._tokenizer_id = tokenizer_id(model_id)
+        self._started = time.time()
         self._pool = EncoderPool(path, num_workers, self._tokenizer, shard_rows=shard_rows, start_method=start_method)
 
     @property
@@ -122,30 +125,39 @@ class ProcessorService:
             next_offset=end if end < total else None,
         )
 
-    async def info(self) -> ProcessorInfo:
+    async def info(self) -> ServiceInfo:
         tok = self._tokenizer
         max_len = getattr(tok, "model_max_length", None)
-        return ProcessorInfo(
-            model_id=self.model_id,
+        return ServiceInfo(
+            kind="processor",
             model_name=served_model_name(self.model_id),
+            model_id=self.model_id,
+            max_context_length=max_len if isinstance(max_len, int) and max_len < _NO_LIMIT else None,
             vocab_size=len(tok),
+            tokenizer_id=self._tokenizer_id,
+            dp_size=self.num_workers,
             eos_token=tok.eos_token,
             eos_token_id=tok.eos_token_id,
             bos_token_id=tok.bos_token_id,
             pad_token_id=tok.pad_token_id,
-            model_max_length=max_len if isinstance(max_len, int) and max_len < _NO_LIMIT else None,
             has_chat_template=bool(getattr(tok, "chat_template", None)),
-            num_workers=self.num_workers,
+            roles=list(ROLES),
             max_rows_per_request=self.max_rows_per_request,
+            workers=await self._pool.describe(),
         )
 
-    async def health(self) -> ProcessorHealth:
-        """``degraded`` while fewer worker processes are alive than configured; a pool broken by a dead
-        worker is replaced here, so the next check (and the next request) finds it whole again."""
+    async def health(self) -> ServiceHealth:
+        """``degraded`` while fewer worker processes are alive than configured; a dead worker process is
+        replaced here, so the next check (and the next request) finds the pool whole again."""
         self._pool.heal()
         alive = self._pool.workers_alive()
-        status = "ok" if alive >= self.num_workers else "degraded"
-        return ProcessorHealth(status=status, num_workers=self.num_workers, workers_alive=alive)
+        return ServiceHealth(
+            kind="processor",
+            status="ok" if alive >= self.num_workers else "degraded",
+            uptime_s=round(time.time() - self._started, 1),
+            workers=self.num_workers,
+            workers_alive=alive,
+        )
 
     async def close(self) -> None:
         await asyncio.to_thread(self._pool.close)

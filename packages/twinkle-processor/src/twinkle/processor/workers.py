@@ -1,25 +1,27 @@
 """CPU worker processes that encode shards of a batch in parallel.
 
 Tokenizing is cheap per row but a dataset has many rows, and chat-template rendering is pure Python (the
-GIL serializes it), so threads do not scale; processes do. The pool is a stdlib ``ProcessPoolExecutor``:
+GIL serializes it), so threads do not scale; processes do. Each process is a
+``twinkle.common.workers.ProcessWorker`` (every component's one mechanism for a worker in a local process):
 
-- it starts its processes with ``spawn`` (or ``forkserver``), never ``fork``: the service runs inside a Ray
-  actor with threads of its own (Ray's, the event loop's, the tokenizer's Rust pool), and forking a
-  threaded process can deadlock the child;
-- each process loads the tokenizer once, in the pool's initializer, from the already-resolved local model
-  directory (no hub lookups per worker), with ``TOKENIZERS_PARALLELISM=false`` so N processes do not each
-  start a Rust thread per core;
-- a batch is cut into shards of at most ``shard_rows`` rows, spread over the processes; results come back in
-  submission order, so row order is preserved whatever finishes first;
-- a process that dies (killed, out of memory) breaks a ``ProcessPoolExecutor`` for good; the pool is
-  replaced and the batch retried once, so one crash costs one slow request rather than the service.
+- it is started with ``spawn`` (or ``forkserver``), never ``fork``: the service runs inside a Ray actor with
+  threads of its own (Ray's, the event loop's, the tokenizer's Rust pool), and forking a threaded process
+  can deadlock the child;
+- it loads the tokenizer once (a ``ShardEncoder``), from the already-resolved local model directory (no hub
+  lookups per worker), with ``TOKENIZERS_PARALLELISM=false`` so N processes do not each start a Rust thread
+  per core;
+- a batch is cut into shards of at most ``shard_rows`` rows; each process takes the next shard as soon as it
+  is free, and results are put back in submission order, so row order is preserved whatever finishes first;
+- a process that dies (killed, out of memory) is replaced, before the next batch or by the next health
+  check; a batch it was working on is retried once, so one crash costs one slow request rather than the
+  service.
 
-Like every spawn-started pool, the children re-import the parent's ``__main__`` module, so it must be
+Like every spawn-started process, the children re-import the parent's ``__main__`` module, so it must be
 import-safe (guarded by ``if __name__ == "__main__":``); Ray's worker entry point, pytest and
 ``python -m twinkle.server`` are. The processes are not Ray actors: the deployment should ask Ray for the
 CPUs they use.
 
-With one worker there is no process pool: encoding runs in a thread of the service's own process with the
+With one worker there is no process: encoding runs in a thread of the service's own process with the
 service's tokenizer, which saves a process (a few hundred MB: transformers imports torch) and a pickling hop per
 shard. Shards are still submitted one at a time, so a small ``tokenize`` call waits for at most one shard of
 a large encode, not all of it. Calls on the in-process tokenizer are serialized by a lock: a Hugging Face
@@ -31,42 +33,40 @@ from __future__ import annotations
 
 import asyncio
 import math
-import multiprocessing
 import os
 import threading
-import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Literal, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from twinkle.common.wire import WorkerInfo
+from twinkle.common.workers import ProcessWorker, StartMethod, WorkerExited, describe_process
 
 from .encoding import EncodedRow, EncodeOptions, RowSource, encode_rows
 from .protocol import RowError
 
-StartMethod = Literal["spawn", "forkserver"]
+_ENCODER = "twinkle.processor.workers:ShardEncoder"
 
 # --- inside a worker process ---------------------------------------------------------------------------
 
-_TOKENIZER: Any = None
-_LOADS = 0
+_LOADS = 0  # tokenizer loads in this process: one per process is the contract
 
 
-def _init_worker(model_path: str) -> None:
-    global _TOKENIZER, _LOADS
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from twinkle.common.models import load_tokenizer
+class ShardEncoder:
+    """The target of one worker process: the tokenizer, loaded once, and the shard encoder."""
 
-    _TOKENIZER = load_tokenizer(model_path)
-    _LOADS += 1
+    def __init__(self, model_path: str) -> None:
+        global _LOADS
+        from twinkle.common.models import load_tokenizer
 
+        self._tokenizer = load_tokenizer(model_path)
+        _LOADS += 1
 
-def _encode_shard(sources: list[RowSource], options: EncodeOptions) -> list[EncodedRow | RowError]:
-    return encode_rows(_TOKENIZER, sources, options)
+    def encode(self, sources: list[RowSource], options: EncodeOptions) -> list[EncodedRow | RowError]:
+        return encode_rows(self._tokenizer, sources, options)
 
-
-def _probe(delay: float) -> tuple[int, int]:
-    """(pid, how many times this process loaded the tokenizer): lets tests and health see the workers."""
-    time.sleep(delay)
-    return os.getpid(), _LOADS
+    def probe(self) -> tuple[int, int]:
+        """(pid, how many times this process loaded the tokenizer): lets tests and health see the workers."""
+        return os.getpid(), _LOADS
 
 
 # --- in the service's process --------------------------------------------------------------------------
@@ -93,11 +93,13 @@ class EncoderPool:
         self.num_workers = num_workers
         self.shard_rows = shard_rows
         self.restarts = 0
+        self._start_method = start_method
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="twinkle-processor")
-        self._context = multiprocessing.get_context(start_method)
-        self._processes: ProcessPoolExecutor | None = self._new_process_pool() if num_workers > 1 else None
+        # Started now (each imports transformers), so the first request does not wait for N imports.
+        self._processes = [self._start(rank) for rank in range(num_workers)] if num_workers > 1 else []
+        self._closed = False
 
     # -- public ---------------------------------------------------------------------------------------
 
@@ -111,7 +113,7 @@ class EncoderPool:
         shards = self._shards(sources)
         if not shards:
             return []
-        if self._processes is None:
+        if not self._processes:
             out: list[EncodedRow | RowError] = []
             for shard in shards:
                 out.extend(await self.run_local(encode_rows, shard, options))
@@ -120,36 +122,47 @@ class EncoderPool:
         return [r for shard in results for r in shard]
 
     def workers_alive(self) -> int:
-        if self._processes is None:
+        if not self._processes:
             return 1
-        if getattr(self._processes, "_broken", False):
-            return 0
-        procs = getattr(self._processes, "_processes", None) or {}
-        return sum(1 for p in procs.values() if p.is_alive())
+        return sum(1 for w in self._processes if w.is_alive())
+
+    async def describe(self) -> list[WorkerInfo]:
+        """Where the encoding runs: each worker process, or this process with one worker."""
+        if not self._processes:
+            return [describe_process(0)]
+        return list(await asyncio.gather(*(w.describe() for w in self._processes)))
 
     async def worker_loads(self) -> dict[int, int]:
-        """pid -> tokenizer loads, for each worker process that answers a probe (every one, in practice:
-        the probes sleep briefly so that idle processes pick them up)."""
-        if self._processes is None:
+        """pid -> tokenizer loads, for each worker process."""
+        if not self._processes:
             return {os.getpid(): 1}
-        loop = asyncio.get_running_loop()
-        probes = [loop.run_in_executor(self._processes, _probe, 0.05) for _ in range(4 * self.num_workers)]
-        return dict(await asyncio.gather(*probes))
+        return dict(await asyncio.gather(*(w.call("probe") for w in self._processes)))
 
     def heal(self) -> bool:
-        """Replace a broken process pool (a worker died while idle); True if one was replaced."""
-        if self._processes is not None and getattr(self._processes, "_broken", False):
-            self._replace(self._processes)
-            return True
-        return False
+        """Replace every worker process that has died; True if one was replaced."""
+        if self._closed:
+            return False
+        replaced = False
+        for rank, worker in enumerate(self._processes):
+            if not worker.is_alive():
+                self._processes[rank] = self._start(rank)
+                worker.close(timeout=1)
+                self.restarts += 1
+                replaced = True
+        return replaced
 
     def close(self) -> None:
-        if self._processes is not None:
-            self._processes.shutdown(wait=True, cancel_futures=True)
-            self._processes = None
+        self._closed = True
+        processes, self._processes = self._processes, []
+        for worker in processes:
+            worker.close()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     # -- private --------------------------------------------------------------------------------------
+
+    def _start(self, rank: int) -> ProcessWorker:
+        return ProcessWorker(_ENCODER, rank, (self.model_path,), env={"TOKENIZERS_PARALLELISM": "false"},
+                             start_method=self._start_method)
 
     def _call_locked(self, fn: Callable[..., Any], args: tuple) -> Any:
         with self._lock:
@@ -166,34 +179,21 @@ class EncoderPool:
 
     async def _on_processes(self, shards: list[list[RowSource]], options: EncodeOptions) -> list[list]:
         for attempt in (0, 1):
-            pool = self._processes
-            if pool is None:
+            self.heal()
+            workers = list(self._processes)
+            if not workers:
                 raise RuntimeError("the encoder pool is closed")
-            try:
-                futures = [asyncio.wrap_future(pool.submit(_encode_shard, shard, options)) for shard in shards]
-                return await asyncio.gather(*futures)
-            except BrokenProcessPool:
-                if attempt:
-                    raise
-                self._replace(pool)
+            results: list[Any] = [None] * len(shards)
+            todo = iter(range(len(shards)))  # shared: a worker takes the next shard when it is free
+
+            async def drain(worker: ProcessWorker) -> None:
+                for i in todo:
+                    results[i] = await worker.call("encode", shards[i], options)
+
+            outcomes = await asyncio.gather(*(drain(w) for w in workers), return_exceptions=True)
+            errors = [e for e in outcomes if isinstance(e, BaseException)]
+            if not errors:
+                return results
+            if attempt or not any(isinstance(e, WorkerExited) for e in errors):
+                raise errors[0]
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _new_process_pool(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(
-            max_workers=self.num_workers,
-            mp_context=self._context,
-            initializer=_init_worker,
-            initargs=(self.model_path,),
-        )
-        # Start every process now (one is spawned per submit while none is idle), so the first request
-        # does not pay for importing transformers N times.
-        for _ in range(self.num_workers):
-            pool.submit(_probe, 0.0)
-        return pool
-
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        if self._processes is not broken:  # another request already replaced it
-            return
-        self._processes = self._new_process_pool()
-        self.restarts += 1
-        broken.shutdown(wait=False, cancel_futures=True)
