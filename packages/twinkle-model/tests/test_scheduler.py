@@ -88,7 +88,7 @@ async def test_old_seq_beyond_the_result_cache_is_refused():
         await s.submit("r", seq, rec.job(seq))
     with pytest.raises(UserError) as ei:
         await s.submit("r", 1, rec.job("again"))
-    assert ei.value.field == "seq_id" and "older" in str(ei.value)
+    assert ei.value.field == "seq_id" and "behind the run" in str(ei.value) and "never run twice" in str(ei.value)
     assert rec.log == [1, 2, 3, 4]
     await s.close()
 

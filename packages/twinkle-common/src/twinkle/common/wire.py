@@ -149,6 +149,31 @@ def _rebuild_user_error(cls, message, field, status):
     return cls(message, field=field, status=status)
 
 
+class ResyncNeeded(UserError):
+    """A run restored from its saved state got ``seq_id`` ahead of where it stands: the requests in between
+    ran on a replica that is gone. The front end answers with ``settle`` (which of them it saw finish) and
+    sends the request again; a client never sees this. ``expected``: the ``seq_id`` the run stands at."""
+
+    def __init__(self, message: str, *, expected: int = 0, field: str | None = "seq_id", status: int = 409) -> None:
+        super().__init__(message, field=field, status=status)
+        self.expected = expected
+
+    def __reduce__(self):
+        return (_rebuild_resync, (self.message, self.expected))
+
+
+def _rebuild_resync(message: str, expected: int) -> "ResyncNeeded":
+    return ResyncNeeded(message, expected=expected)
+
+
+class ServiceUnavailable(Exception):
+    """The process serving a call died or cannot be reached (a Ray actor or replica lost). Whether the call
+    took effect is unknown to the caller; only a call that is safe to repeat may be sent again."""
+
+
+_LOST_PROCESS = ("RayActorError", "NodeDiedError", "WorkerCrashedError", "OwnerDiedError")
+
+
 async def remote_call(awaitable):
     """Await a call into another process (a Ray actor or a Serve handle): its ``UserError`` comes out as itself
     (status, field; never Ray's wrapper, whose message is the remote traceback); any other failure is Ray's
@@ -164,6 +189,8 @@ def remote_error(e: BaseException) -> BaseException:
     user = unwrap_user_error(e)
     if user is not None:
         return user
+    if any(c.__name__ in _LOST_PROCESS for c in type(e).__mro__):
+        return ServiceUnavailable(f"the serving process was lost ({type(e).__name__})")
     cause = getattr(e, "cause", None)
     return cause if isinstance(cause, Exception) else e
 

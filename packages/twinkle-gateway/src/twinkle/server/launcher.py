@@ -134,11 +134,58 @@ def launch_server(
     for app in config.applications:
         log.info("  %-10s %-40s %s%s", app.import_path, app.name, server.base_url, app.route_prefix)
     if stop is not None:
-        while not stop.is_set():
-            stop.wait(1.0)
+        lost = _watch_applications(stop, [app.name for app in config.applications])
         log.info("shutting down")
         server.shutdown()
+        if lost:
+            raise LaunchError(f"the deployment was lost ({lost}); exiting so that a supervisor restarts it")
     return server
+
+
+def _watch_applications(stop: threading.Event, names: list[str]) -> str | None:
+    """Wait for a stop signal (None) while checking that the Serve applications are there: when they stay
+    lost (an application gone or failed, Serve or Ray unreachable) for ``TWINKLE_SUPERVISE_GRACE_S``
+    (default 30 s), return what is wrong. Replica restarts are Serve's own business and never count."""
+    interval = float(os.environ.get("TWINKLE_SUPERVISE_INTERVAL_S", "5"))
+    grace = float(os.environ.get("TWINKLE_SUPERVISE_GRACE_S", "30"))
+    lost_since: float | None = None
+    while not stop.wait(interval):
+        problem = _applications_problem(names, timeout_s=max(interval, 5.0))
+        if problem is None:
+            if lost_since is not None:
+                log.info("the deployment is back")
+            lost_since = None
+            continue
+        lost_since = lost_since or time.monotonic()
+        log.warning("deployment check: %s", problem)
+        if time.monotonic() - lost_since >= grace:
+            return problem
+    return None
+
+
+def _applications_problem(names: list[str], timeout_s: float) -> str | None:
+    """What is wrong with the deployed applications, or None. Asked on a side thread: a call into a dead
+    cluster may hang, and the watch must not."""
+    import concurrent.futures
+
+    from ray import serve
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinkle-watch")
+    try:
+        apps = pool.submit(lambda: serve.status().applications).result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        return f"Ray Serve did not answer within {timeout_s:g} s"
+    except Exception as e:  # noqa: BLE001 - any failure to ask means the deployment cannot be seen
+        return f"cannot reach Ray Serve ({type(e).__name__})"
+    finally:
+        pool.shutdown(wait=False)
+    missing = [n for n in names if n not in apps]
+    failed = [n for n in names if n in apps and getattr(apps[n].status, "value", apps[n].status) == "DEPLOY_FAILED"]
+    if missing:
+        return f"application(s) {', '.join(missing)} no longer deployed"
+    if failed:
+        return f"application(s) {', '.join(failed)} failed to deploy"
+    return None
 
 
 def resolve_storage(config: ServerConfig) -> dict[str, str]:

@@ -26,6 +26,9 @@ Contract, for every implementation (``TransformersBackend``, ``DataParallelBacke
   rename) in the PEFT layout (``adapter_config.json`` + ``adapter_model.safetensors``) that stock
   ``peft.PeftModel.from_pretrained`` loads; state checkpoints add ``optimizer.safetensors`` and
   ``twinkle_state.json`` (step, LoRA config). ``load_state`` reproduces logprobs exactly.
+- **Snapshots**: ``snapshot`` copies a run's state off the live model (CPU memory, cheap next to a step) so
+  that it can be written by another thread while training goes on (``checkpoints.write_snapshot``); the
+  service keeps runs durable that way.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from twinkle.common.wire import (
     LoraConfig,
     OptimStepOutput,
 )
+
+from .checkpoints import RunSnapshot
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,10 @@ class TrainingBackend(abc.ABC):
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput: ...
 
     # --- checkpoints ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def snapshot(self, run_id: str, include_optimizer: bool = True) -> RunSnapshot:
+        """A copy of the run's weights (and optimizer state, RNG streams, step) that no later op changes."""
+
     @abc.abstractmethod
     def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo: ...
 

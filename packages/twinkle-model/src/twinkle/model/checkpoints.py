@@ -27,6 +27,8 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from twinkle.common.wire import LoraConfig, NotFoundError, UserError
@@ -118,6 +120,41 @@ def _fsync(path: str) -> None:
 
 def directory_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """A run's state copied off the live model (CPU tensors), to be written by any thread.
+
+    ``tensors`` uses the backend's export keys (``w:`` weights, ``m:``/``v:``/``s:`` AdamW moments and step,
+    ``rng:``); ``adapter_config`` is the object whose ``save_pretrained`` writes ``adapter_config.json``."""
+
+    step: int
+    lora: LoraConfig
+    model: str
+    adapter_config: Any
+    tensors: dict[str, Any] = field(repr=False)
+    has_optimizer: bool = True
+
+
+def write_snapshot(path: str, snap: RunSnapshot, *, state_file: bool = True,
+                   extra_files: dict[str, bytes] | None = None) -> None:
+    """Write ``snap`` at ``path`` (atomically, see the module docstring): a state checkpoint, or with
+    ``state_file=False`` sampler weights (PEFT files only); ``extra_files`` (name -> bytes) go in too."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(path) as tmp:
+        weights = {k[2:]: v for k, v in snap.tensors.items() if k.startswith("w:")}
+        save_file(weights, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        snap.adapter_config.save_pretrained(tmp)
+        if snap.has_optimizer:
+            opt = {k: v for k, v in snap.tensors.items() if not k.startswith("w:")}
+            save_file(opt, os.path.join(tmp, OPTIMIZER_STATE), metadata={"format": "pt"})
+        if state_file:
+            write_state_file(tmp, step=snap.step, lora=snap.lora, has_optimizer=snap.has_optimizer, model=snap.model)
+        for name, data in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
 
 
 def write_state_file(directory: str, *, step: int, lora: LoraConfig, has_optimizer: bool, model: str) -> None:

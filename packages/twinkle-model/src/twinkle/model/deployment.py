@@ -14,6 +14,7 @@ The central server calls the service's methods through this deployment's handle 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import msgspec
@@ -31,8 +32,16 @@ from .backend import TrainingBackend
 _WORKER = "twinkle.model.distributed:ModelWorker"
 _HANDLE_API = (
     "create_run", "forward_backward", "optim_step", "save_state", "save_sampler_weights", "load_state",
-    "delete_run", "run_info", "list_runs", "info", "health", "skip", "next_seq_id",
+    "delete_run", "run_info", "list_runs", "info", "health", "skip", "next_seq_id", "settle",
 )
+
+
+def run_state_dir(spec: ComponentSpec) -> str | None:
+    """Where the application keeps its runs durable (``<checkpoint_dir>/.runs/<app>``), or None when the
+    YAML turned it off (``durable_runs: false``) or no checkpoint directory is set."""
+    if not spec.args.get("durable_runs", True) or not spec.checkpoint_dir:
+        return None
+    return os.path.join(spec.checkpoint_dir, ".runs", spec.app_name)
 
 
 def start_model_workers(spec: ComponentSpec) -> tuple[list, TrainingBackend]:
@@ -70,6 +79,7 @@ class ModelManagement:
             adapter_timeout_s=adapter.get("adapter_timeout", 1800.0),
             backend=backend,
             max_tokens_per_datum=spec.args.get("max_length"),
+            state_dir=run_state_dir(spec),
         )
 
     async def info(self) -> ServiceInfo:

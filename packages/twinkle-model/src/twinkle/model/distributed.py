@@ -43,6 +43,7 @@ from twinkle.common.wire import (
 )
 
 from .backend import BackendInfo, FusedItem, TrainingBackend, validate_adam, validate_lora
+from .checkpoints import RunSnapshot
 from .losses import merge_metrics, validate_request
 
 
@@ -156,6 +157,9 @@ class ModelWorker:
 
     def save_state(self, run_id: str, path: str, include_optimizer: bool) -> CheckpointInfo | None:
         return self.backend.save_state(run_id, path, include_optimizer) if self.rank == 0 else None
+
+    def snapshot(self, run_id: str, include_optimizer: bool) -> RunSnapshot:
+        return self.backend.snapshot(run_id, include_optimizer)
 
     def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo | None:
         return self.backend.save_sampler_weights(run_id, path) if self.rank == 0 else None
@@ -303,6 +307,13 @@ class DataParallelBackend(TrainingBackend):
         return outs[0]
 
     # checkpoints
+    def snapshot(self, run_id: str, include_optimizer: bool = True) -> RunSnapshot:
+        """Rank 0's copy: ranks hold equal weights and moments (gradients are all-reduced before each step)."""
+        self._run(run_id)
+        snap = self.ranks[0].submit("snapshot", run_id, include_optimizer).result()
+        self._run(run_id)["resident"] = True
+        return snap
+
     def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo:
         self._run(run_id)
         info = self.ranks[0].submit("save_state", run_id, path, include_optimizer).result()

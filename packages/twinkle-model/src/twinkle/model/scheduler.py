@@ -111,10 +111,17 @@ class Scheduler:
 
     # --- runs -----------------------------------------------------------------------------------------
 
-    def add_run(self, run_id: str, next_seq: int = 1) -> None:
+    def add_run(self, run_id: str, next_seq: int = 1, results: dict[int, Any] | None = None) -> None:
+        """Add a run whose requests are expected from ``next_seq`` on; ``results`` are answers already given
+        (a restored run's last step), returned to a repeat of their ``seq_id``."""
         if run_id in self._runs:
             raise UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
-        self._runs[run_id] = _RunQueue(run_id=run_id, next_seq=next_seq, highest_seen=next_seq - 1)
+        q = _RunQueue(run_id=run_id, next_seq=next_seq, highest_seen=next_seq - 1)
+        for seq_id, value in (results or {}).items():
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(value)
+            q.results[seq_id] = done
+        self._runs[run_id] = q
         self._rotation.append(run_id)
 
     def remove_run(self, run_id: str, error: Exception | None = None) -> None:
@@ -137,10 +144,43 @@ class Scheduler:
     def next_seq(self, run_id: str) -> int:
         """The ``seq_id`` after every one this run has seen (waiting, running or done): where a client that
         attaches to an existing run continues its numbering."""
+        q = self._queue(run_id)
+        return max(q.next_seq, q.highest_seen + 1)
+
+    def expected(self, run_id: str) -> int:
+        """The ``seq_id`` this run runs next."""
+        return self._queue(run_id).next_seq
+
+    def knows(self, run_id: str, seq_id: int) -> bool:
+        """Whether ``seq_id`` of this run is waiting, running, or done with its answer kept."""
+        q = self._queue(run_id)
+        return seq_id in q.waiting or seq_id in q.results
+
+    def consume(self, run_id: str, seq_ids: list[int], error: Exception) -> list[int]:
+        """Use up ``seq_ids`` that will never arrive here (they ran somewhere that is gone): each fails with
+        ``error`` in its turn, so later requests do not wait for it. Returns the ones consumed."""
+        q = self._queue(run_id)
+        loop = asyncio.get_running_loop()
+        consumed = []
+
+        def refuse() -> None:
+            raise error
+
+        for seq_id in sorted(set(seq_ids)):
+            if seq_id < q.next_seq or seq_id in q.waiting or seq_id in q.results:
+                continue
+            q.waiting[seq_id] = Job(refuse, loop.create_future(), seq_id, (seq_id, 0))
+            q.highest_seen = max(q.highest_seen, seq_id)
+            consumed.append(seq_id)
+        if consumed:
+            self._wake()
+        return consumed
+
+    def _queue(self, run_id: str) -> _RunQueue:
         q = self._runs.get(run_id)
         if q is None:
             raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
-        return max(q.next_seq, q.highest_seen + 1)
+        return q
 
     def pending(self, run_id: str | None = None) -> int:
         if run_id is not None:
@@ -182,8 +222,9 @@ class Scheduler:
                 return await asyncio.shield(first)
             if seq_id < q.next_seq:
                 raise UserError(
-                    f"seq_id {seq_id} of run {run_id!r} is older than the next expected seq_id {q.next_seq} and no "
-                    "result is kept for it (already executed long ago, or skipped after a gap timeout)",
+                    f"seq_id {seq_id} of run {run_id!r} is behind the run (it expects seq_id {q.next_seq} next): it "
+                    "was applied already, or given up after a gap timeout, and its answer is no longer kept; a "
+                    "request is never run twice",
                     field="seq_id",
                 )
             job = Job(fn, loop.create_future(), seq_id, (seq_id, 0), batch_key, payload)

@@ -13,7 +13,15 @@ limit does not clear by waiting: the user must delete a run. Offloaded runs stil
 
 Idle offload (``adapter_timeout_s``, the YAML's ``adapter_timeout``): a sweeper task offloads runs idle that
 long (see ``TransformersBackend`` for where the state goes); the next request restores them transparently.
-Unlike upstream, idleness never deletes anything: an idle user never loses work. ``delete_run`` is explicit.
+Idleness never deletes anything: an idle user never loses work. ``delete_run`` is explicit.
+
+Durable runs (``state_dir``, see ``durability.py``): a run's state is saved after its creation, each
+``optim_step`` and each ``load_state``, before that request is answered (the write runs off the model thread,
+so the next request computes meanwhile). A replica that restarts finds every saved run on first use, at its
+last acknowledged step, for the same owner under the same id. Requests numbered after that step ran on the
+lost replica: the front end says which of them finished (``settle``) and they are used up; when one of them
+was a ``forward_backward``, the next ``optim_step`` fails (409) instead of stepping on partial gradients. A
+repeat of the saved step's ``seq_id`` gets its recorded answer; older ones are refused, never run twice.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass, field
 from twinkle.common.models import tokenizer_id
 from twinkle.common.wire import (
     AdamParams,
+    ResyncNeeded,
     CheckpointInfo,
     ForwardBackwardInput,
     ForwardBackwardOutput,
@@ -41,6 +50,7 @@ from twinkle.common.wire import (
 )
 
 from .backend import FusedItem, TrainingBackend, validate_lora
+from .durability import RunStateStore, SavedRun
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,8 @@ class _RunRecord:
     lora: LoraConfig
     last_used: float = field(default_factory=time.monotonic)
     ready: bool = False  # the adapter exists in the backend
+    resync: bool = False  # restored from disk and not yet told which later requests ran before
+    lost_gradients: list[int] = field(default_factory=list)  # forward_backward seq_ids a restart lost
 
 
 class ModelService:
@@ -71,11 +83,13 @@ class ModelService:
         sweep_interval_s: float | None = None,
         max_tokens_per_datum: int | None = None,
         token_budget: int | None = None,
+        state_dir: str | None = None,
     ) -> None:
         """``fuse_batches``: run different users' concurrent forward_backward requests in one pass (faster with
         several users; equal to separate passes only up to float rounding). ``adapter_timeout_s`` None or <= 0
         disables offloading. ``sweep_interval_s`` defaults to a tenth of the timeout, between 1 s and 60 s.
-        ``max_tokens_per_datum`` (the YAML's ``max_length``) and ``token_budget`` go to the backend built here."""
+        ``max_tokens_per_datum`` (the YAML's ``max_length``) and ``token_budget`` go to the backend built here.
+        ``state_dir``: where runs are kept durable (None: runs live in memory only)."""
         if backend is None:
             from .transformers_backend import TransformersBackend
 
@@ -96,6 +110,9 @@ class ModelService:
             max_batch=max_fused,
         )
         self._runs: dict[str, _RunRecord] = {}
+        self.durable = RunStateStore(state_dir) if state_dir else None
+        self._restoring: dict[str, asyncio.Future] = {}
+        self._saving: dict[str, asyncio.Future] = {}
         self._sweeper: asyncio.Task | None = None
         self._started = time.time()
 
@@ -107,8 +124,11 @@ class ModelService:
         validate_lora(lora)
         if not isinstance(run_id, str) or not run_id:
             raise UserError("run_id must be a non-empty string", field="run_id")
+        exists = UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
+        if self.durable is not None and await asyncio.to_thread(self.durable.read, run_id):
+            raise exists
         if run_id in self._runs:
-            raise UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
+            raise exists
         held = sum(1 for r in self._runs.values() if r.owner == owner)
         if held >= self.adapter_limit_per_owner:
             raise UserError(
@@ -120,31 +140,59 @@ class ModelService:
         self.scheduler.add_run(run_id, next_seq=first_seq_id)
         try:
             rec.lora = await self.scheduler.run_exclusive(lambda: self.backend.create_adapter(run_id, lora))
+            rec.ready = True
+            if self.durable is not None:
+                snap = await self.scheduler.run_exclusive(lambda: self.backend.snapshot(run_id))
+                await self.durable.save(run_id, snap, self._saved(rec, snap.step, first_seq_id))
         except BaseException:
             self._runs.pop(run_id, None)
             self.scheduler.remove_run(run_id)
+            if rec.ready:
+                with contextlib.suppress(Exception):
+                    await self.scheduler.run_exclusive(lambda: self.backend.delete_adapter(run_id))
             raise
-        rec.ready = True
         return self._info(rec)
 
     async def delete_run(self, run_id: str, owner: str) -> None:
         self._ensure_started()
-        rec = self._get(run_id, owner)
+        rec = await self._resolve(run_id, owner)
         del self._runs[run_id]
         self.scheduler.remove_run(run_id)
         if rec.ready:
             await self.scheduler.run_exclusive(lambda: self.backend.delete_adapter(run_id))
+        if self.durable is not None:
+            await self.durable.remove(run_id)
 
     async def run_info(self, run_id: str, owner: str) -> RunInfo:
-        return self._info(self._get(run_id, owner))
+        return self._info(await self._resolve(run_id, owner))
 
     async def next_seq_id(self, run_id: str, owner: str) -> int:
         """The ``seq_id`` a client attaching to this run should number its next request with."""
-        self._get(run_id, owner)
+        await self._resolve(run_id, owner)
         return self.scheduler.next_seq(run_id)
 
     async def list_runs(self, owner: str) -> list[RunInfo]:
-        return [self._info(r) for r in sorted(self._runs.values(), key=lambda r: r.run_id) if r.owner == owner]
+        """The owner's runs: live ones, and saved ones no replica has restored since a restart."""
+        runs = {r.run_id: self._info(r) for r in self._runs.values() if r.owner == owner}
+        if self.durable is not None:
+            for saved in await asyncio.to_thread(self.durable.list, owner):
+                runs.setdefault(saved.run_id, RunInfo(run_id=saved.run_id, lora=saved.lora, step=saved.step,
+                                                      resident=False))
+        return [runs[k] for k in sorted(runs)]
+
+    async def settle(self, run_id: str, owner: str, finished: list[tuple[int, str]]) -> list[int]:
+        """The front end's answer to ``ResyncNeeded``: ``finished`` lists ``(seq_id, kind)`` of this run's
+        requests it saw finish. Those this replica never saw ran on a lost one: they are used up, and a lost
+        ``forward_backward`` makes the next ``optim_step`` fail. Returns the seq_ids used up."""
+        rec = await self._resolve(run_id, owner)
+        seen = {int(s): str(k) for s, k in finished}
+        lost = self.scheduler.consume(run_id, list(seen), UserError(
+            "this request ran on a model replica that was lost; its effect was lost with it", field="seq_id"))
+        rec.lost_gradients.extend(s for s in lost if seen[s] == "forward_backward")
+        rec.resync = False
+        if lost:
+            log.warning("run %s: requests %s ran on a lost replica", run_id, lost)
+        return lost
 
     # --- training -------------------------------------------------------------------------------------
 
@@ -156,7 +204,7 @@ class ModelService:
         inp: ForwardBackwardInput,
         forward_only: bool = False,
     ) -> ForwardBackwardOutput:
-        self._get(run_id, owner)
+        await self._resolve(run_id, owner)
         fusable = self.fuse_batches and not forward_only and self.backend.can_fuse(run_id)
         return await self._submit(
             run_id,
@@ -167,19 +215,26 @@ class ModelService:
         )
 
     async def optim_step(self, run_id: str, owner: str, seq_id: int | None, params: AdamParams) -> OptimStepOutput:
-        self._get(run_id, owner)
-        return await self._submit(run_id, seq_id, lambda: self.backend.optim_step(run_id, params))
+        rec = await self._resolve(run_id, owner)
+
+        def step() -> OptimStepOutput:
+            self._check_gradients(rec, seq_id)
+            return self.backend.optim_step(run_id, params)
+
+        out = await self._submit(run_id, seq_id, self._saving_after(rec, seq_id, step))
+        await self._saved_to_disk(run_id)
+        return out
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
     async def save_state(
         self, run_id: str, owner: str, seq_id: int | None, path: str, include_optimizer: bool = True
     ) -> CheckpointInfo:
-        self._get(run_id, owner)
+        await self._resolve(run_id, owner)
         return await self._submit(run_id, seq_id, lambda: self.backend.save_state(run_id, path, include_optimizer))
 
     async def save_sampler_weights(self, run_id: str, owner: str, seq_id: int | None, path: str) -> CheckpointInfo:
-        self._get(run_id, owner)
+        await self._resolve(run_id, owner)
         return await self._submit(run_id, seq_id, lambda: self.backend.save_sampler_weights(run_id, path))
 
     async def load_state(
@@ -198,31 +253,27 @@ class ModelService:
         if create:
             lora = await asyncio.to_thread(self.backend.read_checkpoint_lora, path)
             await self.create_run(run_id, owner, lora, first_seq_id=seq_id if seq_id is not None else 1)
-            try:
-                await self._submit(run_id, seq_id, lambda: self.backend.load_state(run_id, path, include_optimizer))
-            except BaseException:
+        rec = await self._resolve(run_id, owner)
+        load = self._saving_after(rec, seq_id, lambda: self.backend.load_state(run_id, path, include_optimizer))
+        try:
+            await self._submit(run_id, seq_id, load)
+            await self._saved_to_disk(run_id)
+        except BaseException:
+            if create:
                 with contextlib.suppress(Exception):
                     await self.delete_run(run_id, owner)
-                raise
-        else:
-            self._get(run_id, owner)
-            await self._submit(run_id, seq_id, lambda: self.backend.load_state(run_id, path, include_optimizer))
-        return self._info(self._get(run_id, owner))
+            raise
+        return self._info(await self._resolve(run_id, owner))
 
     # --- service --------------------------------------------------------------------------------------
 
     async def skip(self, run_id: str, owner: str, seq_id: int, reason: str) -> None:
         """Use up ``seq_id`` for a request a front end refused before it reached the service (undecodable,
         oversize...). Later requests of the run must not wait for it; a repeat of it gets ``reason``."""
-        self._get(run_id, owner)
-
-        def refuse() -> None:
-            raise UserError(reason, field="seq_id")
-
-        try:
-            await self._submit(run_id, seq_id, refuse)
-        except UserError:
-            pass
+        await self._resolve(run_id, owner)
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int):
+            raise UserError(f"seq_id must be an integer, got {seq_id!r}", field="seq_id")
+        self.scheduler.consume(run_id, [seq_id], UserError(reason, field="seq_id"))
 
     async def info(self) -> ServiceInfo:
         d = self.backend.describe()
@@ -277,6 +328,8 @@ class ModelService:
                 await self._sweeper
             self._sweeper = None
         await self.scheduler.close()
+        if self.durable is not None:
+            await self.durable.close()
         await asyncio.to_thread(self.backend.close)
 
     # --- internals ------------------------------------------------------------------------------------
@@ -296,17 +349,125 @@ class ModelService:
             except Exception:
                 log.exception("idle offload failed")
 
-    def _get(self, run_id: str, owner: str) -> _RunRecord:
+    async def _resolve(self, run_id: str, owner: str) -> _RunRecord:
+        """The owner's run: live, or restored from its saved state on first use after a restart."""
         rec = self._runs.get(run_id)
+        if rec is None and self.durable is not None:
+            rec = await self._restore(run_id)
         if rec is None or rec.owner != owner:
             raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
         return rec
+
+    async def _restore(self, run_id: str) -> _RunRecord | None:
+        """Bring a saved run back (once, however many requests ask at the same moment)."""
+        self._ensure_started()
+        if run_id in self._restoring:
+            return await asyncio.shield(self._restoring[run_id])
+        found = asyncio.get_running_loop().create_future()
+        self._restoring[run_id] = found
+        try:
+            rec = await self._restore_saved(run_id)
+            found.set_result(rec)
+            return rec
+        except BaseException as e:
+            found.set_exception(e)
+            found.exception()
+            raise
+        finally:
+            del self._restoring[run_id]
+
+    async def _restore_saved(self, run_id: str) -> _RunRecord | None:
+        loaded = await asyncio.to_thread(self.durable.read, run_id)
+        if loaded is None or run_id in self._runs:
+            return self._runs.get(run_id)
+        saved, path = loaded
+        rec = _RunRecord(run_id=run_id, owner=saved.owner, lora=saved.lora, resync=True)
+        results = {saved.applied_seq: saved.result} if saved.applied_seq is not None and saved.result else None
+        self._runs[run_id] = rec
+        self.scheduler.add_run(run_id, next_seq=saved.next_seq, results=results)
+
+        def load() -> None:
+            self.backend.create_adapter(run_id, saved.lora)
+            try:
+                self.backend.load_state(run_id, path, include_optimizer=True)
+            except BaseException:
+                self.backend.delete_adapter(run_id)
+                raise
+
+        try:
+            await self.scheduler.run_exclusive(load)
+        except BaseException:
+            self._runs.pop(run_id, None)
+            self.scheduler.remove_run(run_id)
+            raise
+        rec.ready = True
+        log.warning("run %s restored from its saved state at step %d (next seq_id %d)", run_id, saved.step,
+                    saved.next_seq)
+        return rec
+
+    def _saving_after(self, rec: _RunRecord, seq_id: int | None, fn):
+        """``fn`` (run on the model thread), then a snapshot of the run handed to the durable writer; the
+        request is answered once the state is on disk."""
+        if self.durable is None:
+            return fn
+        loop = asyncio.get_running_loop()
+
+        def run_and_snapshot():
+            out = fn()
+            snap = self.backend.snapshot(rec.run_id)
+            next_seq = seq_id + 1 if seq_id is not None else self.scheduler.expected(rec.run_id)
+            saved = self._saved(rec, snap.step, next_seq, seq_id, out if isinstance(out, OptimStepOutput) else None)
+            # Queued before this job's completion, so the save is registered before the caller resumes.
+            loop.call_soon_threadsafe(self._start_save, rec.run_id, snap, saved)
+            return out
+
+        return run_and_snapshot
+
+    def _start_save(self, run_id: str, snap, saved: SavedRun) -> None:
+        self._saving[run_id] = asyncio.ensure_future(self.durable.save(run_id, snap, saved))
+
+    async def _saved_to_disk(self, run_id: str) -> None:
+        """Wait for the run's latest save (a failed write is logged: the step stands, only durability is lost)."""
+        save = self._saving.get(run_id)
+        if save is None:
+            return
+        try:
+            await asyncio.shield(save)
+        except Exception:  # noqa: BLE001
+            log.exception("could not save the state of run %s; it is not durable until its next step", run_id)
+        finally:
+            if self._saving.get(run_id) is save and save.done():
+                del self._saving[run_id]
+
+    @staticmethod
+    def _saved(rec: _RunRecord, step: int, next_seq: int, applied_seq: int | None = None,
+               result: OptimStepOutput | None = None) -> SavedRun:
+        return SavedRun(run_id=rec.run_id, owner=rec.owner, lora=rec.lora, step=step, next_seq=next_seq,
+                        applied_seq=applied_seq, result=result)
+
+    @staticmethod
+    def _check_gradients(rec: _RunRecord, seq_id: int | None) -> None:
+        """Refuse a step whose gradients a replica restart lost (on the model thread, in request order)."""
+        lost = [s for s in rec.lost_gradients if seq_id is None or s < seq_id]
+        if not lost:
+            return
+        rec.lost_gradients = [s for s in rec.lost_gradients if s not in lost]
+        raise UserError(
+            f"the gradients of forward_backward seq_id {', '.join(map(str, lost))} were lost when the model "
+            "replica restarted (the run was restored at its last optim_step); run forward_backward again, then "
+            "optim_step", field="seq_id", status=409)
 
     async def _submit(self, run_id: str, seq_id: int | None, fn, *, batch_key=None, payload=None):
         self._ensure_started()
         rec = self._runs.get(run_id)
         if rec is not None:
             rec.last_used = time.monotonic()
+            if rec.resync and seq_id is not None and not self.scheduler.knows(run_id, seq_id):
+                expected = self.scheduler.expected(run_id)
+                if seq_id > expected:
+                    raise ResyncNeeded(f"run {run_id!r} was restored at seq_id {expected}; seq_id {seq_id} "
+                                       "is ahead of it", expected=expected)
+                rec.resync = False  # the next request in order came: nothing ran in between
         try:
             return await self.scheduler.submit(run_id, seq_id, fn, batch_key=batch_key, payload=payload)
         finally:

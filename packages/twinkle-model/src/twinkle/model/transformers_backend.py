@@ -622,33 +622,24 @@ class TransformersBackend(TrainingBackend):
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo:
+    def snapshot(self, run_id: str, include_optimizer: bool = True) -> ckpt.RunSnapshot:
         run = self._resident(run_id)
-        state = self._export(run, optimizer=include_optimizer, grads=False)
-        with ckpt.atomic_directory(path) as tmp:
-            self._write_adapter(run, state, tmp)
-            if include_optimizer:
-                opt = {k: v for k, v in state.items() if not k.startswith("w:")}
-                save_file(opt, os.path.join(tmp, ckpt.OPTIMIZER_STATE), metadata={"format": "pt"})
-            ckpt.write_state_file(
-                tmp, step=run.step, lora=run.lora, has_optimizer=include_optimizer, model=self.model_id
-            )
-        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=run.step)
-
-    def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo:
-        run = self._resident(run_id)
-        state = self._export(run, optimizer=False, grads=False)
-        with ckpt.atomic_directory(path) as tmp:
-            self._write_adapter(run, state, tmp)
-        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=run.step)
-
-    def _write_adapter(self, run: _Run, state: dict[str, torch.Tensor], directory: str) -> None:
-        weights = {k[2:]: v for k, v in state.items() if k.startswith("w:")}
-        save_file(weights, os.path.join(directory, ckpt.ADAPTER_WEIGHTS), metadata={"format": "pt"})
         cfg = copy.deepcopy(self._peft_config(run))
         cfg.inference_mode = True
         cfg.base_model_name_or_path = served_model_name(self.model_id)
-        cfg.save_pretrained(directory)
+        return ckpt.RunSnapshot(step=run.step, lora=run.lora, model=self.model_id, adapter_config=cfg,
+                                tensors=self._export(run, optimizer=include_optimizer, grads=False),
+                                has_optimizer=include_optimizer)
+
+    def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo:
+        snap = self.snapshot(run_id, include_optimizer)
+        ckpt.write_snapshot(path, snap)
+        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=snap.step)
+
+    def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo:
+        snap = self.snapshot(run_id, include_optimizer=False)
+        ckpt.write_snapshot(path, snap, state_file=False)
+        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=snap.step)
 
     def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None:
         run = self._resident(run_id)

@@ -372,6 +372,9 @@ class ServerArgs(_Strict, tag_field="import_path", tag="server"):
     """Checkpoints one API key may keep; a save past it is refused until some are deleted."""
     max_checkpoint_bytes_per_key: PositiveInt = 1 << 40
     """Bytes of checkpoints one API key may keep."""
+    replica_wait_s: PositiveFloat = 45.0
+    """How long a numbered training request whose model replica died waits for the restarted replica before
+    failing (it is then sent again: the model service never applies a ``seq_id`` twice)."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Bounds on every request (datums, tokens, samples, stop strings, metadata, ...), checked before any work
     and advertised to clients; see ``twinkle.common.limits.RequestLimits`` for each key and its default."""
@@ -408,6 +411,9 @@ class ModelArgs(_PlacedArgs, tag_field="import_path", tag="model"):
     max_length: PositiveInt | None = None
     """Longest datum, in tokens, a forward/backward accepts (a longer one is a 400 naming it); None means the
     model's context length."""
+    durable_runs: bool = True
+    """Save each run's state after every optimizer step (under ``checkpoint_dir/.runs/``) so that runs survive
+    a replica restart; false keeps runs in the replica's memory only."""
     nproc_per_node: PositiveInt = 1
     device_group: DeviceGroup | None = None
     device_mesh: DeviceMesh | None = None

@@ -14,6 +14,10 @@ One behaviour for the cases both protocols meet:
   handed to the Model service as refused (``release_seq_id``): the service runs a run's requests strictly
   in order and would otherwise hold every later one until its gap timeout. A repeat of an accepted
   ``seq_id`` gets the first request's future, whatever it asks.
+- a numbered request whose model replica dies under it is sent again once a new replica answers (for up to
+  ``replica_wait_s``): the service restores the run from its saved state and never applies a ``seq_id``
+  twice. When the restored run asks which later requests already ran (``ResyncNeeded``), the plane answers
+  with those it saw finish (``settle``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import msgspec
 
 from twinkle.common.http import release_seq_id
 from twinkle.common.limits import check_page, check_seq_id, check_ttl
-from twinkle.common.wire import NotFoundError, UserError
+from twinkle.common.wire import NotFoundError, ResyncNeeded, ServiceUnavailable, UserError
 
 from ..auth import KeyRing, check_auth_settings
 from .checkpoints import CheckpointLayout, CheckpointRef, dir_size, validate_run_id
@@ -325,8 +329,39 @@ class ControlPlane:
                 return first
             self.spawn(release_seq_id(port, run.id, owner, seq_id, REFUSED), f"refuse {run.id}#{seq_id}")
             raise
+        if seq_id is not None:
+            work = self._through_replica_loss(owner, run, seq_id, port, work)
         return await self.futures.submit(owner=owner, kind=kind, work=work, model_id=run.id, seq_id=seq_id,
                                          meta=meta, touch_run=run.id)
+
+    def _through_replica_loss(self, owner: str, run: RunRecord, seq_id: int, port: ModelPort, work: Work) -> Work:
+        """``work`` sent again while its model replica is being replaced (safe: the service keys it by
+        ``seq_id``), with the restored run told which of its later requests already finished elsewhere."""
+
+        async def resilient() -> Any:
+            deadline = time.monotonic() + self.settings.replica_wait_s
+            delay, settled = 0.5, False
+            while True:
+                try:
+                    return await work()
+                except ResyncNeeded as e:
+                    if settled:
+                        raise UserError("the model service could not resume this run in order; retry the "
+                                        "request", field="seq_id", status=409) from None
+                    settled = True
+                    await port.settle(run.id, owner, await self.futures.finished_seqs(run.id, e.expected))
+                except ServiceUnavailable:
+                    if time.monotonic() + delay > deadline:
+                        raise ServiceUnavailable(
+                            f"the model replica serving this run was lost and no new one answered within "
+                            f"{self.settings.replica_wait_s:g} s; the request may not have run (the run's step "
+                            "tells)") from None
+                    settled = False  # a newer replica restores the run again
+                    log.warning("model replica lost under %s#%d; sending it again in %.1f s", run.id, seq_id, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 4.0)
+
+        return resilient
 
     async def refuse_seq(self, owner: str, run_id: str, seq_id: int | None) -> None:
         """Release ``seq_id`` of a run whose request could not even be decoded (if the run is the caller's and

@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 
-from twinkle.common.wire import ForwardBackwardOutput, OptimStepOutput, SampleOutput, UserError
+from twinkle.common.wire import ForwardBackwardOutput, OptimStepOutput, SampleOutput, ServiceUnavailable, UserError
 
 from .state import FutureRecord, Store
 
@@ -158,6 +158,14 @@ class Futures:
             return await asyncio.shield(slot)
         return await self.store.find_future(model_id, seq_id)
 
+    async def finished_seqs(self, model_id: str, min_seq: int) -> list[tuple[int, str]]:
+        """``(seq_id, kind)`` of the run's requests from ``min_seq`` on that have an outcome (here or in an
+        earlier process): they will never be sent to the model service again."""
+        running = {r.seq_id for r, _e, _t in self._running.values() if r.model_id == model_id}
+        running.update(seq for (mid, seq) in self._submitting if mid == model_id)
+        rows = await self.store.numbered_futures(model_id, min_seq=min_seq)
+        return [(seq, kind) for seq, kind in rows if seq not in running]
+
     async def _execute(self, record: FutureRecord, event: asyncio.Event, work: Work) -> None:
         status, value, result, error, category = "done", None, None, None, None
         try:
@@ -167,6 +175,8 @@ class Futures:
             status, error, category = "failed", str(e), "user"
         except asyncio.CancelledError:
             status, error, category = "failed", SHUTDOWN, "server"
+        except ServiceUnavailable as e:
+            status, error, category = "failed", str(e), "server"
         except Exception as e:  # noqa: BLE001 - every failure must end the future
             cid = secrets.token_hex(6)
             log.error("request %s (%s) failed, correlation id %s", record.request_id, record.kind, cid, exc_info=e)

@@ -49,6 +49,8 @@ class CentralSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     """Checkpoints one API key may keep (named ones; ephemeral sampler weights are trimmed per run)."""
     max_checkpoint_bytes_per_key: int = 1 << 40
     """Bytes of checkpoints one API key may keep; a save past it is refused until checkpoints are deleted."""
+    replica_wait_s: float = 45.0
+    """How long a numbered request whose model replica died waits for a new replica before it fails."""
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir:

@@ -552,6 +552,12 @@ class Store:
 
         return await self._call(go)
 
+    async def numbered_futures(self, model_id: str, *, min_seq: int, limit: int = 4096) -> list[tuple[int, str]]:
+        """``(seq_id, kind)`` of a run's requests from ``min_seq`` on, in order (at most ``limit``)."""
+        return await self._call(lambda: [(int(s), k) for s, k in self.conn.execute(
+            "SELECT seq_id, kind FROM futures WHERE model_id=? AND seq_id >= ? ORDER BY seq_id LIMIT ?",
+            (model_id, min_seq, limit)).fetchall()])
+
     async def count_futures(self, model_id: str, *, min_seq: int = 0) -> int:
         """How many sequenced requests a run (or sampling session) has had with ``seq_id >= min_seq``."""
         return await self._call(lambda: self.conn.execute(

@@ -1,0 +1,142 @@
+"""Durable runs: a model service that loses its memory (a replica restart) goes on from each run's last step.
+
+A "restart" here is what a dead replica leaves: the adapters are gone from the model, the service object is
+gone, only ``state_dir`` remains; a new ``ModelService`` over the same directory must restore every run on
+first use, exactly (same losses as a run that never stopped), for its owner only, never applying a step twice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from model_testutil import make_batch
+from twinkle.common.wire import AdamParams, LoraConfig, NotFoundError, ResyncNeeded, UserError
+from twinkle.model.durability import RUN_FILE
+from twinkle.model.service import ModelService
+
+ADAM = AdamParams(learning_rate=1e-2, eps=1e-8)
+LORA = LoraConfig(rank=2, seed=11)
+
+
+def _service(backend, model_id, state_dir) -> ModelService:
+    return ModelService(model_id, backend=backend, adapter_timeout_s=None, state_dir=str(state_dir))
+
+
+async def _lose_replica(svc: ModelService, backend, *run_ids: str) -> None:
+    """What a SIGKILL leaves behind: no service, no adapters; the disk as it was."""
+    await svc.scheduler.close()
+    for run_id in run_ids:
+        if backend.has_run(run_id):
+            backend.delete_adapter(run_id)
+
+
+def _loss(out) -> float:
+    return out.metrics["loss:sum"]
+
+
+async def _reference_losses(backend, model_id, tmp_path, run_id: str, steps: int) -> list[float]:
+    svc = ModelService(model_id, backend=backend, adapter_timeout_s=None)
+    await svc.create_run(run_id, "ref", LORA)
+    losses = []
+    seq = 1
+    for step in range(steps):
+        losses.append(_loss(await svc.forward_backward(run_id, "ref", seq, make_batch([5, 3], step))))
+        await svc.optim_step(run_id, "ref", seq + 1, ADAM)
+        seq += 2
+    await svc.delete_run(run_id, "ref")
+    await svc.close()
+    return losses
+
+
+async def test_a_restarted_service_goes_on_from_the_last_step_exactly(backend, tiny_model_id, tmp_path):
+    ref = await _reference_losses(backend, tiny_model_id, tmp_path, "dur-ref", 4)
+
+    first = _service(backend, tiny_model_id, tmp_path)
+    await first.create_run("dur-1", "alice", LORA)
+    seq = 1
+    for step in range(2):
+        assert _loss(await first.forward_backward("dur-1", "alice", seq, make_batch([5, 3], step))) == ref[step]
+        answer = await first.optim_step("dur-1", "alice", seq + 1, ADAM)
+        seq += 2
+    assert os.path.isfile(tmp_path / "dur-1" / RUN_FILE)
+    await _lose_replica(first, backend, "dur-1")
+
+    second = _service(backend, tiny_model_id, tmp_path)
+    try:
+        with pytest.raises(NotFoundError):  # another key cannot find it, restored or not
+            await second.run_info("dur-1", "bob")
+        info = await second.run_info("dur-1", "alice")
+        assert info.step == 2 and info.lora == LORA
+        # the last step's request repeated: its recorded answer, not a second step
+        assert await second.optim_step("dur-1", "alice", seq - 1, ADAM) == answer
+        with pytest.raises(UserError, match="behind the run"):  # older: refused, never run again
+            await second.optim_step("dur-1", "alice", 2, ADAM)
+        for step in range(2, 4):
+            out = await second.forward_backward("dur-1", "alice", seq, make_batch([5, 3], step))
+            assert _loss(out) == pytest.approx(ref[step], abs=1e-5)
+            await second.optim_step("dur-1", "alice", seq + 1, ADAM)
+            seq += 2
+        assert (await second.run_info("dur-1", "alice")).step == 4
+        await second.delete_run("dur-1", "alice")
+        assert not os.path.exists(tmp_path / "dur-1")
+    finally:
+        await second.close()
+
+    third = _service(backend, tiny_model_id, tmp_path)
+    try:
+        with pytest.raises(NotFoundError):  # deleted means deleted, after any restart
+            await third.run_info("dur-1", "alice")
+    finally:
+        await third.close()
+
+
+async def test_gradients_a_restart_lost_are_never_stepped_on(backend, tiny_model_id, tmp_path):
+    ref = await _reference_losses(backend, tiny_model_id, tmp_path, "dur-ref2", 2)
+
+    first = _service(backend, tiny_model_id, tmp_path)
+    await first.create_run("dur-2", "alice", LORA)
+    await first.forward_backward("dur-2", "alice", 1, make_batch([5, 3], 0))
+    await first.optim_step("dur-2", "alice", 2, ADAM)
+    await first.forward_backward("dur-2", "alice", 3, make_batch([5, 3], 1))  # accumulated, then lost
+    await _lose_replica(first, backend, "dur-2")
+
+    second = _service(backend, tiny_model_id, tmp_path)
+    try:
+        # seq 4 is ahead of the saved state (seq 3 ran on the lost replica): the front end must settle first
+        with pytest.raises(ResyncNeeded):
+            await second.optim_step("dur-2", "alice", 4, ADAM)
+        assert await second.settle("dur-2", "alice", [(1, "forward_backward"), (3, "forward_backward")]) == [3]
+        with pytest.raises(UserError, match="gradients of forward_backward seq_id 3 were lost") as ei:
+            await second.optim_step("dur-2", "alice", 4, ADAM)
+        assert ei.value.status == 409
+        assert (await second.run_info("dur-2", "alice")).step == 1  # nothing was stepped
+        out = await second.forward_backward("dur-2", "alice", 5, make_batch([5, 3], 1))
+        assert _loss(out) == pytest.approx(ref[1], abs=1e-5)
+        await second.optim_step("dur-2", "alice", 6, ADAM)
+        assert (await second.run_info("dur-2", "alice")).step == 2
+        await second.delete_run("dur-2", "alice")
+    finally:
+        await second.close()
+
+
+async def test_a_restored_run_in_order_needs_no_settling_and_ids_stay_unique(backend, tiny_model_id, tmp_path):
+    first = _service(backend, tiny_model_id, tmp_path)
+    await first.create_run("dur-3", "alice", LORA)
+    await first.forward_backward("dur-3", "alice", 1, make_batch([4], 0))
+    await first.optim_step("dur-3", "alice", 2, ADAM)
+    await _lose_replica(first, backend, "dur-3")
+
+    second = _service(backend, tiny_model_id, tmp_path)
+    try:
+        with pytest.raises(UserError) as ei:  # the id is still taken by the saved run
+            await second.create_run("dur-3", "mallory", LORA)
+        assert ei.value.status == 409
+        assert [r.run_id for r in await second.list_runs("alice")] == ["dur-3"]
+        assert await second.list_runs("mallory") == []
+        await second.forward_backward("dur-3", "alice", 3, make_batch([4], 1))
+        await second.optim_step("dur-3", "alice", 4, ADAM)
+        assert (await second.run_info("dur-3", "alice")).step == 2
+        await second.delete_run("dur-3", "alice")
+    finally:
+        await second.close()
