@@ -158,10 +158,11 @@ def test_killed_model_replicas_lose_no_acknowledged_step(stack):
             tc.optim_step(ADAM).result(timeout=CALL_TIMEOUT_S)
         losses.append(_step(tc, _batch(3)))
 
-        # 4. a saved checkpoint outlives the replica and loads into the same run
+        # 4. a checkpoint saved just before a kill loads into a new run, and the old run goes on too
         path = tc.save_state("before-kill").result(timeout=CALL_TIMEOUT_S).path
         _kill_replica(launcher)
-        tc.load_state(path).result(timeout=CALL_TIMEOUT_S)
+        resumed = sc.create_training_client_from_state_with_optimizer(path)
+        assert _step(resumed, _batch(4)) == pytest.approx(expected[4], abs=1e-5)
         losses.append(_step(tc, _batch(4)))
 
         assert losses == pytest.approx(expected, abs=1e-5), (losses, expected, error)
