@@ -36,7 +36,8 @@ def stack(tmp_path_factory):
     text = (REPO / "deploy" / "local-tinker.yaml").read_text().replace("port: 8000", f"port: {port}")
     cfg = root / "local-tinker.yaml"
     cfg.write_text(text)
-    env = base_env(TWINKLE_CHECKPOINT_DIR=str(root / "ckpt"))
+    env = base_env(TWINKLE_CHECKPOINT_DIR=str(root / "ckpt"), TWINKLE_SUPERVISE_INTERVAL_S="1",
+                   TWINKLE_SUPERVISE_GRACE_S="5")
     proc = subprocess.Popen([sys.executable, "-m", "twinkle.server", "--config", str(cfg)], env=env, cwd=root,
                             stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
     try:
@@ -67,17 +68,23 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _model_replica_pid(launcher: subprocess.Popen) -> int:
-    """The live Serve replica process of the model application (a descendant of this stack's launcher)."""
+def _process_named(launcher: subprocess.Popen, marker: str) -> int | None:
     for pid in sorted(_descendants(launcher.pid)):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "ServeReplica:models-tiny-qwen2" in cmdline:
+        if marker in cmdline:
             return pid
-    raise AssertionError("no model replica process found")
+    return None
+
+
+def _model_replica_pid(launcher: subprocess.Popen) -> int:
+    """The live Serve replica process of the model application (a descendant of this stack's launcher)."""
+    pid = _process_named(launcher, "ServeReplica:models-tiny-qwen2")
+    assert pid is not None, "no model replica process found"
+    return pid
 
 
 def _kill_replica(launcher: subprocess.Popen) -> int:
@@ -170,3 +177,19 @@ def test_killed_model_replicas_lose_no_acknowledged_step(stack):
               f"kill during forward_backward: {error or 'both calls answered'}")
     finally:
         sc.close("success").result()
+
+
+def test_the_launcher_exits_non_zero_when_its_deployment_is_lost(stack):
+    """Runs last: it takes the stack down. With Ray's control store (GCS) killed, the Serve applications
+    cannot be seen any more; the launcher must not sit alive over a dead stack."""
+    _base, launcher, root = stack
+    gcs = _process_named(launcher, "gcs_server")
+    assert gcs is not None, "no gcs_server process under the launcher"
+    os.kill(gcs, signal.SIGKILL)
+    try:
+        code = launcher.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the launcher kept running over a lost deployment")
+    assert code != 0
+    log = (root / "server.log").read_text()
+    assert "the deployment was lost" in log, log[-3000:]
