@@ -33,6 +33,7 @@ _WORKER = "twinkle.model.distributed:ModelWorker"
 _HANDLE_API = (
     "create_run", "forward_backward", "optim_step", "save_state", "save_sampler_weights", "load_state",
     "delete_run", "run_info", "list_runs", "info", "health", "skip", "next_seq_id", "settle",
+    "outcome",
 )
 
 

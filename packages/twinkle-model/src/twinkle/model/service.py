@@ -56,6 +56,10 @@ from .scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 
+def _never_run() -> None:
+    raise AssertionError("a repeated seq_id is answered from its first request")
+
+
 @dataclass
 class _RunRecord:
     run_id: str
@@ -179,6 +183,21 @@ class ModelService:
                 runs.setdefault(saved.run_id, RunInfo(run_id=saved.run_id, lora=saved.lora, step=saved.step,
                                                       resident=False))
         return [runs[k] for k in sorted(runs)]
+
+    async def outcome(self, run_id: str, owner: str, seq_id: int):
+        """The answer to request ``seq_id`` for a front end that lost track of it (its process restarted):
+        waits while it is queued or running, and returns (or raises) what it gave. One this service never
+        received is used up, so that a late copy is refused, and reported as not applied."""
+        rec = await self._resolve(run_id, owner)
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int):
+            raise UserError(f"seq_id must be an integer, got {seq_id!r}", field="seq_id")
+        self._check_in_sync(rec, seq_id)
+        if self.scheduler.knows(run_id, seq_id) or seq_id < self.scheduler.expected(run_id):
+            return await self.scheduler.submit(run_id, seq_id, _never_run)  # a repeat: the first answer
+        not_applied = UserError("the server restarted before this request reached the model service; it was "
+                                "not applied: submit it again", field="seq_id")
+        self.scheduler.consume(run_id, [seq_id], not_applied)
+        raise not_applied
 
     async def settle(self, run_id: str, owner: str, finished: list[tuple[int, str]]) -> list[int]:
         """The front end's answer to ``ResyncNeeded``: ``finished`` lists ``(seq_id, kind)`` of this run's
@@ -445,6 +464,16 @@ class ModelService:
         return SavedRun(run_id=rec.run_id, owner=rec.owner, lora=rec.lora, step=step, next_seq=next_seq,
                         applied_seq=applied_seq, result=result)
 
+    def _check_in_sync(self, rec: _RunRecord, seq_id: int) -> None:
+        """A restored run asks the front end which requests ran elsewhere before taking one ahead of it."""
+        if not rec.resync or self.scheduler.knows(rec.run_id, seq_id):
+            return
+        expected = self.scheduler.expected(rec.run_id)
+        if seq_id > expected:
+            raise ResyncNeeded(f"run {rec.run_id!r} was restored at seq_id {expected}; seq_id {seq_id} is ahead "
+                               "of it", expected=expected)
+        rec.resync = False  # the next request in order came: nothing ran in between
+
     @staticmethod
     def _check_gradients(rec: _RunRecord, seq_id: int | None) -> None:
         """Refuse a step whose gradients a replica restart lost (on the model thread, in request order)."""
@@ -462,12 +491,8 @@ class ModelService:
         rec = self._runs.get(run_id)
         if rec is not None:
             rec.last_used = time.monotonic()
-            if rec.resync and seq_id is not None and not self.scheduler.knows(run_id, seq_id):
-                expected = self.scheduler.expected(run_id)
-                if seq_id > expected:
-                    raise ResyncNeeded(f"run {run_id!r} was restored at seq_id {expected}; seq_id {seq_id} "
-                                       "is ahead of it", expected=expected)
-                rec.resync = False  # the next request in order came: nothing ran in between
+            if seq_id is not None:
+                self._check_in_sync(rec, seq_id)
         try:
             return await self.scheduler.submit(run_id, seq_id, fn, batch_key=batch_key, payload=payload)
         finally:

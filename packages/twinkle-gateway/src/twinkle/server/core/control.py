@@ -14,6 +14,9 @@ One behaviour for the cases both protocols meet:
   handed to the Model service as refused (``release_seq_id``): the service runs a run's requests strictly
   in order and would otherwise hold every later one until its gap timeout. A repeat of an accepted
   ``seq_id`` gets the first request's future, whatever it asks.
+- a numbered ``forward``/``forward_backward``/``optim_step`` left running when this app's process died is
+  followed to its outcome by the next process (``ModelPort.outcome``): never failed while it may still
+  complete, never applied twice; one that never reached the Model service fails as "not applied".
 - a numbered request whose model replica dies under it is sent again once a new replica answers (for up to
   ``replica_wait_s``): the service restores the run from its saved state and never applies a ``seq_id``
   twice. When the restored run asks which later requests already ran (``ResyncNeeded``), the plane answers
@@ -46,6 +49,8 @@ log = logging.getLogger("twinkle.server")
 
 _INFO_TIMEOUT_S = 10.0
 REFUSED = "the server refused this request before it ran (see the answer to its submission)"
+RESUMABLE_KINDS = frozenset({"forward_backward", "forward", "optim_step"})
+"""Numbered requests whose future's value is the Model service's answer itself (``ModelPort.outcome``)."""
 
 Prepare = Callable[[ModelPort], Awaitable[tuple[Work, dict[str, Any] | None]]]
 """Checks a numbered request against its run and returns the work to run plus the future's ``meta``."""
@@ -109,7 +114,7 @@ class ControlPlane:
         self._futures = Futures(self._store, long_poll_s=self.settings.long_poll_timeout_s,
                                 max_pending_per_owner=self.settings.max_pending_per_key,
                                 max_polls_per_owner=self.settings.max_polls_per_key)
-        await self._futures.recover()
+        await self._futures.recover(self._resumable)
         self.keyring = await KeyRing.load(self._store, self.keys, host=self.settings.host)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="twinkle sweeper")
         self._started.set()
@@ -333,6 +338,21 @@ class ControlPlane:
             work = self._through_replica_loss(owner, run, seq_id, port, work)
         return await self.futures.submit(owner=owner, kind=kind, work=work, model_id=run.id, seq_id=seq_id,
                                          meta=meta, touch_run=run.id)
+
+    def _resumable(self, record: FutureRecord) -> Work | None:
+        """The work that follows a request a previous process of this app left running to its outcome at
+        the Model service: numbered requests whose answer is the service's own (others are failed)."""
+        if record.kind not in RESUMABLE_KINDS or record.model_id is None or record.seq_id is None:
+            return None
+        seq_id = record.seq_id
+
+        async def outcome() -> Any:
+            run = await self.run(record.owner, record.model_id)
+            port = self.model_port(run.base_model)
+            ask = lambda: port.outcome(run.id, record.owner, seq_id)  # noqa: E731
+            return await self._through_replica_loss(record.owner, run, seq_id, port, ask)()
+
+        return outcome
 
     def _through_replica_loss(self, owner: str, run: RunRecord, seq_id: int, port: ModelPort, work: Work) -> Work:
         """``work`` sent again while its model replica is being replaced (safe: the service keys it by

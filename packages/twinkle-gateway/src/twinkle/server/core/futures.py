@@ -4,9 +4,10 @@ as an asyncio task whose outcome is written back; ``retrieve_future`` long-polls
 Why this shape:
 
 - **Write before answering.** The request row exists before the client learns its id, so a restarted
-  server can always answer for it. Rows left ``pending`` by a dead process are failed at startup with a
-  ``server`` error ("server restarted while the request was running"): the SDK raises instead of polling
-  forever.
+  server can always answer for it. Rows left ``pending`` by a dead process are taken over at startup: a
+  numbered training request is followed to its outcome at the Model service (which keys it by ``seq_id``,
+  so it is never applied twice, and uses up one it never received); any other fails with a ``server``
+  error ("server restarted while the request was running"): the SDK raises instead of polling forever.
 - **Dedupe on (model_id, seq_id).** The SDK retries a submission with a *new* idempotency key, and resends a
   sample with the same ``seq_id`` after backpressure, so the sequence number is the identity. A repeat gets
   the first request's id (in memory while the first submission is still being written, then by the store's
@@ -104,12 +105,27 @@ class Futures:
         self._cached_bytes = 0
         self._closing = False
 
-    async def recover(self) -> int:
-        """Fail what a previous process left pending. Call once, before serving."""
-        n = await self.store.fail_pending(RESTARTED)
-        if n:
-            log.warning("failed %d request(s) left pending by a previous server process", n)
-        return n
+    async def recover(self, resume: Callable[[FutureRecord], Work | None] | None = None) -> int:
+        """Take over what a previous process left pending. Call once, before serving. ``resume`` gives the work
+        that finds a request's outcome where it ran (or None): such a request is followed to its end like a
+        new one; every other is failed (``server``, "submit it again"). Returns how many were failed."""
+        failed = 0
+        for record in await self.store.pending_futures():
+            work = resume(record) if resume is not None else None
+            if work is None:
+                await self.store.finish_future(record.request_id, status="failed", error=RESTARTED,
+                                               category="server")
+                failed += 1
+                continue
+            self._pending[record.owner] += 1
+            event = asyncio.Event()
+            task = asyncio.create_task(self._execute(record, event, work), name=f"future {record.request_id}")
+            self._running[record.request_id] = (record, event, task)
+        if failed:
+            log.warning("failed %d request(s) left pending by a previous server process", failed)
+        if self._running:
+            log.warning("following %d request(s) a previous server process left running", len(self._running))
+        return failed
 
     # ------------------------------------------------------------------------------- submit
 

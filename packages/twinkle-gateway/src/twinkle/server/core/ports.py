@@ -86,6 +86,9 @@ class ModelPort(_Forwarding):
     async def skip(self, run_id: str, owner: str, seq_id: int, reason: str) -> None:
         return await self._call("skip", run_id, owner, seq_id, reason)
 
+    async def outcome(self, run_id: str, owner: str, seq_id: int) -> Any:
+        return await self._call("outcome", run_id, owner, seq_id)
+
     async def settle(self, run_id: str, owner: str, finished: list[tuple[int, str]]) -> list[int]:
         return await self._call("settle", run_id, owner, finished)
 

@@ -563,6 +563,11 @@ class Store:
         return await self._call(lambda: self.conn.execute(
             "SELECT COUNT(*) FROM futures WHERE model_id=? AND seq_id >= ?", (model_id, min_seq)).fetchone()[0])
 
+    async def pending_futures(self) -> list[FutureRecord]:
+        """Every request still pending (at startup: what a process that died left running)."""
+        return await self._call(lambda: [self._future(r) for r in self.conn.execute(
+            f"SELECT {self._FUT_COLS} FROM futures WHERE status='pending' ORDER BY created").fetchall()])
+
     async def fail_pending(self, message: str, now: float | None = None) -> int:
         """Fail every request left pending by a process that died (called once at startup)."""
         now = time.time() if now is None else now
