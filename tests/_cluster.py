@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -74,12 +75,21 @@ def ray_processes(marker: str) -> list[str]:
 
 
 class RayHead:
-    """``ray start --head`` on loopback with fake GPUs, in its own temp dir; stopped by ``stop()``."""
+    """``ray start --head`` on loopback with fake GPUs, in its own temp dir; stopped by ``stop()``.
+
+    As on a user's machine that has a Ray token, the cluster runs with Ray's token authentication: ``ray
+    start`` turns it on by itself when a token exists (here a fresh one in the temp dir, named by
+    ``RAY_AUTH_TOKEN_PATH``, so that ~/.ray is never touched) and ``RAY_AUTH_MODE`` is unset.
+    ``client_env()`` is the environment of a process that joins it the same way a user's would."""
 
     def __init__(self, num_gpus: int = 4, num_cpus: int = 4) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="twr-", dir="/tmp")
         self.port = free_port()
-        self.env = base_env()
+        token = os.path.join(self.temp_dir, "auth_token")
+        with open(token, "w") as f:
+            f.write(secrets.token_hex(32))
+        os.chmod(token, 0o600)
+        self.env = self.client_env()
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
             f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-gpus={num_gpus}",
@@ -88,6 +98,12 @@ class RayHead:
         ]
         subprocess.run(cmd, check=True, env=self.env, capture_output=True, timeout=120)
         self.address = f"127.0.0.1:{self.port}"
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        env = base_env(**extra)
+        env.pop("RAY_AUTH_MODE", None)  # Ray's default: token auth where a token is found
+        env["RAY_AUTH_TOKEN_PATH"] = os.path.join(self.temp_dir, "auth_token")
+        return env
 
     def stop(self) -> None:
         """Stop this cluster's processes only (``ray stop`` would stop every Ray on the machine)."""

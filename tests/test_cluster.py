@@ -54,8 +54,12 @@ def test_workers_get_their_planned_gpus(tmp_path):
         cfg = tmp_path / "cluster.yaml"
         cfg.write_text(textwrap.dedent(CONFIG.format(port=port)))
         # The keys reach the replicas through the launcher, not the cluster's environment (ray start never saw them).
-        env = base_env(DEVICE_COUNT_PER_PHYSICAL_NODE="4", TWINKLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
-                       TWINKLE_API_KEYS="tml-cluster-key")
+        env = head.client_env(DEVICE_COUNT_PER_PHYSICAL_NODE="4", TWINKLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+                              TWINKLE_API_KEYS="tml-cluster-key", TWINKLE_ADMIN_KEYS="tml-cluster-admin")
+        # The cluster really requires its token: a driver without it cannot join.
+        denied = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{head.address}')"],
+                                env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+        assert denied.returncode != 0
         plan = subprocess.run([sys.executable, "-m", "twinkle.server", "plan", str(cfg)], env={**env, "RAY_ADDRESS": head.address},
                               capture_output=True, text=True, timeout=180)
         assert plan.returncode == 0, plan.stderr
@@ -73,10 +77,16 @@ def test_workers_get_their_planned_gpus(tmp_path):
         assert httpx.get(f"{base}/server/capabilities", headers={"X-API-Key": "tml-unknown"}).status_code == 401
         assert httpx.get(f"{base}/server/capabilities", headers={"X-API-Key": "tml-cluster-key"}).status_code == 200
 
-        model_workers = httpx.get(f"{base}/models/tiny/info", timeout=30).json()["workers"]
+        # Where workers run is for operators: the public /info does not say, the admin route does.
+        assert httpx.get(f"{base}/models/tiny/info", timeout=30).json()["workers"] == []
+        assert httpx.get(f"{base}/server/admin/services", headers={"X-API-Key": "tml-cluster-key"}).status_code == 403
+        services = httpx.get(f"{base}/server/admin/services", headers={"X-API-Key": "tml-cluster-admin"},
+                             timeout=30).json()["services"]
+        workers = {s["kind"]: s["info"]["workers"] for s in services}
+        model_workers = workers["model"]
         assert sorted(w["cuda_visible_devices"] for w in model_workers) == ["2", "3"]
         assert [w["cuda_visible_devices"] for w in sorted(model_workers, key=lambda w: w["rank"])] == ["2", "3"]
-        sampler_workers = httpx.get(f"{base}/sampler/tiny/info", timeout=30).json()["workers"]
+        sampler_workers = workers["sampler"]
         assert [w["cuda_visible_devices"] for w in sampler_workers] == ["0"]
         # Every worker is its own process, not the replica's.
         assert len({w["pid"] for w in model_workers + sampler_workers}) == 3

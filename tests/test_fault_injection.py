@@ -38,15 +38,35 @@ def stack(tmp_path_factory):
     cfg.write_text(text)
     env = base_env(TWINKLE_CHECKPOINT_DIR=str(root / "ckpt"), TWINKLE_SUPERVISE_INTERVAL_S="1",
                    TWINKLE_SUPERVISE_GRACE_S="5")
-    proc = subprocess.Popen([sys.executable, "-m", "twinkle.server", "--config", str(cfg)], env=env, cwd=root,
-                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    stack = Stack(f"http://127.0.0.1:{port}", cfg, env, root)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/api/v1/healthz", 300, proc)
-        wait_http(f"{base}{MODEL_PREFIX}/healthz", 120, proc)
-        yield base, proc, root
+        stack.launch()
+        yield stack
     finally:
-        terminate(proc, timeout_s=90)
+        stack.stop()
+
+
+class Stack:
+    """One deployed stack; ``launch()`` again after ``stop()`` restarts it on the same port and storage."""
+
+    def __init__(self, base: str, cfg, env: dict, root) -> None:
+        self.base, self.cfg, self.env, self.root = base, cfg, env, root
+        self.proc: subprocess.Popen | None = None
+        self.launches = 0
+
+    def launch(self) -> None:
+        self.launches += 1
+        log = open(self.root / f"server-{self.launches}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "twinkle.server", "--config", str(self.cfg)],
+                                     env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        wait_http(f"{self.base}/api/v1/healthz", 300, self.proc)
+        wait_http(f"{self.base}{MODEL_PREFIX}/healthz", 120, self.proc)
+
+    def stop(self) -> int | None:
+        return None if self.proc is None else terminate(self.proc, timeout_s=90)
+
+    def log(self) -> str:
+        return (self.root / f"server-{self.launches}.log").read_text()
 
 
 def _descendants(pid: int) -> set[int]:
@@ -125,15 +145,17 @@ def _wait_busy(base: str, timeout_s: float = 30) -> None:
     """Until the model replica reports an operation running (the kill then lands inside it)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        h = httpx.get(f"{base}{MODEL_PREFIX}/healthz", timeout=5).json()
-        if (h.get("busy_for_s") or 0) > 0:
+        # An open-mode server's local user is its admin: the admin route shows the model's queue.
+        services = httpx.get(f"{base}/api/v1/admin/services", headers={"X-API-Key": "tml-fault-alice"},
+                             timeout=5).json()["services"]
+        if any((s.get("health") or {}).get("busy_for_s") for s in services if s["kind"] == "model"):
             return
         time.sleep(0.005)
     raise AssertionError("the model replica never became busy")
 
 
 def test_killed_model_replicas_lose_no_acknowledged_step(stack):
-    base, launcher, root = stack
+    base, launcher = stack.base, stack.proc
     sc = tinker.ServiceClient(base_url=base, api_key="tml-fault-alice")
     try:
         reference = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4, seed=5).result()
@@ -175,6 +197,13 @@ def test_killed_model_replicas_lose_no_acknowledged_step(stack):
         assert losses == pytest.approx(expected, abs=1e-5), (losses, expected, error)
         print(f"replica killed between steps: next step done after {recovery_s:.1f} s; "
               f"kill during forward_backward: {error or 'both calls answered'}")
+
+        # 5. the whole launcher stopped and started again: the same model_id trains on
+        more = [_step(reference, _batch(i)) for i in (5, 6)]
+        assert stack.stop() == 0
+        stack.launch()
+        after = [_step(tc, _batch(i)) for i in (5, 6)]
+        assert after == pytest.approx(more, abs=1e-5)
     finally:
         sc.close("success").result()
 
@@ -182,7 +211,7 @@ def test_killed_model_replicas_lose_no_acknowledged_step(stack):
 def test_the_launcher_exits_non_zero_when_its_deployment_is_lost(stack):
     """Runs last: it takes the stack down. With Ray's control store (GCS) killed, the Serve applications
     cannot be seen any more; the launcher must not sit alive over a dead stack."""
-    _base, launcher, root = stack
+    launcher = stack.proc
     gcs = _process_named(launcher, "gcs_server")
     assert gcs is not None, "no gcs_server process under the launcher"
     os.kill(gcs, signal.SIGKILL)
@@ -191,5 +220,5 @@ def test_the_launcher_exits_non_zero_when_its_deployment_is_lost(stack):
     except subprocess.TimeoutExpired:
         pytest.fail("the launcher kept running over a lost deployment")
     assert code != 0
-    log = (root / "server.log").read_text()
+    log = stack.log()
     assert "the deployment was lost" in log, log[-3000:]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
+import msgspec
 import pytest
 from litestar.testing import TestClient
 
@@ -105,3 +108,59 @@ def test_http_401_and_open_health(tmp_path, monkeypatch):
         assert r.status_code == 401 and "not one of this server's keys" in r.json()["detail"]
         r = client.post("/api/v1/client/config", json={}, headers={"x-api-key": KEY_A})
         assert r.status_code == 200 and r.json()["pjwt_auth_enabled"] is False
+
+
+KEY_ADMIN = "tml-operator-00112233445566"
+
+
+def test_admin_routes_need_an_admin_key_and_show_every_tenant(tmp_path, monkeypatch):
+    """Usage of all tenants and the services' internals are for admin keys only; a tenant gets 403."""
+    from twinkle.common.models import TINY_MODEL_ID, served_model_name
+    from twinkle.model.service import ModelService
+    from twinkle.server.core.ports import LocalPort
+    from twinkle.server.native import NativeService, NativeSettings, create_twinkle_app
+
+    monkeypatch.delenv("TWINKLE_API_KEYS", raising=False)
+    monkeypatch.delenv("TWINKLE_ADMIN_KEYS", raising=False)
+    model = ModelService(TINY_MODEL_ID, adapter_timeout_s=None)
+    name = served_model_name(TINY_MODEL_ID)
+    settings = TinkerSettings(checkpoint_dir=str(tmp_path / "t"), api_keys=[KEY_A, KEY_B], admin_keys=[KEY_ADMIN])
+    with TestClient(create_tinker_app(settings, {name: LocalPort(model)}, {}, path_prefix="/api/v1")) as client:
+        for key, status in ((KEY_A, 403), (KEY_ADMIN, 200)):
+            assert client.get("/api/v1/admin/usage", headers={"X-API-Key": key}).status_code == status
+            assert client.get("/api/v1/admin/services", headers={"X-API-Key": key}).status_code == status
+        assert client.get("/api/v1/admin/usage").status_code == 401
+        r = client.post("/api/v1/create_session", json={"tags": [], "sdk_version": "0.38.0"},
+                        headers={"X-API-Key": KEY_B})
+        assert r.status_code == 200
+        usage = client.get("/api/v1/admin/usage", headers={"X-API-Key": KEY_ADMIN}).json()["principals"]
+        assert usage[principal_id(KEY_B)]["open_sessions"] == 1
+        services = client.get("/api/v1/admin/services", headers={"X-API-Key": KEY_ADMIN}).json()["services"]
+        assert services[0]["kind"] == "model" and services[0]["info"]["model_name"] == name
+        assert "queued" in services[0]["health"]
+    with contextlib.suppress(Exception):
+        asyncio.run(model.close())
+    native = NativeSettings(checkpoint_dir=str(tmp_path / "n"), api_keys=[KEY_A], admin_keys=[KEY_ADMIN])
+    with TestClient(create_twinkle_app(NativeService(native, models={}, samplers={}), path_prefix="/server")) as client:
+        assert client.get("/server/admin/usage", headers={"X-API-Key": KEY_A}).status_code == 403
+        assert client.get("/server/admin/usage", headers={"X-API-Key": KEY_ADMIN}).status_code == 200
+
+
+def test_yaml_role_admin_keys_become_admin_keys():
+    from twinkle.common.config.schema import ServerArgs
+
+    args = msgspec.convert({"api_keys": ["tml-user", {"key": "tml-ops", "role": "admin"}],
+                            "admin_keys": ["tml-ops2"]}, ServerArgs)
+    assert args.api_keys == ["tml-user"] and args.admin_keys == ["tml-ops2", "tml-ops"]
+
+
+def test_component_info_and_health_are_public_views():
+    from twinkle.common.wire import ServiceHealth, ServiceInfo, WorkerInfo
+
+    info = ServiceInfo(kind="model", model_name="m", model_id="builtin://m", app="models-m", runs=7,
+                       workers=[WorkerInfo(rank=0, pid=123, hostname="node-1")], settings={"engine_args": "secret"})
+    public = info.public()
+    assert (public.workers, public.runs, public.settings, public.app) == ([], None, {}, None)
+    assert public.model_name == "m"
+    health = ServiceHealth(kind="model", queued=5, busy_for_s=2.0, runs=3, resident_runs=1).public()
+    assert (health.queued, health.busy_for_s, health.runs, health.resident_runs) == (None, None, None, None)

@@ -555,6 +555,8 @@ def test_restart_keeps_state_and_fails_dead_requests(services, tmp_path):
         store = await Store.open(str(tmp_path / "state.sqlite"))
         await store.insert_future(FutureRecord(request_id="req-dead", owner=principal_id(A), kind="optim_step",
                                                created=time.time(), model_id=mid, seq_id=99))
+        await store.insert_future(FutureRecord(request_id="req-dead-save", owner=principal_id(A),
+                                               kind="save_weights", created=time.time(), model_id=mid, seq_id=98))
         await store.close()
 
     asyncio.run(leave_pending())
@@ -564,7 +566,11 @@ def test_restart_keeps_state_and_fails_dead_requests(services, tmp_path):
         assert alice.get(f"training_runs/{mid}").json()["training_run_id"] == mid
         assert alice.get(f"training_runs/{mid}/checkpoints").json()["checkpoints"][0]["tinker_path"] == uri
         assert alice.result(fb, proto=True) == first  # a finished result is still there
+        # a training request is followed to the Model service, which never received it: not applied
         dead = alice.result("req-dead")
+        assert dead["category"] == "user" and "not applied" in dead["error"]
+        # any other kind of request a dead process left running fails as a server error
+        dead = alice.result("req-dead-save")
         assert dead["category"] == "server" and "restarted" in dead["error"]
         shut = alice.result(cut_off)
         assert shut["category"] == "server" and "shut down" in shut["error"]

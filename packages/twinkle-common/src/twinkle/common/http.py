@@ -61,16 +61,17 @@ EXCEPTION_HANDLERS = {
 
 
 def health_routes(health: Callable[[], Awaitable[ServiceHealth]], info: Callable[[], Awaitable[ServiceInfo]]) -> list:
-    """``GET /healthz`` (cheap liveness plus the component's own check) and ``GET /info``, as the component's
-    ``ServiceHealth`` and ``ServiceInfo``."""
+    """``GET /healthz`` (cheap liveness plus the component's own check) and ``GET /info``: the public views of
+    the component's ``ServiceHealth`` and ``ServiceInfo`` (no processes, hosts, queues or tenants' counts;
+    the central app's admin routes show those)."""
 
     @get("/healthz")
     async def healthz() -> ServiceHealth:
-        return await health()
+        return (await health()).public()
 
     @get("/info")
     async def info_route() -> ServiceInfo:
-        return await info()
+        return (await info()).public()
 
     return [healthz, info_route]
 

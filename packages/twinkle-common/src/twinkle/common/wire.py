@@ -262,6 +262,11 @@ class ServiceInfo(msgspec.Struct, kw_only=True):
     # engine settings worth showing an operator (device, dtype, batch sizes, engine args)
     settings: dict[str, Any] = {}
 
+    def public(self) -> "ServiceInfo":
+        """What anyone may read (``GET /info``): the model and its limits, without processes, hosts, counts
+        or engine settings (which may hold secrets); operators read the rest through the admin routes."""
+        return msgspec.structs.replace(self, app=None, workers=[], runs=None, settings={})
+
 
 class ServiceHealth(msgspec.Struct, kw_only=True):
     """A service's liveness (``health()``, ``GET /healthz``); cheap, never waits for compute. ``degraded``
@@ -278,3 +283,8 @@ class ServiceHealth(msgspec.Struct, kw_only=True):
     resident_runs: int | None = None  # model: runs whose adapter is on the device
     served: int | None = None  # sampler: requests answered
     failed: int | None = None  # sampler: requests that failed
+
+    def public(self) -> "ServiceHealth":
+        """What anyone may read (``GET /healthz``): liveness, without the tenants' load."""
+        return ServiceHealth(kind=self.kind, status=self.status, uptime_s=self.uptime_s, workers=self.workers,
+                             workers_alive=self.workers_alive)

@@ -2,6 +2,9 @@
 
 Design points (a raw key must never become an id, a stored value or a log line):
 
+- Admin keys (``admin_keys``, ``role: admin`` in the YAML, ``TWINKLE_ADMIN_KEYS``) are keys like the others
+  whose principal may also read every tenant's usage and the services' internals. In open mode (below) the
+  single local user is the admin.
 - Keys come from the server config (``api_keys``) and from ``TWINKLE_API_KEYS`` (comma-separated). They are
   stored as salted SHA-256 digests (one random salt per state database); the raw key is never written to
   the database or to a log.
@@ -38,6 +41,7 @@ log = logging.getLogger("twinkle.server.auth")
 
 API_KEY_HEADER = "x-api-key"
 KEYS_ENV = "TWINKLE_API_KEYS"
+ADMIN_KEYS_ENV = "TWINKLE_ADMIN_KEYS"
 TINKER_KEY_PREFIX = "tml-"
 _SALT_META = "auth_salt"
 
@@ -51,6 +55,7 @@ class Principal(msgspec.Struct, frozen=True):
 
     id: str
     open_mode: bool = False
+    admin: bool = False
 
 
 def principal_id(raw_key: str) -> str:
@@ -61,8 +66,8 @@ def hash_key(raw_key: str, salt: bytes) -> str:
     return hashlib.sha256(salt + b"\x00" + raw_key.encode()).hexdigest()
 
 
-def keys_from_env() -> list[str]:
-    raw = os.environ.get(KEYS_ENV, "")
+def keys_from_env(name: str = KEYS_ENV) -> list[str]:
+    raw = os.environ.get(name, "")
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
@@ -102,14 +107,16 @@ def _dedupe(keys: list[str]) -> list[str]:
 class KeyRing:
     """Answers "which principal is this key?" from the configured and stored keys."""
 
-    def __init__(self, hashes: dict[str, str], salt: bytes, *, open_mode: bool) -> None:
+    def __init__(self, hashes: dict[str, str], salt: bytes, *, open_mode: bool, admins: Iterable[str] = ()) -> None:
         self._principals_by_hash = hashes
         self._salt = salt
         self.open_mode = open_mode
+        self.admins = frozenset(admins)
 
     @classmethod
-    async def load(cls, store: Store, keys: list[str], *, host: str) -> "KeyRing":
-        """Sync the configured keys into the store and build the ring. ``keys`` are already validated."""
+    async def load(cls, store: Store, keys: list[str], *, host: str, admin_keys: Iterable[str] = ()) -> "KeyRing":
+        """Sync the configured keys into the store and build the ring. ``keys`` are already validated and
+        include the admin keys."""
         from .core.state import ApiKeyRecord
 
         salt = bytes.fromhex(await store.meta_setdefault(_SALT_META, secrets.token_hex(16)))
@@ -132,7 +139,8 @@ class KeyRing:
             if not k.startswith(TINKER_KEY_PREFIX):
                 log.warning("a configured API key does not start with %r; the official tinker SDK will refuse "
                             "to send it", TINKER_KEY_PREFIX)
-        return cls({k.key_hash: k.principal for k in stored}, salt, open_mode=open_mode)
+        return cls({k.key_hash: k.principal for k in stored}, salt, open_mode=open_mode,
+                   admins=[principal_id(k) for k in admin_keys])
 
     def authenticate(self, raw_key: str | None) -> Principal:
         if not raw_key:
@@ -145,12 +153,12 @@ class KeyRing:
                     detail=f"invalid API key: this server runs without configured keys and accepts any key "
                     f"starting with {TINKER_KEY_PREFIX!r}"
                 )
-            return Principal(id=principal_id(raw_key), open_mode=True)
+            return Principal(id=principal_id(raw_key), open_mode=True, admin=True)
         digest = hash_key(raw_key, self._salt)
         principal = self._principals_by_hash.get(digest)
         if principal is None:
             raise NotAuthorizedException(detail="invalid API key: it is not one of this server's keys")
-        return Principal(id=principal)
+        return Principal(id=principal, admin=principal in self.admins)
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):

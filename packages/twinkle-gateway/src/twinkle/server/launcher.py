@@ -164,21 +164,26 @@ def _watch_applications(stop: threading.Event, names: list[str]) -> str | None:
 
 
 def _applications_problem(names: list[str], timeout_s: float) -> str | None:
-    """What is wrong with the deployed applications, or None. Asked on a side thread: a call into a dead
-    cluster may hang, and the watch must not."""
-    import concurrent.futures
-
+    """What is wrong with the deployed applications, or None. Asked on a daemon thread: a call into a dead
+    cluster may hang, and neither the watch nor the process's exit may wait for it."""
     from ray import serve
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinkle-watch")
-    try:
-        apps = pool.submit(lambda: serve.status().applications).result(timeout=timeout_s)
-    except concurrent.futures.TimeoutError:
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            answer["apps"] = serve.status().applications
+        except Exception as e:  # noqa: BLE001 - any failure to ask means the deployment cannot be seen
+            answer["error"] = e
+
+    asker = threading.Thread(target=ask, name="twinkle-watch", daemon=True)
+    asker.start()
+    asker.join(timeout_s)
+    if "error" in answer:
+        return f"cannot reach Ray Serve ({type(answer['error']).__name__})"
+    if "apps" not in answer:
         return f"Ray Serve did not answer within {timeout_s:g} s"
-    except Exception as e:  # noqa: BLE001 - any failure to ask means the deployment cannot be seen
-        return f"cannot reach Ray Serve ({type(e).__name__})"
-    finally:
-        pool.shutdown(wait=False)
+    apps = answer["apps"]
     missing = [n for n in names if n not in apps]
     failed = [n for n in names if n in apps and getattr(apps[n].status, "value", apps[n].status) == "DEPLOY_FAILED"]
     if missing:
@@ -201,11 +206,11 @@ def resolve_storage(config: ServerConfig) -> dict[str, str]:
 
 
 def _check_auth(config: ServerConfig) -> None:
-    try:
-        from .auth import check_auth_settings
-    except ImportError:  # the auth module arrives with the Tinker server
-        return
-    check_auth_settings(config.http_options.host, _server_args(config).get("api_keys") or [])
+    from .auth import ADMIN_KEYS_ENV, check_auth_settings, keys_from_env
+
+    args = _server_args(config)
+    keys = [*(args.get("api_keys") or []), *(args.get("admin_keys") or []), *keys_from_env(ADMIN_KEYS_ENV)]
+    check_auth_settings(config.http_options.host, keys)
 
 
 def _server_args(config: ServerConfig) -> dict[str, Any]:
@@ -284,7 +289,7 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
     for app in config.applications:
         args = _plain(app.args)
         if app.import_path == "server":
-            args["api_keys"] = _launcher_keys(args)
+            args["api_keys"], args["admin_keys"] = _launcher_keys(args)
         specs.append(
             ComponentSpec(
                 app_name=app.name,
@@ -303,13 +308,16 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
     return specs
 
 
-def _launcher_keys(server_args: dict[str, Any]) -> list[str]:
-    """The server's keys: the YAML's and those in the launcher's ``TWINKLE_API_KEYS``. They travel in the
-    central app's spec, because its replica may run on a cluster started without the launcher's environment
-    (``ray start``), where reading the variable there would find nothing and run open."""
-    from .auth import keys_from_env
+def _launcher_keys(server_args: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The server's keys and admin keys: the YAML's and those in the launcher's ``TWINKLE_API_KEYS`` and
+    ``TWINKLE_ADMIN_KEYS``. They travel in the central app's spec, because its replica may run on a cluster
+    started without the launcher's environment (``ray start``), where reading the variables there would find
+    nothing and run open."""
+    from .auth import ADMIN_KEYS_ENV, keys_from_env
 
-    return list(dict.fromkeys([*(server_args.get("api_keys") or []), *keys_from_env()]))
+    keys = list(dict.fromkeys([*(server_args.get("api_keys") or []), *keys_from_env()]))
+    admins = list(dict.fromkeys([*(server_args.get("admin_keys") or []), *keys_from_env(ADMIN_KEYS_ENV)]))
+    return keys, admins
 
 
 def _central_app(config: ServerConfig) -> PeerApp | None:

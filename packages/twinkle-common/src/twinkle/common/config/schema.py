@@ -347,11 +347,23 @@ def _require_model_id(model_id: str | None) -> str:
     return model_id
 
 
+class ApiKeySpec(_Strict):
+    """An API key with a role: ``user`` owns its runs, sessions and checkpoints; ``admin`` also sees every
+    tenant's usage and the services' internals (workers, queues, engine settings)."""
+
+    key: NonEmptyStr
+    role: Literal["user", "admin"] = "user"
+
+
 class ServerArgs(_Strict, tag_field="import_path", tag="server"):
     """Arguments of the central server (gateway) application."""
 
-    api_keys: list[NonEmptyStr] = []
-    """Keys accepted in ``X-API-Key`` besides those in the state store; empty means only stored keys."""
+    api_keys: list[NonEmptyStr | ApiKeySpec] = []
+    """Keys accepted in ``X-API-Key`` besides those in the state store: a plain string, or ``{key, role}``
+    with ``role: admin`` for an operator's key. Read back as plain strings; admin keys move to
+    ``admin_keys``."""
+    admin_keys: list[NonEmptyStr] = []
+    """Admin keys (also accepted as API keys); ``TWINKLE_ADMIN_KEYS`` adds more at launch."""
     supported_models: list[NonEmptyStr] | None = None
     """Base models clients may ask for; None means every model application of this config."""
     session_timeout_s: PositiveFloat = 120.0
@@ -388,9 +400,14 @@ class ServerArgs(_Strict, tag_field="import_path", tag="server"):
             )
         seen: set[str] = set()
         for index, key in enumerate(self.api_keys):
-            if key in seen:
+            raw = key if isinstance(key, str) else key.key
+            if raw in seen:
                 raise _fail(f"api_keys[{index}]", "this key is listed twice")
-            seen.add(key)
+            seen.add(raw)
+        admins = [k.key for k in self.api_keys if not isinstance(k, str) and k.role == "admin"]
+        force_setattr(self, "api_keys", [k if isinstance(k, str) else k.key for k in self.api_keys
+                                         if isinstance(k, str) or k.role != "admin"])
+        force_setattr(self, "admin_keys", list(dict.fromkeys([*self.admin_keys, *admins])))
 
 
 class ModelArgs(_PlacedArgs, tag_field="import_path", tag="model"):

@@ -38,7 +38,7 @@ from twinkle.common.http import release_seq_id
 from twinkle.common.limits import check_page, check_seq_id, check_ttl
 from twinkle.common.wire import NotFoundError, ResyncNeeded, ServiceUnavailable, UserError
 
-from ..auth import KeyRing, check_auth_settings
+from ..auth import ADMIN_KEYS_ENV, KeyRing, check_auth_settings, keys_from_env
 from .checkpoints import CheckpointLayout, CheckpointRef, dir_size, validate_run_id
 from .futures import Busy, Futures, Work
 from .ports import ModelPort, SamplerPort
@@ -97,7 +97,8 @@ class ControlPlane:
         self.models = {k: v for k, v in models.items() if allowed is None or k in allowed}
         self.samplers = {k: v for k, v in samplers.items() if allowed is None or k in allowed}
         self.layout = CheckpointLayout(settings.checkpoint_dir)
-        self.keys = check_auth_settings(settings.host, settings.api_keys)
+        self.admin_keys = list(dict.fromkeys([*settings.admin_keys, *keys_from_env(ADMIN_KEYS_ENV)]))
+        self.keys = check_auth_settings(settings.host, [*settings.api_keys, *self.admin_keys])
         self._store: Store | None = None
         self._futures: Futures | None = None
         self.keyring: KeyRing | None = None
@@ -115,7 +116,7 @@ class ControlPlane:
                                 max_pending_per_owner=self.settings.max_pending_per_key,
                                 max_polls_per_owner=self.settings.max_polls_per_key)
         await self._futures.recover(self._resumable)
-        self.keyring = await KeyRing.load(self._store, self.keys, host=self.settings.host)
+        self.keyring = await KeyRing.load(self._store, self.keys, host=self.settings.host, admin_keys=self.admin_keys)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="twinkle sweeper")
         self._started.set()
 
@@ -305,6 +306,16 @@ class ControlPlane:
             for c in await self.store.list_checkpoints(run.id):
                 await self.delete_checkpoint(c)
         await self.store.delete_run(run.id)
+
+    async def usage(self) -> dict[str, dict[str, int]]:
+        """Every principal's runs, open sessions, checkpoints (count, bytes) and requests in flight (admins)."""
+        usage = await self.store.usage()
+        in_flight = self.futures.pending_by_owner()
+        for owner in in_flight:
+            usage.setdefault(owner, {"runs": 0, "open_sessions": 0, "checkpoints": 0, "checkpoint_bytes": 0})
+        for owner, row in usage.items():
+            row["requests_in_flight"] = in_flight.get(owner, 0)
+        return usage
 
     # =============================================================================== submissions
 

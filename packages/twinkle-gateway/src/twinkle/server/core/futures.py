@@ -296,6 +296,10 @@ class Futures:
 
     # ------------------------------------------------------------------------------- lifecycle
 
+    def pending_by_owner(self) -> dict[str, int]:
+        """Requests queued or running here, per owner."""
+        return dict(self._pending)
+
     @property
     def running(self) -> int:
         return len(self._running)

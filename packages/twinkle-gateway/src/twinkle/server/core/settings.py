@@ -25,6 +25,9 @@ class CentralSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     """The address the HTTP server binds; decides whether running without API keys is allowed."""
     api_keys: list[str] = []
     """Accepted ``X-API-Key`` values (plus ``TWINKLE_API_KEYS``); none on loopback = open mode."""
+    admin_keys: list[str] = []
+    """Keys with the admin role (plus ``TWINKLE_ADMIN_KEYS``): accepted like ``api_keys``, and they may also
+    read every tenant's usage and the services' internals (``GET …/admin/usage``, ``…/admin/services``)."""
     supported_models: list[str] | None = None
     """Base models clients may use; None = every model given to the app."""
     session_timeout_s: float = 120.0

@@ -32,6 +32,7 @@ from twinkle.common.http import EXCEPTION_HANDLERS, distribution_version
 from twinkle.common.native import FutureRef, decode
 
 from ..auth import ApiKeyMiddleware, Principal
+from ..core.admin import ADMIN_ROUTES
 from . import protocol as P
 from .serving import NativeService
 
@@ -143,7 +144,9 @@ ROUTES = [
 def create_twinkle_app(service: NativeService, *, path_prefix: str = "", debug: bool = False) -> Litestar:
     """A fresh TwinkleServer app over ``service``; its lifespan runs the control plane."""
 
-    handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
+    handlers: list[Any] = [*ROUTES, *ADMIN_ROUTES]
+    if path_prefix:
+        handlers = [Router(path=path_prefix, route_handlers=handlers)]
     return Litestar(
         route_handlers=handlers,
         middleware=[DefineMiddleware(ApiKeyMiddleware, public=("/docs",))],

@@ -27,6 +27,7 @@ from twinkle.common.wire import UserError
 
 from ..auth import ApiKeyMiddleware, Principal
 from ..core import ControlPlane
+from ..core.admin import ADMIN_ROUTES
 from ..core.ports import ModelPort, SamplerPort
 from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
@@ -455,7 +456,9 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
     service = TinkerService(settings, plane)
     sampling = TinkerSampling(settings, plane)
 
-    handlers: list[Any] = ROUTES if not path_prefix else [Router(path=path_prefix, route_handlers=ROUTES)]
+    handlers: list[Any] = [*ROUTES, *ADMIN_ROUTES]
+    if path_prefix:
+        handlers = [Router(path=path_prefix, route_handlers=handlers)]
     return Litestar(
         route_handlers=handlers,
         middleware=[ZstdRequestMiddleware(settings.max_body_bytes), DefineMiddleware(ApiKeyMiddleware)],

@@ -376,6 +376,26 @@ class Store:
             "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM checkpoints WHERE owner=?", (owner,)).fetchone())
         return int(row[0]), int(row[1])
 
+    async def usage(self) -> dict[str, dict[str, int]]:
+        """Per owner: ``runs``, ``open_sessions``, ``checkpoints``, ``checkpoint_bytes``."""
+
+        def go() -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+
+            def add(sql: str, *fields: str) -> None:
+                for owner, *values in self.conn.execute(sql).fetchall():
+                    row = out.setdefault(owner, {"runs": 0, "open_sessions": 0, "checkpoints": 0,
+                                                 "checkpoint_bytes": 0})
+                    row.update({f: int(v or 0) for f, v in zip(fields, values)})
+
+            add("SELECT owner, COUNT(*) FROM runs GROUP BY owner", "runs")
+            add("SELECT owner, COUNT(*) FROM sessions WHERE finished IS NULL GROUP BY owner", "open_sessions")
+            add("SELECT owner, COUNT(*), SUM(size_bytes) FROM checkpoints GROUP BY owner", "checkpoints",
+                "checkpoint_bytes")
+            return out
+
+        return await self._call(go)
+
     async def delete_checkpoint(self, run_id: str, kind: str, name: str) -> bool:
         def go() -> bool:
             cur = self.conn.execute(
