@@ -42,6 +42,8 @@ def _existing_cluster_address() -> str | None:
 
 
 def use_token_auth_if_available() -> None:
+    """Send Ray the cluster's token when one is at hand (``RAY_AUTH_MODE=token``), as ``ray start`` does
+    for the cluster itself; a mode the user set is kept. Call before the process first imports Ray."""
     if os.environ.get("RAY_AUTH_MODE"):
         return  # the user's choice
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
@@ -65,6 +67,7 @@ def _job_runtime_env() -> dict:
 
 
 def connect(namespace: str, *, address: str | None = None, log_level: str = "INFO") -> RayConnection:
+    use_token_auth_if_available()  # before Ray is imported: it reads its auth mode once, at import
     import ray
 
     if ray.is_initialized():
@@ -73,7 +76,6 @@ def connect(namespace: str, *, address: str | None = None, log_level: str = "INF
     common = dict(namespace=namespace, runtime_env=_job_runtime_env(), logging_level=log_level, log_to_driver=True)
     target = address or _existing_cluster_address()
     if target:
-        use_token_auth_if_available()
         try:
             ray.init(address=target, **common)
             log.info("joined the Ray cluster at %s", target)

@@ -104,11 +104,11 @@ def _plan(cfg, topology_path: str | None, allow_shared_gpus: bool | None):
 
     if topology_path:
         return plan_config(cfg, load_topology(topology_path), allow_shared_gpus=allow_shared_gpus)
-    import ray
-
     from ._ray_runtime import use_token_auth_if_available
 
     use_token_auth_if_available()
+    import ray
+
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     try:
         return plan_config(cfg, read_ray_topology(), allow_shared_gpus=allow_shared_gpus)
@@ -117,12 +117,12 @@ def _plan(cfg, topology_path: str | None, allow_shared_gpus: bool | None):
 
 
 def _stop(address: str) -> int:
-    import ray
-    from ray import serve
-
     from ._ray_runtime import use_token_auth_if_available
 
     use_token_auth_if_available()
+    import ray
+    from ray import serve
+
     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     try:
         serve.shutdown()
