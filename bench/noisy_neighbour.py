@@ -120,7 +120,7 @@ def replica_rss(launcher_pid: int) -> dict[str, float]:
         except OSError:
             continue
         if "ServeReplica:" in cmd:
-            name = cmd.split("ServeReplica:", 1)[1].split()[0]
+            name = cmd.split("ServeReplica:", 1)[1].split()[0].split(".")[0]
             out[f"{name} (pid {pid})"] = rss_mb(pid)
     return out
 

@@ -198,3 +198,46 @@ async def test_event_loop_stays_responsive_during_a_long_job(sched):
     lags.sort()
     assert len(lags) > 5, lags
     assert lags[int(len(lags) * 0.9)] < 0.05 and lags[-1] < 0.25, lags
+
+
+async def test_a_sliced_job_lets_other_runs_in_between_its_slices(sched):
+    """A job whose fn returns a generator runs a slice per turn; its own run's later request still waits."""
+    rec = Recorder()
+    sched.add_run("big", tenant="heavy")
+    sched.add_run("small", tenant="light")
+
+    def sliced():
+        for part in range(3):
+            rec.log.append(f"big{part}")
+            time.sleep(0.02)
+            if part < 2:
+                yield
+        return "big done"
+
+    blocker = asyncio.create_task(sched.run_exclusive(rec.job("block", sleep=0.1)))
+    await asyncio.sleep(0.02)
+    big = asyncio.create_task(sched.submit("big", 1, sliced))
+    big_next = asyncio.create_task(sched.submit("big", 2, rec.job("big-next")))
+    await asyncio.sleep(0.02)
+    small = [asyncio.create_task(sched.submit("small", seq, rec.job(f"small{seq}"))) for seq in (1, 2)]
+    assert await big == "big done"
+    await asyncio.gather(blocker, big_next, *small)
+    order = rec.log[1:]
+    assert order.index("small1") < order.index("big2")  # the light tenant got in between the slices
+    assert order.index("big-next") > order.index("big2")  # the run's own next request waited for the job
+
+
+async def test_the_tenant_with_least_model_time_goes_first(sched):
+    """Least attained service per tenant: a tenant who used the model a lot waits behind one who did not,
+    whatever the number of its runs."""
+    rec = Recorder()
+    for rid, tenant in (("h1", "heavy"), ("h2", "heavy"), ("l1", "light")):
+        sched.add_run(rid, tenant=tenant)
+    await sched.submit("h1", 1, rec.job("warm", sleep=0.1))  # heavy has used the model
+    blocker = asyncio.create_task(sched.run_exclusive(rec.job("block", sleep=0.1)))
+    await asyncio.sleep(0.02)
+    tasks = [asyncio.create_task(sched.submit(rid, seq, rec.job(f"{rid}-{seq}", sleep=0.01)))
+             for rid, seqs in (("h1", (2, 3)), ("h2", (1, 2)), ("l1", (1, 2))) for seq in seqs]
+    await asyncio.gather(blocker, *tasks)
+    order = [t for t in rec.log if t not in ("warm", "block")]
+    assert order[:2] == ["l1-1", "l1-2"], order

@@ -26,6 +26,9 @@ Contract, for every implementation (``TransformersBackend``, ``DataParallelBacke
   rename) in the PEFT layout (``adapter_config.json`` + ``adapter_model.safetensors``) that stock
   ``peft.PeftModel.from_pretrained`` loads; state checkpoints add ``optimizer.safetensors`` and
   ``twinkle_state.json`` (step, LoRA config). ``load_state`` reproduces logprobs exactly.
+- **Slices**: ``forward_backward_slices`` is ``forward_backward`` as a generator that yields between
+  micro-batches; the service runs one slice per turn so that a large request cannot hold the model for
+  long. Interleaving slices of different runs changes no result.
 - **Snapshots**: ``snapshot`` copies a run's state off the live model (CPU memory, cheap next to a step) so
   that it can be written by another thread while training goes on (``checkpoints.write_snapshot``); the
   service keeps runs durable that way.
@@ -34,7 +37,9 @@ Contract, for every implementation (``TransformersBackend``, ``DataParallelBacke
 from __future__ import annotations
 
 import abc
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 from twinkle.common.limits import check_adam, check_lora
 from twinkle.common.wire import (
@@ -93,6 +98,21 @@ class TrainingBackend(abc.ABC):
         self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
     ) -> ForwardBackwardOutput: ...
 
+    def forward_backward_slices(
+        self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
+    ) -> Generator[None, None, ForwardBackwardOutput]:
+        """``forward_backward`` as a generator that yields between slices of work (micro-batches), so that the
+        scheduler can let other runs' requests in between; its return value is the output. A bad request
+        raises before the generator is returned. Slices must leave the model as they found it. The default
+        is one slice."""
+        out = self.forward_backward(run_id, inp, forward_only)
+
+        def one_slice() -> Generator[None, None, ForwardBackwardOutput]:
+            return out
+            yield  # a generator that returns at once
+
+        return one_slice()
+
     def forward_backward_many(self, items: list[FusedItem]) -> list[ForwardBackwardOutput | Exception]:
         """Several runs' forward_backward requests, ideally in one pass. The default runs them one by one; a
         backend that can fuse overrides this. One item's error never fails the others."""
@@ -142,6 +162,15 @@ class TrainingBackend(abc.ABC):
 
     def close(self) -> None:
         """Release resources (processes, spill files)."""
+
+
+def run_slices(slices: Generator[None, None, Any]) -> Any:
+    """Run a sliced job to its end in one go; its result."""
+    while True:
+        try:
+            next(slices)
+        except StopIteration as done:
+            return done.value
 
 
 def validate_lora(lora: LoraConfig) -> None:

@@ -25,8 +25,13 @@ The rules (also in the README):
   ``UserError(field="seq_id")`` naming the missing ``seq_id``, and the run's next expected ``seq_id`` moves
   past them (a late arrival of the missing one is then refused as too old).
 - **A failed request still consumes its ``seq_id``**, so one bad request never stalls a run.
-- **Fairness.** Runs with a runnable request are served round-robin, one request per turn; control work
-  (creating, deleting, offloading adapters) goes first.
+- **Fairness.** Control work (creating, deleting, offloading adapters) goes first. Then the runnable run
+  whose *tenant* (the run's owner) has had the least model time lately goes next (least attained service,
+  decaying with a half-life of ``fair_half_life_s``); runs of one tenant, and tenants within
+  ``fair_quantum_s`` of the least, take turns. A tenant sending little waits for at most the slice running now, however much others send.
+- **Slices.** A job whose ``fn`` returns a generator runs one slice per ``next()`` (a backend yields between
+  micro-batches): after each slice the run's turn ends and other runs may go, while this run's later
+  requests still wait for the job to finish. A slice must leave the shared model as it found it.
 - **Fusion** (optional): when a ``batcher`` is given, the head requests of several runs that share a
   ``batch_key`` are handed to it together (at most ``max_batch``), one per run, in round-robin order.
 - **Execution** happens on ONE dedicated thread: ops of different adapters share one base model and must not
@@ -40,10 +45,11 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +66,7 @@ class Job:
     key: tuple[int, int]  # execution order within the run: (seq_id, 0) or (highest seen, arrival)
     batch_key: str | None = None
     payload: Any = None
+    slices: Generator[None, None, Any] | None = None  # a sliced job under way
 
 
 @dataclass
@@ -72,17 +79,21 @@ class _RunQueue:
     results: collections.OrderedDict[int, asyncio.Future] = field(default_factory=collections.OrderedDict)
     progress_at: float = field(default_factory=time.monotonic)
     running: bool = False
+    tenant: str = ""
+    resume: Job | None = None  # a sliced job between two of its slices
 
     def head(self) -> Job | None:
         """The job that may run now, if any."""
         if self.running:
             return None
+        if self.resume is not None:
+            return self.resume
         if self.unnumbered and self.unnumbered[0].key[0] < self.next_seq:
             return self.unnumbered[0]
         return self.waiting.get(self.next_seq)
 
     def pending(self) -> int:
-        return len(self.waiting) + len(self.unnumbered)
+        return len(self.waiting) + len(self.unnumbered) + int(self.resume is not None)
 
 
 class Scheduler:
@@ -94,8 +105,13 @@ class Scheduler:
         batcher: Callable[[list[Any]], list[Any]] | None = None,
         max_batch: int = 8,
         thread_name: str = "twinkle-model",
+        fair_half_life_s: float = 30.0,
+        fair_quantum_s: float = 0.05,
     ) -> None:
         self.gap_timeout_s = gap_timeout_s
+        self.fair_half_life_s = fair_half_life_s
+        self.fair_quantum_s = fair_quantum_s
+        self._served: dict[str, tuple[float, float]] = {}  # tenant -> (model seconds, when last updated)
         self.result_cache = result_cache
         self.batcher = batcher
         self.max_batch = max_batch
@@ -111,12 +127,14 @@ class Scheduler:
 
     # --- runs -----------------------------------------------------------------------------------------
 
-    def add_run(self, run_id: str, next_seq: int = 1, results: dict[int, Any] | None = None) -> None:
+    def add_run(self, run_id: str, next_seq: int = 1, results: dict[int, Any] | None = None,
+                tenant: str | None = None) -> None:
         """Add a run whose requests are expected from ``next_seq`` on; ``results`` are answers already given
-        (a restored run's last step), returned to a repeat of their ``seq_id``."""
+        (a restored run's last step), returned to a repeat of their ``seq_id``. ``tenant`` (default: the run
+        itself) is who shares model time fairly with the others."""
         if run_id in self._runs:
             raise UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
-        q = _RunQueue(run_id=run_id, next_seq=next_seq, highest_seen=next_seq - 1)
+        q = _RunQueue(run_id=run_id, next_seq=next_seq, highest_seen=next_seq - 1, tenant=tenant or run_id)
         for seq_id, value in (results or {}).items():
             done = asyncio.get_running_loop().create_future()
             done.set_result(value)
@@ -132,11 +150,14 @@ class Scheduler:
         with contextlib.suppress(ValueError):
             self._rotation.remove(run_id)
         err = error or NotFoundError(f"training run {run_id!r} was deleted", field="run_id")
-        for job in list(q.waiting.values()) + list(q.unnumbered):
+        if q.resume is not None:
+            q.resume.slices.close()
+        for job in list(q.waiting.values()) + list(q.unnumbered) + ([q.resume] if q.resume else []):
             if not job.future.done():
                 job.future.set_exception(err)
         q.waiting.clear()
         q.unnumbered.clear()
+        q.resume = None
 
     def has_run(self, run_id: str) -> bool:
         return run_id in self._runs
@@ -273,9 +294,10 @@ class Scheduler:
                     q.running = True
             jobs = [job for _, job in batch]
             self._busy_since = time.monotonic()
+            started = time.monotonic()
             try:
                 if len(jobs) == 1:
-                    outcomes = [await loop.run_in_executor(self._executor, _call, jobs[0].fn)]
+                    outcomes = [await loop.run_in_executor(self._executor, _call, jobs[0])]
                 else:
                     payloads = [j.payload for j in jobs]
                     outcomes = await loop.run_in_executor(self._executor, _call_batch, self.batcher, payloads)
@@ -287,7 +309,12 @@ class Scheduler:
             finally:
                 self._busy_since = None
             now = time.monotonic()
+            self._charge([q.tenant for q in queues if q is not None], now - started, now)
             for job, q, (ok, value) in zip(jobs, queues, outcomes):
+                if ok is None:  # a slice of a sliced job: the run's turn ends, the job goes on later
+                    if q is not None:
+                        q.running, q.resume, q.progress_at = False, job, now
+                    continue
                 if not job.future.done():
                     if ok:
                         job.future.set_result(value)
@@ -299,18 +326,41 @@ class Scheduler:
                     q.progress_at = now
             await asyncio.sleep(0)  # let awaiting callers run before the next job
 
+    def _charge(self, tenants: list[str], seconds: float, now: float) -> None:
+        """Add model time to the tenants that used it (split evenly in a fused pass)."""
+        for tenant in tenants:
+            self._served[tenant] = (self._service(tenant, now) + seconds / len(tenants), now)
+        if len(self._served) > 4 * len(self._runs) + 64:  # forget tenants whose service has decayed away
+            self._served = {t: v for t, v in self._served.items() if self._service(t, now) > 1e-6}
+
+    def _service(self, tenant: str, now: float) -> float:
+        """The tenant's model time, halved every ``fair_half_life_s``."""
+        seconds, at = self._served.get(tenant, (0.0, now))
+        return seconds * 0.5 ** ((now - at) / self.fair_half_life_s)
+
+    def _next_run(self) -> str | None:
+        """The runnable run whose tenant has had the least model time; in rotation order among those within
+        ``fair_quantum_s`` of the least (so that equal users simply take turns)."""
+        now = time.monotonic()
+        runnable = [(rid, self._service(self._runs[rid].tenant, now)) for rid in self._rotation
+                    if self._runs[rid].head() is not None]
+        if not runnable:
+            return None
+        least = min(service for _, service in runnable)
+        best = next(rid for rid, service in runnable if service <= least + self.fair_quantum_s)
+        self._rotation.remove(best)
+        self._rotation.append(best)
+        return best
+
     def _pick(self) -> list[tuple[str | None, Job]]:
         if self._control:
             return [(None, self._control.popleft())]
-        for _ in range(len(self._rotation)):
-            rid = self._rotation[0]
-            self._rotation.rotate(-1)
+        rid = self._next_run()
+        if rid is not None:
             q = self._runs[rid]
             job = q.head()
-            if job is None:
-                continue
             picked = [(rid, self._take(q, job))]
-            if self.batcher is not None and job.batch_key is not None:
+            if self.batcher is not None and job.batch_key is not None and job.slices is None:
                 for other in list(self._rotation):
                     if len(picked) >= self.max_batch:
                         break
@@ -318,12 +368,15 @@ class Scheduler:
                     if other == rid:
                         continue
                     oj = oq.head()
-                    if oj is not None and oj.batch_key == job.batch_key:
+                    if oj is not None and oj.batch_key == job.batch_key and oj.slices is None:
                         picked.append((other, self._take(oq, oj)))
             return picked
         return []
 
     def _take(self, q: _RunQueue, job: Job) -> Job:
+        if job is q.resume:
+            q.resume = None
+            return job
         if job.seq_id is None:
             q.unnumbered.popleft()
         else:
@@ -383,9 +436,18 @@ class Scheduler:
         await asyncio.to_thread(self._executor.shutdown, True)  # let a running job finish, off the loop
 
 
-def _call(fn: Callable[[], Any]) -> tuple[bool, Any]:
+def _call(job: Job) -> tuple[bool | None, Any]:
+    """Run a job, or its next slice: (True, result), (False, exception) or (None, None) after a slice."""
     try:
-        return True, fn()
+        if job.slices is None:
+            out = job.fn()
+            if not inspect.isgenerator(out):
+                return True, out
+            job.slices = out
+        next(job.slices)
+        return None, None
+    except StopIteration as done:
+        return True, done.value
     except Exception as e:  # noqa: BLE001 - delivered to the caller's future
         return False, e
 

@@ -141,7 +141,7 @@ class ModelService:
             )
         rec = _RunRecord(run_id=run_id, owner=owner, lora=lora)
         self._runs[run_id] = rec  # reserved synchronously: the quota check above cannot race
-        self.scheduler.add_run(run_id, next_seq=first_seq_id)
+        self.scheduler.add_run(run_id, next_seq=first_seq_id, tenant=owner)
         try:
             rec.lora = await self.scheduler.run_exclusive(lambda: self.backend.create_adapter(run_id, lora))
             rec.ready = True
@@ -228,7 +228,7 @@ class ModelService:
         return await self._submit(
             run_id,
             seq_id,
-            lambda: self.backend.forward_backward(run_id, inp, forward_only),
+            lambda: self.backend.forward_backward_slices(run_id, inp, forward_only),
             batch_key="fb" if fusable else None,
             payload=FusedItem(run_id, inp),
         )
@@ -403,7 +403,7 @@ class ModelService:
         rec = _RunRecord(run_id=run_id, owner=saved.owner, lora=saved.lora, resync=True)
         results = {saved.applied_seq: saved.result} if saved.applied_seq is not None and saved.result else None
         self._runs[run_id] = rec
-        self.scheduler.add_run(run_id, next_seq=saved.next_seq, results=results)
+        self.scheduler.add_run(run_id, next_seq=saved.next_seq, results=results, tenant=saved.owner)
 
         def load() -> None:
             self.backend.create_adapter(run_id, saved.lora)

@@ -61,7 +61,7 @@ from twinkle.common.wire import (
 )
 
 from . import checkpoints as ckpt
-from .backend import BackendInfo, FusedItem, TrainingBackend, validate_adam, validate_lora
+from .backend import BackendInfo, FusedItem, TrainingBackend, run_slices, validate_adam, validate_lora
 from .batching import micro_batches, target_logprobs
 from .losses import ValidatedRequest, loss_metrics, validate_request
 
@@ -352,21 +352,30 @@ class TransformersBackend(TrainingBackend):
     def forward_backward(
         self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
     ) -> ForwardBackwardOutput:
-        run = self._resident(run_id)
-        req = validate_request(inp, vocab_size=self.vocab_size, max_length=self.max_length)
-        return self._forward_backward(run, req, forward_only)
+        return run_slices(self.forward_backward_slices(run_id, inp, forward_only))
 
-    def _forward_backward(self, run: _Run, req: ValidatedRequest, forward_only: bool) -> ForwardBackwardOutput:
-        # 1. Only this run's adapter is active and trainable; dropout only when training and configured.
-        self._activate([run])
+    def forward_backward_slices(self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False):
+        req = validate_request(inp, vocab_size=self.vocab_size, max_length=self.max_length)
+        self._resident(run_id)
+        return self._forward_backward(run_id, req, forward_only)
+
+    def _forward_backward(self, run_id: str, req: ValidatedRequest, forward_only: bool):
+        """A generator: one micro-batch per slice. Each slice activates the run and its RNG stream itself and
+        leaves the model in eval mode, so other runs' work may go in between with bit-identical results."""
+        run = self._resident(run_id)
         dropout = run.lora.dropout > 0 and not forward_only
-        self.peft.train(dropout)
         lengths = req.lengths
         lp_all = torch.zeros((len(lengths), max(lengths)), dtype=torch.float32)
         loss_all = torch.zeros_like(lp_all)
-        with self._run_rng(run, dropout), torch.set_grad_enabled(not forward_only):
-            # 2. Micro-batches of whole datums within the token budget (one pass for most requests).
-            for rows in micro_batches(lengths, self.token_budget):
+        # 1. Micro-batches of whole datums within the token budget (one pass for most requests).
+        for index, rows in enumerate(micro_batches(lengths, self.token_budget)):
+            if index:
+                yield  # another run's work may go here
+                run = self._resident(run_id)
+            # 2. Only this run's adapter is active and trainable; dropout only when training and configured.
+            self._activate([run])
+            self.peft.train(dropout)
+            with self._run_rng(run, dropout), torch.set_grad_enabled(not forward_only):
                 part = req.subset(rows)
                 ids, valid, inputs = self._pad([part])
                 # 3. Logprob of each target token under the current adapter.
@@ -376,10 +385,10 @@ class TransformersBackend(TrainingBackend):
                 # 5. SUM over tokens and datums, as Tinker defines every loss; grads accumulate until optim_step.
                 if not forward_only:
                     per_token.sum().backward()
-                width = ids.shape[1]
-                lp_all[rows, :width] = lp.detach().float().cpu()
-                loss_all[rows, :width] = per_token.detach().float().cpu()
-        self.peft.eval()
+            self.peft.eval()
+            width = ids.shape[1]
+            lp_all[rows, :width] = lp.detach().float().cpu()
+            loss_all[rows, :width] = per_token.detach().float().cpu()
         _, valid_all, inputs_all = self._pad([req], device=torch.device("cpu"))
         metrics = loss_metrics(req.spec, req.config, lp_all, inputs_all, loss_all, valid_all)
         return ForwardBackwardOutput(loss_fn_outputs=self._outputs(lp_all, loss_all, lengths), metrics=metrics)
@@ -443,7 +452,7 @@ class TransformersBackend(TrainingBackend):
         for group in self._fusion_groups(ready):
             if len(group) == 1:
                 i, run, req = group[0]
-                results[i] = self._capture(functools.partial(self._forward_backward, run, req, False))
+                results[i] = self._capture(lambda: run_slices(self._forward_backward(run.run_id, req, False)))
                 continue
             try:
                 for (i, _, _), out in zip(group, self._fused(group)):
