@@ -7,6 +7,7 @@ what the plan promises: each worker process runs with the ``CUDA_VISIBLE_DEVICES
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -117,11 +118,16 @@ def test_workers_get_their_planned_gpus(tmp_path):
 
 
 def test_local_deploy_starts_answers_and_stops_cleanly(tmp_path):
-    """``python -m twinkle.server --config deploy/local.yaml`` with an embedded Ray, then SIGTERM."""
+    """``python -m twinkle.server --config deploy/local.yaml`` with an embedded Ray, then SIGTERM; on a machine
+    that has a Ray token (as after any earlier local ``ray.init``) and Ray's default auth mode, so the
+    embedded Ray runs with token authentication."""
     port = free_port()
     cfg = tmp_path / "local.yaml"
     cfg.write_text((REPO / "deploy" / "local.yaml").read_text().replace("port: 8000", f"port: {port}"))
-    env = base_env(TWINKLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = base_env(TWINKLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"), RAY_AUTH_TOKEN_PATH=str(token))
+    env.pop("RAY_AUTH_MODE")
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "twinkle.server", "--config", str(cfg)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -4,9 +4,11 @@ Rule: ``RAY_ADDRESS`` (or ``--address``) names a cluster -> join it. Otherwise, 
 cluster started with ``ray start`` -> join it. Otherwise start an embedded single-node Ray inside this
 process; it lives as long as the launcher does.
 
-Ray 2.60's ``ray start --head`` turns on token authentication, and a driver joins only in token mode. When
-a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and the user set no
-``RAY_AUTH_MODE``, the launcher joins in token mode, which also works with clusters that have auth off.
+Ray 2.60's ``ray start --head`` turns on token authentication where a token exists (and a first local
+``ray.init()`` creates ``~/.ray/auth_token``), and a driver joins only in token mode. When a token is at hand
+(``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and the user set no ``RAY_AUTH_MODE``,
+the launcher runs in token mode, which also works with clusters that have auth off. Ray reads the mode once,
+when it is first imported, so ``use_token_auth_if_available`` runs before anything imports Ray.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def _job_runtime_env() -> dict:
 
 
 def connect(namespace: str, *, address: str | None = None, log_level: str = "INFO") -> RayConnection:
-    use_token_auth_if_available()  # before Ray is imported: it reads its auth mode once, at import
+    """Join or start Ray (see the module docstring). ``use_token_auth_if_available`` must have run before
+    this process first imported Ray (``launch_server`` and the CLI call it first thing)."""
     import ray
 
     if ray.is_initialized():

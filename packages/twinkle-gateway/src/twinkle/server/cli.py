@@ -52,6 +52,9 @@ def _load(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._ray_runtime import use_token_auth_if_available
+
+    use_token_auth_if_available()  # before anything imports Ray: it reads its auth mode once
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "twinkle-server"
     command = argv[0] if argv and argv[0] in _SUBCOMMANDS else "launch"
@@ -104,9 +107,6 @@ def _plan(cfg, topology_path: str | None, allow_shared_gpus: bool | None):
 
     if topology_path:
         return plan_config(cfg, load_topology(topology_path), allow_shared_gpus=allow_shared_gpus)
-    from ._ray_runtime import use_token_auth_if_available
-
-    use_token_auth_if_available()
     import ray
 
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
@@ -117,9 +117,6 @@ def _plan(cfg, topology_path: str | None, allow_shared_gpus: bool | None):
 
 
 def _stop(address: str) -> int:
-    from ._ray_runtime import use_token_auth_if_available
-
-    use_token_auth_if_available()
     import ray
     from ray import serve
 

@@ -95,6 +95,9 @@ def launch_server(
 
     With ``wait=True`` (the default) this blocks until SIGINT/SIGTERM and then shuts everything down.
     """
+    from . import _ray_runtime
+
+    _ray_runtime.use_token_auth_if_available()  # before anything imports Ray: it reads the mode once
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.monotonic()
     if config is None:
@@ -107,8 +110,6 @@ def launch_server(
     config.check_supported()
     _check_auth(config)
     settings = resolve_storage(config)
-
-    from . import _ray_runtime
 
     if address is None and not _ray_runtime._existing_cluster_address():
         _check_port_free(config.http_options.host, config.http_options.port)
