@@ -20,10 +20,11 @@ from .workers import FORWARDED_ENV, InProcessWorker, RayWorker, WorkerSpec, set_
 # A replica is an orchestrator: it needs no whole CPU, and on a 2-core laptop four whole-CPU replicas would
 # never all be scheduled. The YAML can say otherwise per deployment.
 DEFAULT_REPLICA_CPUS = 0.1
-# Ray Serve admits 5 concurrent requests per replica unless told otherwise. Every app is reached by many
-# clients at once (training steps, 25 s long-polls) and by the other apps' handle calls, and each app queues
-# and orders its work itself: 5 would make users wait behind each other's long-polls.
-DEFAULT_MAX_ONGOING_REQUESTS = 256
+# Ray Serve admits 5 concurrent requests per replica unless told otherwise. Every app queues and orders its
+# work itself and bounds it per key (pending requests, long-polls), and a waiting request costs a coroutine:
+# slots must never be what runs out, or one key's 25 s long-polls and seq_id waits would make everybody
+# queue behind them in Serve's router. 4096 is far above what the per-key limits let a few keys hold.
+DEFAULT_MAX_ONGOING_REQUESTS = 4096
 
 
 def deployment_options(deployment: Any | None, default_name: str) -> tuple[str, dict[str, Any]]:
