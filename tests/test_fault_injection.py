@@ -113,7 +113,7 @@ def _kill_replica(launcher: subprocess.Popen) -> int:
     return pid
 
 
-def _batch(step: int, rows: int = 16, length: int = 64) -> list[types.Datum]:
+def _batch(step: int, rows: int = 32, length: int = 96) -> list[types.Datum]:
     data = []
     for r in range(rows):
         toks = [(step * 7919 + r * 131 + i * 17) % 1900 + 50 for i in range(length + 1)]
@@ -198,12 +198,23 @@ def test_killed_model_replicas_lose_no_acknowledged_step(stack):
         print(f"replica killed between steps: next step done after {recovery_s:.1f} s; "
               f"kill during forward_backward: {error or 'both calls answered'}")
 
-        # 5. the whole launcher stopped and started again: the same model_id trains on
-        more = [_step(reference, _batch(i)) for i in (5, 6)]
+        more = [_step(reference, _batch(i)) for i in (5, 6, 7)]
+
+        # 5. the central replica killed while a step is in flight: its restarted process follows the
+        #    pending requests to their outcome at the Model service, the SDK's polls get them
+        fb, op = tc.forward_backward(_batch(5), "cross_entropy"), tc.optim_step(ADAM)
+        _wait_busy(base)
+        central = _process_named(launcher, "ServeReplica:server")
+        assert central is not None
+        os.kill(central, signal.SIGKILL)
+        loss5, central_error = _redo_on_error(tc, _batch(5), lambda: _finish(fb, op))
+
+        # 6. the whole launcher stopped and started again: the same model_id trains on
         assert stack.stop() == 0
         stack.launch()
-        after = [_step(tc, _batch(i)) for i in (5, 6)]
-        assert after == pytest.approx(more, abs=1e-5)
+        after = [loss5] + [_step(tc, _batch(i)) for i in (6, 7)]
+        assert after == pytest.approx(more, abs=1e-5), (after, more, central_error)
+        print(f"central replica killed during a step: {central_error or 'both calls answered'}")
     finally:
         sc.close("success").result()
 

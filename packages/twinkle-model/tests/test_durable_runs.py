@@ -140,3 +140,40 @@ async def test_a_restored_run_in_order_needs_no_settling_and_ids_stay_unique(bac
         await second.delete_run("dur-3", "alice")
     finally:
         await second.close()
+
+
+async def test_a_failed_state_write_keeps_the_step_and_the_next_write_catches_up(backend, tiny_model_id, tmp_path,
+                                                                                 caplog, monkeypatch):
+    """A full disk under a state write: the step stands (it was applied and answered), the failure is
+    logged, and the next step's write saves the run again; what was saved before is never damaged."""
+    import errno
+
+    from twinkle.model import checkpoints
+
+    svc = _service(backend, tiny_model_id, tmp_path)
+    try:
+        await svc.create_run("dur-4", "alice", LORA)
+        await svc.forward_backward("dur-4", "alice", 1, make_batch([4], 0))
+        await svc.optim_step("dur-4", "alice", 2, ADAM)
+        before = (tmp_path / "dur-4" / RUN_FILE).read_bytes()
+        real_fsync = checkpoints._fsync
+
+        def disk_full(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(checkpoints, "_fsync", disk_full)  # every write now fails as on a full disk
+        try:
+            await svc.forward_backward("dur-4", "alice", 3, make_batch([4], 1))
+            out = await svc.optim_step("dur-4", "alice", 4, ADAM)
+        finally:
+            monkeypatch.setattr(checkpoints, "_fsync", real_fsync)
+        assert out.metrics is not None
+        assert "could not save the state of run dur-4" in caplog.text
+        assert (tmp_path / "dur-4" / RUN_FILE).read_bytes() == before  # the earlier state is intact
+        assert [p.name for p in tmp_path.iterdir()] == ["dur-4"]  # no half-written leftovers
+        await svc.forward_backward("dur-4", "alice", 5, make_batch([4], 2))
+        await svc.optim_step("dur-4", "alice", 6, ADAM)
+        assert b'"next_seq":7' in (tmp_path / "dur-4" / RUN_FILE).read_bytes()
+        await svc.delete_run("dur-4", "alice")
+    finally:
+        await svc.close()
