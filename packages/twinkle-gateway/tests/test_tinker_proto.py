@@ -180,3 +180,29 @@ def test_sample_output_without_prompt_logprobs():
     sdk = deserialize_sample_response(proto.encode_sample_output(out))
     assert sdk.prompt_logprobs is None
     assert sdk.sequences[0].logprobs is not None
+
+
+def test_provenance_spans_from_the_sdk_are_checked_then_ignored():
+    """tinker-cookbook's RL recipes attach provenance (``Datum.with_provenance``) to every datum: a tiling
+    is accepted and changes nothing; one that does not tile its field is a 400 naming it."""
+    plain = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3, 4]),
+                        loss_fn_inputs={"target_tokens": [2, 3, 4, 5], "logprobs": [-1.0] * 4,
+                                        "advantages": [1.0] * 4})
+    spans = plain.with_provenance(
+        model_input=[types.PromptProvenanceSpan(sequence_id="s-1", length=2),
+                     types.SampledProvenanceSpan(sequence_id="s-1", offset=0, length=2)],
+        loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id="s-1", offset=1, length=1),
+                        types.SampledProvenanceSpan(sequence_id="s-1", length=3)])
+    with_spans = proto.parse_forward_backward(_sdk_request([spans], loss_fn="importance_sampling")).input()
+    without = proto.parse_forward_backward(_sdk_request([plain], loss_fn="importance_sampling")).input()
+    assert with_spans == without
+
+    msg = proto.ForwardBackwardRequestPb()
+    msg.ParseFromString(_sdk_request([spans], loss_fn="importance_sampling"))
+    msg.data[0].loss_fn_input_spans[1].sampled_tokens.length = 2  # now covers 3 of 4 positions
+    with pytest.raises(UserError) as e:
+        proto.parse_forward_backward(msg.SerializeToString()).input()
+    assert e.value.field == "data[0].loss_fn_input_spans" and "cover 3 positions" in str(e.value)
+    del msg.data[0].loss_fn_input_spans[:]
+    with pytest.raises(UserError, match="provenance comes as a pair"):
+        proto.parse_forward_backward(msg.SerializeToString()).input()

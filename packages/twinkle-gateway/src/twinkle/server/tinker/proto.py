@@ -320,10 +320,6 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def _datum_from_proto(d: Any, where: str, budget: "ElementBudget") -> Datum:
-    if d.model_input_spans or d.loss_fn_input_spans:
-        raise UserError(
-            "provenance spans (stable_reinforce) are not supported by this server", field=f"{where}.model_input_spans"
-        )
     tokens: list[int] = []
     for j, chunk in enumerate(d.model_input):
         kind = chunk.WhichOneof("chunk")
@@ -338,7 +334,42 @@ def _datum_from_proto(d: Any, where: str, budget: "ElementBudget") -> Datum:
         tokens.extend(np.frombuffer(raw, dtype="<i4").tolist())
     inputs = {name: tensor_from_proto(t, f"{where}.loss_fn_inputs.{name}", budget)
               for name, t in d.loss_fn_inputs.items()}
+    if d.model_input_spans or d.loss_fn_input_spans:
+        targets = inputs.get("target_tokens")
+        _check_provenance(d.model_input_spans, len(tokens), f"{where}.model_input_spans")
+        _check_provenance(d.loss_fn_input_spans, len(targets.data) if targets is not None else None,
+                          f"{where}.loss_fn_input_spans")
     return Datum(model_input=tokens, loss_fn_inputs=inputs)
+
+
+_MAX_SEQUENCE_ID_CHARS = 256
+
+
+def _check_provenance(spans: Any, length: int | None, where: str) -> None:
+    """Provenance spans (SDK 0.38 ``Datum.with_provenance``, which tinker-cookbook's RL recipes attach to every
+    datum): consecutive runs, each naming a sampled sequence, whose lengths tile the field exactly. Checked
+    here, then not used: no loss this server offers reads them (``stable_reinforce``, which would, is not
+    offered, and a request naming it fails on its ``loss_fn``)."""
+    if not spans:
+        raise UserError("provenance comes as a pair: give both model_input_spans and loss_fn_input_spans, or "
+                        "neither", field=where)
+    if length is not None and len(spans) > 2 * length + 8:
+        raise UserError(f"{len(spans)} spans for a field of {length} positions", field=where)
+    total = 0
+    for k, span in enumerate(spans):
+        kind = span.WhichOneof("span")
+        if kind is None:
+            raise UserError("a span must be prompt_tokens or sampled_tokens", field=f"{where}[{k}]")
+        run = getattr(span, kind)
+        if not run.sequence_id or len(run.sequence_id) > _MAX_SEQUENCE_ID_CHARS:
+            raise UserError(f"sequence_id must have 1 to {_MAX_SEQUENCE_ID_CHARS} characters",
+                            field=f"{where}[{k}].sequence_id")
+        if run.offset < 0 or run.length < 0:
+            raise UserError("offset and length must be >= 0", field=f"{where}[{k}]")
+        total += run.length
+    if length is not None and total != length:
+        raise UserError(f"the spans cover {total} positions but the field has {length}; they must tile it exactly",
+                        field=where)
 
 
 class ElementBudget:
