@@ -7,6 +7,7 @@ first use, exactly (same losses as a run that never stopped), for its owner only
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -177,3 +178,42 @@ async def test_a_failed_state_write_keeps_the_step_and_the_next_write_catches_up
         await svc.delete_run("dur-4", "alice")
     finally:
         await svc.close()
+
+
+def test_native_routes_resume_a_restored_run_one_request_at_a_time(backend, tiny_model_id, tmp_path):
+    """The native client sends a run's requests one at a time: on a restored run, the model app answers the
+    service's question (which earlier requests ran on the lost replica) with "all of them"."""
+    import asyncio
+
+    import msgspec
+    from litestar.testing import TestClient
+    from twinkle.model.app import create_model_app
+
+    class Keys:
+        async def authenticate(self, api_key):
+            if api_key != "tml-native":
+                raise UserError("invalid API key", status=401)
+            return "alice"
+
+    async def before_the_crash():
+        first = _service(backend, tiny_model_id, tmp_path)
+        await first.create_run("dur-5", "alice", LORA)
+        await first.forward_backward("dur-5", "alice", 1, make_batch([4], 0))
+        await first.optim_step("dur-5", "alice", 2, ADAM)
+        await first.forward_backward("dur-5", "alice", 3, make_batch([4], 1))  # lost with the replica
+        await _lose_replica(first, backend, "dur-5")
+
+    asyncio.run(before_the_crash())
+    second = _service(backend, tiny_model_id, tmp_path)
+    batch = msgspec.to_builtins(make_batch([4], 1).data)
+    with TestClient(create_model_app(second, Keys())) as client:
+        key = {"X-API-Key": "tml-native"}
+        r = client.post("/runs/dur-5/optim_step", json={"learning_rate": 1e-2, "eps": 1e-8, "seq_id": 4}, headers=key)
+        assert r.status_code == 409 and "seq_id 3 were lost" in r.json()["detail"]
+        r = client.post("/runs/dur-5/forward_backward", json={"data": batch, "seq_id": 5}, headers=key)
+        assert r.status_code == 200, r.text
+        r = client.post("/runs/dur-5/optim_step", json={"learning_rate": 1e-2, "eps": 1e-8, "seq_id": 6}, headers=key)
+        assert r.status_code == 200, r.text
+        assert client.get("/runs/dur-5", headers=key).json()["step"] == 2
+    with contextlib.suppress(Exception):
+        asyncio.run(second.close())

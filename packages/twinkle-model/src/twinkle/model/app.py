@@ -38,10 +38,12 @@ from twinkle.common.native import (
     decode,
     peek_seq_id,
 )
-from twinkle.common.wire import (AdamParams, ForwardBackwardInput, ForwardBackwardOutput, OptimStepOutput, UserError,
-                                 remote_call)
+from twinkle.common.wire import (AdamParams, ForwardBackwardInput, ForwardBackwardOutput, OptimStepOutput,
+                                 ResyncNeeded, UserError, remote_call)
 
 log = logging.getLogger("twinkle.model.app")
+
+_MAX_SETTLED = 4096  # seq_ids a restored run may be told ran elsewhere at once
 
 
 def create_model_app(model: Any, authority: Authority | None = None, *, model_name: str | None = None) -> Litestar:
@@ -67,6 +69,21 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
                 await release_seq_id(model, run_id, owner, seq_id, "this request's body could not be decoded")
             raise
 
+    async def in_order(run_id: str, owner: str, seq_id: int | None, call) -> Any:
+        """Run ``call``; when a run restored after a replica restart asks which requests before ``seq_id`` ran
+        on the lost replica (``ResyncNeeded``), answer "all of them": a native client sends a run's requests
+        one at a time and waits for each, so every earlier seq_id was answered (their gradients count as
+        lost: the next optim_step says so), and send the request again."""
+        try:
+            return await remote_call(call())
+        except ResyncNeeded as e:
+            if seq_id is None or seq_id - e.expected > _MAX_SETTLED:
+                raise UserError(f"seq_id {seq_id} is far ahead of the run, which was restored at seq_id "
+                                f"{e.expected}; continue from its next_seq_id", field="seq_id", status=409) from None
+            earlier = [(s, "forward_backward") for s in range(e.expected, seq_id)]
+            await remote_call(model.settle(run_id, owner, earlier))
+            return await remote_call(call())
+
     @get("/runs/{run_id:str}")
     async def run_state(request: Request, run_id: str) -> RunState:
         owner = await owner_of(request)
@@ -79,7 +96,8 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         owner = await owner_of(request)
         req: TrainRequest = await numbered(request, run_id, owner, TrainRequest)
         inp = ForwardBackwardInput(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config)
-        out = await remote_call(model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
+        out = await in_order(run_id, owner, req.seq_id,
+                             lambda: model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
         return _expect(out, ForwardBackwardOutput, req.seq_id, run_id)
 
     @post("/runs/{run_id:str}/forward", status_code=200, request_max_body_size=MAX_BODY_BYTES)
@@ -96,7 +114,7 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         req: OptimStepRequest = await numbered(request, run_id, owner, OptimStepRequest)
         params = AdamParams(learning_rate=req.learning_rate, beta1=req.beta1, beta2=req.beta2, eps=req.eps,
                             weight_decay=req.weight_decay, grad_clip_norm=req.grad_clip_norm)
-        out = await remote_call(model.optim_step(run_id, owner, req.seq_id, params))
+        out = await in_order(run_id, owner, req.seq_id, lambda: model.optim_step(run_id, owner, req.seq_id, params))
         return _expect(out, OptimStepOutput, req.seq_id, run_id)
 
     @post("/runs/{run_id:str}/save", status_code=202)
