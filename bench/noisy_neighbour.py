@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import multiprocessing
 import os
 import statistics
 import sys
@@ -66,49 +67,44 @@ class Good:
         return out
 
 
-class Noisy(threading.Thread):
-    """One misbehaving tenant running ``phase`` until stopped; counts what it got back."""
+def noisy_tenant(base: str, phase: str, index: int, stop, outcomes) -> None:
+    """One misbehaving tenant, in a process of its own (as another user's machine would be: its client's
+    work must not share the well-behaved client's interpreter), running ``phase`` until ``stop`` is set;
+    puts what it got back on ``outcomes``."""
+    import tinker
+    from tinker import types
 
-    def __init__(self, base: str, phase: str, index: int) -> None:
-        super().__init__(daemon=True)
-        self.base, self.phase, self.index = base, phase, index
-        self.stop = threading.Event()
-        self.outcomes: collections.Counter[str] = collections.Counter()
-
-    def run(self) -> None:
-        import tinker
-        from tinker import types
-
-        sc = tinker.ServiceClient(base_url=self.base, api_key=f"tml-noisy-{self.phase}-{self.index}")
-        tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4, seed=1).result()
-        try:
-            if self.phase == "flood":
-                sampler = tc.save_weights_and_get_sampling_client("flood")
-                params = types.SamplingParams(max_tokens=48, temperature=1.0)
-                prompt = types.ModelInput.from_ints([5, 6, 7, 8])
-            while not self.stop.is_set():
-                try:
-                    if self.phase == "invalid":
-                        bad = [
-                            [_datum(types, [10**9, 3, 4])],  # token outside the vocabulary
-                            [types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
-                                         loss_fn_inputs={"target_tokens": [1], "weights": [1.0, 1.0]})],
-                        ][self.outcomes.total() % 2]
-                        tc.forward_backward(bad, "cross_entropy").result()
-                    elif self.phase == "flood":
-                        futures = [sampler.sample(prompt, num_samples=8, sampling_params=params) for _ in range(32)]
-                        for f in futures:
-                            f.result()
-                    else:
-                        data = [_datum(types, [(i * 7) % 1800 + 60 for i in range(513)])]
-                        data += [_datum(types, [61, 62]) for _ in range(400)]
-                        tc.forward_backward(data, "cross_entropy").result()
-                    self.outcomes["ok"] += 1
-                except Exception as e:  # noqa: BLE001 - what the noisy tenant got is the point
-                    status = getattr(e, "status_code", None)
-                    self.outcomes[str(status) if status else type(e).__name__] += 1
-        finally:
-            sc.close("success").result()
+    got: collections.Counter[str] = collections.Counter()
+    sc = tinker.ServiceClient(base_url=base, api_key=f"tml-noisy-{phase}-{index}")
+    tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4, seed=1).result()
+    try:
+        if phase == "flood":
+            sampler = tc.save_weights_and_get_sampling_client("flood")
+            params = types.SamplingParams(max_tokens=48, temperature=1.0)
+            prompt = types.ModelInput.from_ints([5, 6, 7, 8])
+        while not stop.is_set():
+            try:
+                if phase == "invalid":
+                    bad = [
+                        [_datum(types, [10**9, 3, 4])],  # token outside the vocabulary
+                        [types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                                     loss_fn_inputs={"target_tokens": [1], "weights": [1.0, 1.0]})],
+                    ][got.total() % 2]
+                    tc.forward_backward(bad, "cross_entropy").result()
+                elif phase == "flood":
+                    for f in [sampler.sample(prompt, num_samples=8, sampling_params=params) for _ in range(32)]:
+                        f.result()
+                else:
+                    data = [_datum(types, [(i * 7) % 1800 + 60 for i in range(513)])]
+                    data += [_datum(types, [61, 62]) for _ in range(400)]
+                    tc.forward_backward(data, "cross_entropy").result()
+                got["ok"] += 1
+            except Exception as e:  # noqa: BLE001 - what the noisy tenant got is the point
+                status = getattr(e, "status_code", None)
+                got[str(status) if status else type(e).__name__] += 1
+    finally:
+        outcomes.put(dict(got))
+        sc.close("success").result()
 
 
 def replica_rss(launcher_pid: int) -> dict[str, float]:
@@ -155,18 +151,22 @@ def main() -> None:
         good.steps(3)  # warm-up
         alone = statistics.median(good.steps(args.steps))
         print(f"well-behaved tenant alone: {alone * 1000:.0f} ms/step (median of {args.steps})")
+        ctx = multiprocessing.get_context("spawn")
         for phase in ("invalid", "flood", "oversized"):
-            noisy = [Noisy(base, phase, i) for i in range(args.noisy_tenants)]
+            stop, outcomes = ctx.Event(), ctx.Queue()
+            noisy = [ctx.Process(target=noisy_tenant, args=(base, phase, i, stop, outcomes), daemon=True)
+                     for i in range(args.noisy_tenants)]
             for n in noisy:
                 n.start()
-            time.sleep(3)  # let the noise build up
+            time.sleep(8)  # let the noise build up (the processes import the SDK first)
             failed_before = len(good.failures)
             during = statistics.median(good.steps(args.steps))
+            stop.set()
+            got: collections.Counter[str] = collections.Counter()
+            for _ in noisy:
+                got.update(outcomes.get(timeout=180))
             for n in noisy:
-                n.stop.set()
-            for n in noisy:
-                n.join(timeout=120)
-            got = sum((n.outcomes for n in noisy), collections.Counter())
+                n.join(timeout=60)
             print(f"  beside {args.noisy_tenants} x {phase:9s}: {during * 1000:.0f} ms/step -> ratio "
                   f"{during / alone:.2f}x (goal <= 1.5x); failed requests {len(good.failures) - failed_before} "
                   f"(goal 0); noisy tenants got {dict(got)}")

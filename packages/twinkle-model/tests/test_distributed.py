@@ -109,3 +109,31 @@ def test_dp_small_batches_fused_items_checkpoints_and_errors(dp, backend, tmp_pa
     assert all(torch.equal(loaded[k], got[k]) for k in got)
     dp_backend.delete_adapter("dp-other")
     assert not dp_backend.has_run("dp-other")
+
+
+async def test_dp_runs_are_durable_and_restore_on_every_rank(dp, tmp_path):
+    """A data-parallel run's state is saved from rank 0 (ranks hold equal weights) and restored on every
+    rank by a service that lost its memory; training goes on with the same weights on both ranks."""
+    from twinkle.model.service import ModelService
+
+    dp_backend, ranks = dp
+    first = ModelService("tiny", backend=dp_backend, adapter_timeout_s=None, state_dir=str(tmp_path))
+    await first.create_run("dp-durable", "alice", LoraConfig(rank=2, seed=43))
+    await first.forward_backward("dp-durable", "alice", 1, make_batch([5, 6, 4], 1))
+    await first.optim_step("dp-durable", "alice", 2, ADAM)
+    saved = _weights(ranks[0], "dp-durable")
+    await first.scheduler.close()
+    dp_backend.delete_adapter("dp-durable")  # the replica's memory is gone
+
+    second = ModelService("tiny", backend=dp_backend, adapter_timeout_s=None, state_dir=str(tmp_path))
+    info = await second.run_info("dp-durable", "alice")
+    assert info.step == 1
+    for rank in ranks:
+        restored = _weights(rank, "dp-durable")
+        assert all(torch.equal(restored[k], saved[k]) for k in saved)
+    await second.forward_backward("dp-durable", "alice", 3, make_batch([5, 6, 4], 2))
+    await second.optim_step("dp-durable", "alice", 4, ADAM)
+    w0, w1 = _weights(ranks[0], "dp-durable"), _weights(ranks[1], "dp-durable")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    await second.delete_run("dp-durable", "alice")
+    await second.scheduler.close()
