@@ -28,7 +28,7 @@ import time
 from typing import Any, Protocol, runtime_checkable
 
 from .native import FutureRef, LoadRequest, ResolvedCheckpoint, SaveRequest
-from .wire import UserError, remote_call
+from .wire import ServiceUnavailable, UserError, remote_call
 
 API_KEY_HEADER = "x-api-key"
 
@@ -125,12 +125,15 @@ class HandleAuthority:
 
 
 def _is_unavailable(e: BaseException) -> bool:
+    """A central server that is down or restarting (``remote_call`` turns a lost replica into
+    ``ServiceUnavailable``; Serve raises ``DeploymentUnavailableError`` while none is up)."""
+    if isinstance(e, ServiceUnavailable):
+        return True
     try:
-        from ray.exceptions import RayActorError
         from ray.serve.exceptions import DeploymentUnavailableError
     except ImportError:  # pragma: no cover - older Ray
         return False
-    return isinstance(e, (RayActorError, DeploymentUnavailableError))
+    return isinstance(e, DeploymentUnavailableError)
 
 
 def central_authority(spec: Any) -> Authority | None:
