@@ -296,3 +296,17 @@ def test_close_finishes_the_session(base_url, base_model):
     client.close("success", detail="done").result()
     rc = tinker.ServiceClient(base_url=base_url, api_key=KEYS[0]).create_rest_client()
     assert session_id in rc.list_sessions(limit=1000).result().sessions
+
+
+def test_the_cli_login_check_verifies_a_key(base_url):
+    """``tinker auth login`` checks a pasted key with GET /api/v1/auth/apikey/me before storing it."""
+    import httpx
+    from tinker.cli.auth_api import AuthApiError, TinkerAuthApi
+
+    with httpx.Client(timeout=30) as http:
+        api = TinkerAuthApi(http, base_url=base_url)
+        me = api.get_self_api_key(KEYS[0])
+        assert me.name.startswith("p-") and me.details.org_details.name == "twinkle" and me.key_id > 0
+        assert api.get_self_api_key(KEYS[1]).key_id != me.key_id
+        with pytest.raises(AuthApiError, match="401"):
+            api.get_self_api_key("not-a-key")

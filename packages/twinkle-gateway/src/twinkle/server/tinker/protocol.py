@@ -376,3 +376,28 @@ class GetInfoResponse(msgspec.Struct):
     lora_rank: int | None = None
     model_name: str | None = None
     optimizer_config: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "adamw"})
+
+
+# ------------------------------------------------------------------------------------ auth (CLI login)
+
+
+class ApiKeyOrg(msgspec.Struct):
+    name: str
+
+
+class ApiKeyUser(msgspec.Struct):
+    email: str
+
+
+class ApiKeyDetails(msgspec.Struct):
+    org_details: ApiKeyOrg
+    user_details: ApiKeyUser
+
+
+class SelfApiKeyResponse(msgspec.Struct):
+    """``GET /auth/apikey/me``: what the SDK's ``tinker auth login`` stores about a key it checked."""
+
+    key_id: int
+    name: str
+    note: str
+    details: ApiKeyDetails

@@ -111,6 +111,17 @@ async def healthz(request: Request) -> Response:
     return Response({"status": "ok"}, status_code=200)
 
 
+@get("/auth/apikey/me")
+async def api_key_me(request: Request) -> P.SelfApiKeyResponse:
+    """What ``tinker auth login`` asks to check a pasted key: its public metadata (401 for an unknown key).
+    The principal id stands for both names: this server knows keys, not people."""
+    user: Principal = request.user
+    return P.SelfApiKeyResponse(
+        key_id=int(user.id.removeprefix("p-"), 16) & (2**53 - 1), name=user.id,
+        note="admin" if user.admin else "user",
+        details=P.ApiKeyDetails(org_details=P.ApiKeyOrg(name="twinkle"), user_details=P.ApiKeyUser(email=user.id)))
+
+
 @get("/get_server_capabilities")
 async def get_server_capabilities(request: Request) -> P.ServerCapabilitiesResponse:
     return await _svc(request).capabilities()
@@ -383,7 +394,7 @@ async def unsupported(request: Request, rest: str) -> Response:
 
 ROUTES = [
     client_config, dynamic_config, create_session, session_heartbeat, finish_session, telemetry, healthz,
-    get_server_capabilities, list_sessions, get_session, create_model, get_info, unload_model, forward_backward,
+    get_server_capabilities, api_key_me, list_sessions, get_session, create_model, get_info, unload_model, forward_backward,
     forward, optim_step, save_weights, save_weights_for_sampler, load_weights, create_sampling_session,
     get_sampler, asample, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
     delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info, unsupported,
