@@ -233,7 +233,7 @@ async def test_the_tenant_with_least_model_time_goes_first(sched):
     rec = Recorder()
     for rid, tenant in (("h1", "heavy"), ("h2", "heavy"), ("l1", "light")):
         sched.add_run(rid, tenant=tenant)
-    await sched.submit("h1", 1, rec.job("warm", sleep=0.1))  # heavy has used the model
+    await sched.submit("h1", 1, rec.job("warm", sleep=0.3))  # heavy has used the model (far past the quantum)
     blocker = asyncio.create_task(sched.run_exclusive(rec.job("block", sleep=0.1)))
     await asyncio.sleep(0.02)
     tasks = [asyncio.create_task(sched.submit(rid, seq, rec.job(f"{rid}-{seq}", sleep=0.01)))
