@@ -74,11 +74,25 @@ def atomic_directory(path: str) -> Iterator[str]:
         raise
 
 
+def _leftovers(parent: str, name: str) -> list[str]:
+    """Temporary and set-aside directories that writes of ``name`` create next to it."""
+    return [e for e in os.listdir(parent) if e.startswith((f".{name}.tmp-", f".{name}.old-"))]
+
+
+def remove_directory(path: str) -> None:
+    """Delete a checkpoint directory and whatever crashed writes of it left next to it."""
+    parent, name = os.path.split(os.path.abspath(path))
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        for entry in _leftovers(parent, name):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 def _recover(parent: str, name: str) -> None:
     """Undo what a crashed write of ``name`` left: put an old checkpoint back if the new one never arrived,
     then remove temporary and set-aside directories."""
     target = os.path.join(parent, name)
-    leftovers = [e for e in os.listdir(parent) if e.startswith((f".{name}.tmp-", f".{name}.old-"))]
+    leftovers = _leftovers(parent, name)
     olds = sorted(e for e in leftovers if e.startswith(f".{name}.old-"))
     if olds and not os.path.lexists(target):
         os.rename(os.path.join(parent, olds[-1]), target)

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 
 import msgspec
@@ -151,7 +150,7 @@ class RunStateStore:
                 await asyncio.shield(writer)
         path = self.path(run_id)
         if path is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, _remove_tree, path)
+            await asyncio.get_running_loop().run_in_executor(self._executor, ckpt.remove_directory, path)
 
     async def close(self) -> None:
         """Finish pending writes, then stop the writer thread."""
@@ -160,11 +159,3 @@ class RunStateStore:
             await asyncio.gather(*writers, return_exceptions=True)
         await asyncio.to_thread(self._executor.shutdown, True)
 
-
-def _remove_tree(path: str) -> None:
-    parent, name = os.path.split(path)
-    shutil.rmtree(path, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(parent):
-            if entry.startswith((f".{name}.tmp-", f".{name}.old-")):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)

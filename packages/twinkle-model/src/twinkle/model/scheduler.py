@@ -28,7 +28,8 @@ The rules (also in the README):
 - **Fairness.** Control work (creating, deleting, offloading adapters) goes first. Then the runnable run
   whose *tenant* (the run's owner) has had the least model time lately goes next (least attained service,
   decaying with a half-life of ``fair_half_life_s``); runs of one tenant, and tenants within
-  ``fair_quantum_s`` of the least, take turns. A tenant sending little waits for at most the slice running now, however much others send.
+  ``fair_quantum_s`` of the least, take turns. A tenant sending little waits for at most the slice running
+  now, however much others send.
 - **Slices.** A job whose ``fn`` returns a generator runs one slice per ``next()`` (a backend yields between
   micro-batches): after each slice the run's turn ends and other runs may go, while this run's later
   requests still wait for the job to finish. A slice must leave the shared model as it found it.
@@ -293,8 +294,7 @@ class Scheduler:
                 if q is not None:
                     q.running = True
             jobs = [job for _, job in batch]
-            self._busy_since = time.monotonic()
-            started = time.monotonic()
+            started = self._busy_since = time.monotonic()
             try:
                 if len(jobs) == 1:
                     outcomes = [await loop.run_in_executor(self._executor, _call, jobs[0])]

@@ -33,16 +33,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from twinkle.common.limits import check_seq_id
 from twinkle.common.models import tokenizer_id
 from twinkle.common.wire import (
     AdamParams,
-    ResyncNeeded,
     CheckpointInfo,
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
     NotFoundError,
     OptimStepOutput,
+    ResyncNeeded,
     RunInfo,
     ServiceHealth,
     ServiceInfo,
@@ -58,6 +59,13 @@ log = logging.getLogger(__name__)
 
 def _never_run() -> None:
     raise AssertionError("a repeated seq_id is answered from its first request")
+
+
+def _numbered(seq_id: int) -> int:
+    """A front end's ``seq_id`` for a request it speaks for (never None here)."""
+    if check_seq_id(seq_id) is None:
+        raise UserError("seq_id is required", field="seq_id")
+    return seq_id
 
 
 @dataclass
@@ -189,8 +197,7 @@ class ModelService:
         waits while it is queued or running, and returns (or raises) what it gave. One this service never
         received is used up, so that a late copy is refused, and reported as not applied."""
         rec = await self._resolve(run_id, owner)
-        if isinstance(seq_id, bool) or not isinstance(seq_id, int):
-            raise UserError(f"seq_id must be an integer, got {seq_id!r}", field="seq_id")
+        _numbered(seq_id)
         self._check_in_sync(rec, seq_id)
         if self.scheduler.knows(run_id, seq_id) or seq_id < self.scheduler.expected(run_id):
             return await self.scheduler.submit(run_id, seq_id, _never_run)  # a repeat: the first answer
@@ -290,8 +297,7 @@ class ModelService:
         """Use up ``seq_id`` for a request a front end refused before it reached the service (undecodable,
         oversize...). Later requests of the run must not wait for it; a repeat of it gets ``reason``."""
         await self._resolve(run_id, owner)
-        if isinstance(seq_id, bool) or not isinstance(seq_id, int):
-            raise UserError(f"seq_id must be an integer, got {seq_id!r}", field="seq_id")
+        _numbered(seq_id)
         self.scheduler.consume(run_id, [seq_id], UserError(reason, field="seq_id"))
 
     async def info(self) -> ServiceInfo:

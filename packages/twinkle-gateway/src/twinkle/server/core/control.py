@@ -309,10 +309,8 @@ class ControlPlane:
 
     async def usage(self) -> dict[str, dict[str, int]]:
         """Every principal's runs, open sessions, checkpoints (count, bytes) and requests in flight (admins)."""
-        usage = await self.store.usage()
         in_flight = self.futures.pending_by_owner()
-        for owner in in_flight:
-            usage.setdefault(owner, {"runs": 0, "open_sessions": 0, "checkpoints": 0, "checkpoint_bytes": 0})
+        usage = await self.store.usage(owners=in_flight)
         for owner, row in usage.items():
             row["requests_in_flight"] = in_flight.get(owner, 0)
         return usage

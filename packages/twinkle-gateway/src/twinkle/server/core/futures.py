@@ -109,9 +109,14 @@ class Futures:
         """Take over what a previous process left pending. Call once, before serving. ``resume`` gives the work
         that finds a request's outcome where it ran (or None): such a request is followed to its end like a
         new one; every other is failed (``server``, "submit it again"). Returns how many were failed."""
+        if resume is None:
+            failed = await self.store.fail_pending(RESTARTED)
+            if failed:
+                log.warning("failed %d request(s) left pending by a previous server process", failed)
+            return failed
         failed = 0
         for record in await self.store.pending_futures():
-            work = resume(record) if resume is not None else None
+            work = resume(record)
             if work is None:
                 await self.store.finish_future(record.request_id, status="failed", error=RESTARTED,
                                                category="server")

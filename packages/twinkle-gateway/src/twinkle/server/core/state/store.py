@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import msgspec
 
@@ -376,16 +376,17 @@ class Store:
             "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM checkpoints WHERE owner=?", (owner,)).fetchone())
         return int(row[0]), int(row[1])
 
-    async def usage(self) -> dict[str, dict[str, int]]:
-        """Per owner: ``runs``, ``open_sessions``, ``checkpoints``, ``checkpoint_bytes``."""
+    async def usage(self, owners: Iterable[str] = ()) -> dict[str, dict[str, int]]:
+        """Per owner: ``runs``, ``open_sessions``, ``checkpoints``, ``checkpoint_bytes``; every owner that has
+        any, and each of ``owners`` (with zeros)."""
+        empty = {"runs": 0, "open_sessions": 0, "checkpoints": 0, "checkpoint_bytes": 0}
 
         def go() -> dict[str, dict[str, int]]:
-            out: dict[str, dict[str, int]] = {}
+            out: dict[str, dict[str, int]] = {owner: dict(empty) for owner in owners}
 
             def add(sql: str, *fields: str) -> None:
                 for owner, *values in self.conn.execute(sql).fetchall():
-                    row = out.setdefault(owner, {"runs": 0, "open_sessions": 0, "checkpoints": 0,
-                                                 "checkpoint_bytes": 0})
+                    row = out.setdefault(owner, dict(empty))
                     row.update({f: int(v or 0) for f, v in zip(fields, values)})
 
             add("SELECT owner, COUNT(*) FROM runs GROUP BY owner", "runs")
