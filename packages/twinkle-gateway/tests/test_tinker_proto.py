@@ -206,3 +206,12 @@ def test_provenance_spans_from_the_sdk_are_checked_then_ignored():
     del msg.data[0].loss_fn_input_spans[:]
     with pytest.raises(UserError, match="provenance comes as a pair"):
         proto.parse_forward_backward(msg.SerializeToString()).input()
+
+    # A flood of spans (each a few bytes) is refused by its count before it is read span by span, also
+    # for a datum without target_tokens.
+    del msg.data[0].loss_fn_inputs["target_tokens"]
+    for _ in range(100_000):
+        msg.data[0].loss_fn_input_spans.add().sampled_tokens.sequence_id = "s"
+    with pytest.raises(UserError, match="100000 spans for a datum of 4 positions") as e:
+        proto.parse_forward_backward(msg.SerializeToString()).input()
+    assert e.value.field == "data[0].loss_fn_input_spans"

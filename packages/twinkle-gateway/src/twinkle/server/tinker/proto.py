@@ -336,25 +336,26 @@ def _datum_from_proto(d: Any, where: str, budget: "ElementBudget") -> Datum:
               for name, t in d.loss_fn_inputs.items()}
     if d.model_input_spans or d.loss_fn_input_spans:
         targets = inputs.get("target_tokens")
-        _check_provenance(d.model_input_spans, len(tokens), f"{where}.model_input_spans")
-        _check_provenance(d.loss_fn_input_spans, len(targets.data) if targets is not None else None,
-                          f"{where}.loss_fn_input_spans")
+        rows = len(targets.data) if targets is not None else None  # the loss then fails on its inputs
+        _check_provenance(d.model_input_spans, len(tokens), len(tokens), f"{where}.model_input_spans")
+        _check_provenance(d.loss_fn_input_spans, rows, len(tokens), f"{where}.loss_fn_input_spans")
     return Datum(model_input=tokens, loss_fn_inputs=inputs)
 
 
 _MAX_SEQUENCE_ID_CHARS = 256
 
 
-def _check_provenance(spans: Any, length: int | None, where: str) -> None:
+def _check_provenance(spans: Any, length: int | None, positions: int, where: str) -> None:
     """Provenance spans (SDK 0.38 ``Datum.with_provenance``, which tinker-cookbook's RL recipes attach to every
     datum): consecutive runs, each naming a sampled sequence, whose lengths tile the field exactly. Checked
     here, then not used: no loss this server offers reads them (``stable_reinforce``, which would, is not
-    offered, and a request naming it fails on its ``loss_fn``)."""
+    offered, and a request naming it fails on its ``loss_fn``). ``length``: the positions the spans must tile
+    (None: unknown); ``positions``: the datum's length, which bounds how many spans are read at all."""
     if not spans:
         raise UserError("provenance comes as a pair: give both model_input_spans and loss_fn_input_spans, or "
                         "neither", field=where)
-    if length is not None and len(spans) > 2 * length + 8:
-        raise UserError(f"{len(spans)} spans for a field of {length} positions", field=where)
+    if len(spans) > 2 * max(positions, length or 0) + 8:
+        raise UserError(f"{len(spans)} spans for a datum of {positions} positions", field=where)
     total = 0
     for k, span in enumerate(spans):
         kind = span.WhichOneof("span")
