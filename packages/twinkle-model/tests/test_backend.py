@@ -130,7 +130,7 @@ def test_gradients_accumulate_until_step_and_forward_only_does_not(backend):
 def test_outputs_shape_and_metrics(backend):
     backend.create_adapter("out", LoraConfig(rank=2, seed=2))
     for loss, cfg in [("cross_entropy", {}), ("importance_sampling", {}), ("ppo", {"clip_low_threshold": 0.9}),
-                      ("cispo", {}), ("dro", {"beta": 0.1}), ("gspo", {})]:
+                      ("cispo", {}), ("dro", {"beta": 0.1}), ("gspo", {}), ("stable_reinforce", {})]:
         out = backend.forward_backward("out", make_batch([3, 8], 7, loss, **cfg))
         assert [d["logprobs"].shape for d in out.loss_fn_outputs] == [[3], [8]]
         assert all(d["logprobs"].dtype == "float32" for d in out.loss_fn_outputs)

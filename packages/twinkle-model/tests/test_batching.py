@@ -13,7 +13,7 @@ from twinkle.common.wire import LoraConfig, UserError
 from twinkle.model.batching import micro_batches
 
 LOSSES = [("cross_entropy", {}), ("importance_sampling", {}), ("ppo", {}), ("cispo", {}), ("dro", {}),
-          ("gspo", {})]
+          ("gspo", {}), ("stable_reinforce", {})]
 
 
 def test_micro_batches_respect_the_budget_shortest_first():

@@ -129,7 +129,37 @@ def test_gspo_empty_mask_contributes_nothing():
     assert torch.equal(val, torch.zeros(8)) and torch.equal(grad, torch.zeros(8))
 
 
+@pytest.mark.parametrize("lo,hi", [(0.5, 2.0), (0.8, 1.25)])
+def test_stable_reinforce_trust_band(lo, hi):
+    lp, q, adv, _, _ = _data(11)
+    cfg = {"clip_low_threshold": lo, "clip_high_threshold": hi}
+    val, grad = _grad(L.stable_reinforce, lp, {"logprobs": q, "advantages": adv}, cfg)
+    inside = outside = 0
+    for t in range(N):
+        r, a, x = math.exp(lp[t].item() - q[t].item()), adv[t].item(), lp[t].item()
+        w = r if lo <= r <= hi else 0.0
+        inside += w != 0.0
+        outside += w == 0.0
+        assert val[t].item() == pytest.approx(-w * x * a, rel=1e-5, abs=1e-6)
+        # the ratio is a constant weight: d/dlp = -w * A (the off-policy policy gradient inside the band)
+        assert grad[t].item() == pytest.approx(-w * a, rel=1e-5, abs=1e-6)
+    assert inside > 0 and outside > 0  # both sides of the band exercised
+
+
+def test_stable_reinforce_reports_the_share_outside_the_band():
+    lp = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5]]))
+    q = lp - torch.log(torch.tensor([[1.0, 3.0, 0.25, 1.5]]))  # ratios 1, 3, 0.25, 1.5
+    adv = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token carries no signal
+    spec, cfg = L.resolve_loss("stable_reinforce", None)
+    inputs = {"logprobs": q, "advantages": adv}
+    metrics = L.loss_metrics(spec, cfg, lp, inputs, spec.fn(lp, inputs, cfg), torch.ones(1, 4))
+    assert metrics["clip_fraction:mean"] == pytest.approx(2 / 3)
+    assert metrics["ratio:max"] == pytest.approx(3.0) and metrics["ratio:min"] == pytest.approx(0.25)
+    assert metrics["loss:sum"] == pytest.approx(-1.0 * math.log(0.5))
+
+
 def test_defaults():
+    assert L.LOSSES["stable_reinforce"].defaults == {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
     assert L.LOSSES["ppo"].defaults == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
     assert L.LOSSES["cispo"].defaults == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
     assert L.LOSSES["dro"].defaults == {"beta": 0.05}

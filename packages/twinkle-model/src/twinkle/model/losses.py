@@ -20,6 +20,8 @@ dro                      ``-(lp * A - beta/2 * (lp - q)**2)``                   
 gspo                     ``-m * min(s_t * A, clip(s_t, lo, hi) * A)`` with          clip_low_threshold 0.9997,
                          ``s_t = sg(s) * exp(lp - sg(lp))`` and                     clip_high_threshold 1.0004
                          ``s = exp(sum(m * (lp - q)) / sum(m))`` per datum
+stable_reinforce         ``-sg(r) * 1[lo <= r <= hi] * lp * A``                     clip_low_threshold 0.5,
+                                                                                    clip_high_threshold 2.0
 =======================  =========================================================  ==============================
 
 ``sg`` is stop-gradient, ``m`` the ``sequence_ratio_mask`` input (1 over sampled tokens). Every loss is
@@ -36,6 +38,17 @@ Choices where the public definition leaves a gap (documented here and in the REA
   is the paper's (left 3e-4, right 4e-4, i.e. thresholds 0.9997 / 1.0004). Summed like every other loss, so
   the paper's ``1/|y|`` factor is the caller's to apply (through the advantages). A datum whose mask is all
   zeros has ``s = 1`` and contributes nothing.
+- ``stable_reinforce``: Tinker documents what the loss needs (sampling with ``record_stability_info``, datums
+  whose provenance names the sampled sequences, advantages only on sampled tokens) but not its formula. Ours
+  is importance-weighted REINFORCE with a trust band: a token whose ratio lies in ``[lo, hi]`` contributes
+  ``-r * A * lp`` with the ratio as a constant weight (so its gradient is the unbiased off-policy policy
+  gradient ``-r * A * grad lp``); a token outside the band contributes nothing, because there the sampler and
+  the learner disagree too much (stale asynchronous samples, or different numerics) for the token to be
+  trusted; the share of such tokens is ``clip_fraction:mean``. It is stable where ``importance_sampling`` is
+  not because no token's weight can exceed ``hi``, and, unlike PPO's clip, masking does not keep pushing a
+  token that already left the band. ``q`` here is what the server's sampler recorded for the sampled
+  sequence, not a value the client sends: the Tinker front end substitutes it from the recorded stability
+  information (``twinkle.server.tinker.stability``).
 
 Metrics: every loss reports ``loss:sum``. The RL losses add ``ratio:mean|min|max`` over the tokens that carry
 learning signal (``advantages != 0``; for gspo, the masked tokens, reporting the sequence ratio) and, where
@@ -119,6 +132,13 @@ def gspo(lp: Tensor, inputs: Mapping[str, Tensor], cfg: Mapping[str, float]) -> 
     return -mask * torch.minimum(token_ratio * adv, clipped * adv)
 
 
+def stable_reinforce(lp: Tensor, inputs: Mapping[str, Tensor], cfg: Mapping[str, float]) -> Tensor:
+    """``-sg(r) * 1[lo <= r <= hi] * lp * A``: off-policy REINFORCE whose tokens outside the trust band drop out."""
+    ratio = _sg(torch.exp(lp - inputs["logprobs"]))
+    trusted = (ratio >= cfg["clip_low_threshold"]) & (ratio <= cfg["clip_high_threshold"])
+    return -torch.where(trusted, ratio, torch.zeros_like(ratio)) * lp * inputs["advantages"]
+
+
 @dataclass(frozen=True)
 class LossSpec:
     name: str
@@ -152,6 +172,14 @@ LOSSES: dict[str, LossSpec] = {
             gspo,
             _RL + ("sequence_ratio_mask",),
             defaults={"clip_low_threshold": 1.0 - 3e-4, "clip_high_threshold": 1.0 + 4e-4},
+            clips=True,
+            rl=True,
+        ),
+        LossSpec(
+            "stable_reinforce",
+            stable_reinforce,
+            _RL,
+            defaults={"clip_low_threshold": 0.5, "clip_high_threshold": 2.0},
             clips=True,
             rl=True,
         ),

@@ -154,7 +154,6 @@ def reject_unsupported_sampling(req: P.SampleRequestIn) -> None:
         ("topk_sample_logprobs", bool(req.topk_sample_logprobs)),
         ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
         ("prompt_alt_tokens_k", bool(req.prompt_alt_tokens_k)),
-        ("record_stability_info", bool(req.record_stability_info)),
     ]
     for name, used in unsupported:
         if used:

@@ -33,6 +33,8 @@ from twinkle.common.wire import (
     UserError,
 )
 
+from .stability import Span, TrainingData
+
 PACKAGE = "tinker_public"
 FILE_NAME = "tinker_public.proto"
 
@@ -249,8 +251,11 @@ class DecodedForwardBackward:
         self.forward_only: bool = bool(msg.forward_only)
 
     def input(self, limits: RequestLimits = DEFAULT_LIMITS) -> ForwardBackwardInput:
-        """The data, bounded by ``limits`` while it is decoded (sparse tensors by their shape, before they
-        are expanded)."""
+        return self.decode(limits).input
+
+    def decode(self, limits: RequestLimits = DEFAULT_LIMITS) -> TrainingData:
+        """The data and its provenance, bounded by ``limits`` while it is decoded (sparse tensors by their
+        shape, before they are expanded)."""
         msg = self._msg
         if len(msg.data) > limits.max_datums:
             raise UserError(f"{len(msg.data)} datums; the limit is {limits.max_datums} (max_datums)", field="data")
@@ -263,8 +268,11 @@ class DecodedForwardBackward:
         elif msg.loss_fn_config:
             config = {key: float(value) for key, value in msg.loss_fn_config.items()}
         budget = ElementBudget(limits)
-        data = [_datum_from_proto(d, f"data[{i}]", budget) for i, d in enumerate(msg.data)]
-        return ForwardBackwardInput(data=data, loss_fn=msg.loss_fn or "cross_entropy", loss_fn_config=config)
+        decoded = [_datum_from_proto(d, f"data[{i}]", budget) for i, d in enumerate(msg.data)]
+        return TrainingData(
+            ForwardBackwardInput(data=[d for d, _ in decoded], loss_fn=msg.loss_fn or "cross_entropy",
+                                 loss_fn_config=config),
+            [p for _, p in decoded])
 
 
 def parse_forward_backward(body: bytes) -> DecodedForwardBackward:
@@ -319,7 +327,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varint too long")
 
 
-def _datum_from_proto(d: Any, where: str, budget: "ElementBudget") -> Datum:
+def _datum_from_proto(d: Any, where: str, budget: "ElementBudget") -> tuple[Datum, list[Span] | None]:
+    """The datum, and its ``loss_fn_input_spans`` (None without provenance)."""
     tokens: list[int] = []
     for j, chunk in enumerate(d.model_input):
         kind = chunk.WhichOneof("chunk")
@@ -334,29 +343,31 @@ def _datum_from_proto(d: Any, where: str, budget: "ElementBudget") -> Datum:
         tokens.extend(np.frombuffer(raw, dtype="<i4").tolist())
     inputs = {name: tensor_from_proto(t, f"{where}.loss_fn_inputs.{name}", budget)
               for name, t in d.loss_fn_inputs.items()}
+    spans = None
     if d.model_input_spans or d.loss_fn_input_spans:
         targets = inputs.get("target_tokens")
         rows = len(targets.data) if targets is not None else None  # the loss then fails on its inputs
         _check_provenance(d.model_input_spans, len(tokens), len(tokens), f"{where}.model_input_spans")
-        _check_provenance(d.loss_fn_input_spans, rows, len(tokens), f"{where}.loss_fn_input_spans")
-    return Datum(model_input=tokens, loss_fn_inputs=inputs)
+        spans = _check_provenance(d.loss_fn_input_spans, rows, len(tokens), f"{where}.loss_fn_input_spans")
+    return Datum(model_input=tokens, loss_fn_inputs=inputs), spans
 
 
 _MAX_SEQUENCE_ID_CHARS = 256
 
 
-def _check_provenance(spans: Any, length: int | None, positions: int, where: str) -> None:
+def _check_provenance(spans: Any, length: int | None, positions: int, where: str) -> list[Span]:
     """Provenance spans (SDK 0.38 ``Datum.with_provenance``, which tinker-cookbook's RL recipes attach to every
-    datum): consecutive runs, each naming a sampled sequence, whose lengths tile the field exactly. Checked
-    here, then not used: no loss this server offers reads them (``stable_reinforce``, which would, is not
-    offered, and a request naming it fails on its ``loss_fn``). ``length``: the positions the spans must tile
-    (None: unknown); ``positions``: the datum's length, which bounds how many spans are read at all."""
+    datum): consecutive runs, each naming a sampled sequence, whose lengths tile the field exactly. Only
+    ``stable_reinforce`` reads them (``stability.py``); other losses ignore them once checked. ``length``: the
+    positions the spans must tile (None: unknown); ``positions``: the datum's length, which bounds how many
+    spans are read at all."""
     if not spans:
         raise UserError("provenance comes as a pair: give both model_input_spans and loss_fn_input_spans, or "
                         "neither", field=where)
     if len(spans) > 2 * max(positions, length or 0) + 8:
         raise UserError(f"{len(spans)} spans for a datum of {positions} positions", field=where)
     total = 0
+    out: list[Span] = []
     for k, span in enumerate(spans):
         kind = span.WhichOneof("span")
         if kind is None:
@@ -368,9 +379,12 @@ def _check_provenance(spans: Any, length: int | None, positions: int, where: str
         if run.offset < 0 or run.length < 0:
             raise UserError("offset and length must be >= 0", field=f"{where}[{k}]")
         total += run.length
+        out.append(Span(sampled=kind == "sampled_tokens", sequence_id=run.sequence_id, offset=int(run.offset),
+                        length=int(run.length)))
     if length is not None and total != length:
         raise UserError(f"the spans cover {total} positions but the field has {length}; they must tile it exactly",
                         field=where)
+    return out
 
 
 class ElementBudget:

@@ -33,6 +33,7 @@ from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
 from .proto import parse_forward_backward, peek_header
 from .convert import input_from_json
+from .stability import StabilityRecords, TrainingData
 from .sampling import TinkerSampling
 from .serving import TinkerService
 from .settings import TinkerSettings
@@ -168,14 +169,15 @@ async def forward_backward(request: Request) -> P.UntypedFuture:
     body = await _read_body(request, svc, owner, peek=is_proto)
     if is_proto:
         decoded = parse_forward_backward(body)
-        make_input = functools.partial(decoded.input, svc.settings.limits)
+        make_input = functools.partial(decoded.decode, svc.settings.limits)
         if len(body) > _THREAD_PARSE_BYTES:  # decode big batches off the event loop
             make_input = await asyncio.to_thread(_decode_now, make_input)
         return await svc.forward_backward(owner, decoded.model_id, decoded.seq_id, make_input,
                                           forward_only=decoded.forward_only)
     req = await _decode_training(svc, owner, body, P.ForwardBackwardJsonRequest)
     return await svc.forward_backward(owner, req.model_id, req.seq_id,
-                                      lambda: input_from_json(req.forward_backward_input, svc.settings.limits),
+                                      lambda: TrainingData(input_from_json(req.forward_backward_input,
+                                                                           svc.settings.limits), []),
                                       forward_only=False)
 
 
@@ -184,7 +186,8 @@ async def forward(request: Request) -> P.UntypedFuture:
     """Pre-0.25 SDKs: forward pass only, JSON."""
     svc, owner = _svc(request), _owner(request)
     req = await _decode_training(svc, owner, await request.body(), P.ForwardJsonRequest)
-    return await svc.forward_backward(owner, req.model_id, req.seq_id, lambda: input_from_json(req.forward_input, svc.settings.limits),
+    return await svc.forward_backward(owner, req.model_id, req.seq_id,
+                                      lambda: TrainingData(input_from_json(req.forward_input, svc.settings.limits), []),
                                       forward_only=True)
 
 
@@ -464,8 +467,10 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
     Its lifespan runs the control plane (``ControlPlane.lifespan``).
     """
     plane = ControlPlane(settings, models=models, samplers=samplers)
-    service = TinkerService(settings, plane)
-    sampling = TinkerSampling(settings, plane)
+    stability = StabilityRecords(plane, keep_per_key=settings.max_recorded_sequences_per_key,
+                                 ttl_s=settings.recorded_sequence_ttl_s)
+    service = TinkerService(settings, plane, stability)
+    sampling = TinkerSampling(settings, plane, stability)
 
     handlers: list[Any] = [*ROUTES, *ADMIN_ROUTES]
     if path_prefix:

@@ -19,12 +19,14 @@ from ..core.state import CheckpointRecord, SamplerRecord
 from . import convert as C
 from . import protocol as P
 from .settings import TinkerSettings
+from .stability import StabilityRecords
 
 
 class TinkerSampling:
-    def __init__(self, settings: TinkerSettings, plane: ControlPlane) -> None:
+    def __init__(self, settings: TinkerSettings, plane: ControlPlane, stability: StabilityRecords) -> None:
         self.settings = settings
         self.plane = plane
+        self.stability = stability
         plane.add_housekeeping(self._drop_stale_ephemeral)
 
     async def create_sampling_session(self, owner: str, req: P.CreateSamplingSessionRequest
@@ -73,9 +75,9 @@ class TinkerSampling:
         num_samples = 1 if req.num_samples is None else req.num_samples
         params = C.sampling_params(req.sampling_params, num_samples, self.settings.limits)
         last_n = C.prompt_logprobs_last_n(req, len(prompt))
-        dedupe = None
+        dedupe, session_id = None, None
         if req.sampling_session_id is not None:
-            base_model, adapter_path = await self._session_weights(owner, req.sampling_session_id)
+            base_model, adapter_path, session_id = await self._session_weights(owner, req.sampling_session_id)
             if req.seq_id is not None:
                 dedupe = (req.sampling_session_id, req.seq_id)
         else:
@@ -99,6 +101,8 @@ class TinkerSampling:
             if last_n is not None and out.prompt_logprobs is not None:
                 cut = len(out.prompt_logprobs) - last_n
                 out.prompt_logprobs = [None] * cut + list(out.prompt_logprobs[cut:])
+            if req.record_stability_info:
+                await self.stability.record(owner, session_id, ids, out)
             return out
 
         ids = [f"seq-{secrets.token_hex(8)}" for _ in range(num_samples)]
@@ -106,8 +110,8 @@ class TinkerSampling:
         return P.UntypedFuture(request_id=record.request_id,
                                sample_sequence_ids=list((record.meta or {}).get("sample_sequence_ids") or ids))
 
-    async def _session_weights(self, owner: str, sampler_id: str) -> tuple[str, str | None]:
-        """(base model, adapter directory) of a sampling session, checked again at every sample: a checkpoint
+    async def _session_weights(self, owner: str, sampler_id: str) -> tuple[str, str | None, str | None]:
+        """(base model, adapter directory, session id) of a sampling session, checked again at every sample: a checkpoint
         unpublished, deleted or overwritten by its owner is no longer readable through older sessions."""
         s = await self.plane.sampler(owner, sampler_id)
         if s.ephemeral and s.adapter_path is None:
@@ -121,7 +125,7 @@ class TinkerSampling:
                 raise NotFoundError(f"checkpoint {s.model_path} was replaced after this sampling session was "
                                     "created; create a new sampling client", field="model_path")
         self.plane.store.touch_sampler_background(s.id, time.time())
-        return s.base_model, s.adapter_path
+        return s.base_model, s.adapter_path, s.session_id
 
     async def _drop_stale_ephemeral(self, now: float) -> dict[str, int]:
         stale = await self.plane.store.stale_ephemeral_samplers(now - self.settings.ephemeral_ttl_s)

@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable
 
 from twinkle.common.limits import check_metadata, check_tags, check_train_input
-from twinkle.common.wire import ForwardBackwardInput, UserError
+from twinkle.common.wire import UserError
 
 from ..core import ControlPlane, result_value
 from ..core.checkpoints import (EPHEMERAL, CheckpointRef, parse_checkpoint_id, parse_uri, validate_name,
@@ -27,14 +27,16 @@ from ..core.state import CheckpointRecord, FutureRecord, RunRecord, SamplerRecor
 from . import convert as C
 from . import protocol as P
 from .settings import TinkerSettings
+from .stability import StabilityRecords, TrainingData
 
 
 class TinkerService:
     """The Tinker surface of one central server process."""
 
-    def __init__(self, settings: TinkerSettings, plane: ControlPlane) -> None:
+    def __init__(self, settings: TinkerSettings, plane: ControlPlane, stability: StabilityRecords) -> None:
         self.settings = settings
         self.plane = plane
+        self.stability = stability
 
     @staticmethod
     def _future(record: FutureRecord, model_id: str | None = None) -> P.UntypedFuture:
@@ -150,12 +152,15 @@ class TinkerService:
         return self._future(await self.plane.submit_numbered(owner, run, seq_id, kind, checked), run.id)
 
     async def forward_backward(self, owner: str, model_id: str, seq_id: int | None,
-                               make_input: Callable[[], ForwardBackwardInput], *, forward_only: bool
+                               make_input: Callable[[], TrainingData], *, forward_only: bool
                                ) -> P.UntypedFuture:
         """``make_input`` decodes the data; a decoding error is a refusal of this ``seq_id``."""
 
         async def prepare(run: RunRecord, port: ModelPort):
-            inp = check_train_input(make_input(), self.settings.limits)
+            data = make_input()
+            inp = check_train_input(data.input, self.settings.limits)
+            if inp.loss_fn == "stable_reinforce":
+                inp = await self.stability.with_recorded_logprobs(owner, run, data._replace(input=inp))
             return lambda: port.forward_backward(run.id, owner, seq_id, inp, forward_only=forward_only)
 
         return await self._numbered(owner, model_id, seq_id, "forward" if forward_only else "forward_backward",

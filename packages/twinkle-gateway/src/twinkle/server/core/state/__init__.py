@@ -1,4 +1,5 @@
-"""Durable server state (sessions, training runs, checkpoints, sampling sessions, futures, API keys),
+"""Durable server state (sessions, training runs, checkpoints, sampling sessions, futures, API keys, sampled
+sequences recorded for ``stable_reinforce``),
 shared by the Tinker-compatible app and the native Twinkle server."""
 
 from .records import (
@@ -8,6 +9,7 @@ from .records import (
     Page,
     RunRecord,
     SamplerRecord,
+    SequenceRecord,
     SessionRecord,
 )
 from .store import Store
@@ -19,6 +21,7 @@ __all__ = [
     "Page",
     "RunRecord",
     "SamplerRecord",
+    "SequenceRecord",
     "SessionRecord",
     "Store",
 ]

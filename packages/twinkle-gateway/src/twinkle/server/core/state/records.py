@@ -114,3 +114,13 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True):
 class Page(msgspec.Struct):
     items: list[Any]
     total: int
+
+
+class SequenceRecord(msgspec.Struct, kw_only=True):
+    """One sampled sequence recorded for ``stable_reinforce``: its tokens and the sampler's logprob of each."""
+
+    id: str
+    owner: str
+    session_id: str | None
+    tokens: list[int]
+    logprobs: list[float]

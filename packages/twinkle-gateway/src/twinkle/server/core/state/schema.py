@@ -3,7 +3,8 @@
 Indexes follow the queries the servers make: everything a user lists is filtered by ``owner``; futures are
 deduplicated on ``(model_id, seq_id)`` (a training run's or sampling session's sequence numbers) by a partial
 unique index, which is what makes a resubmitted request map to its first ``request_id`` even across
-restarts.
+restarts. ``sampled_sequences`` holds what a sampler recorded for ``record_stability_info`` (tokens as
+little-endian int32, logprobs as little-endian float32).
 """
 
 from __future__ import annotations
@@ -98,4 +99,14 @@ CREATE TABLE IF NOT EXISTS futures (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS futures_dedupe ON futures(model_id, seq_id) WHERE seq_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS futures_status ON futures(status);
+CREATE TABLE IF NOT EXISTS sampled_sequences (
+    id         TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    session_id TEXT,
+    tokens     BLOB NOT NULL,
+    logprobs   BLOB NOT NULL,
+    last_used  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sampled_sequences_owner ON sampled_sequences(owner, last_used);
+CREATE INDEX IF NOT EXISTS sampled_sequences_used ON sampled_sequences(last_used);
 """

@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable, Iterable, TypeVar
 
 import msgspec
+import numpy as np
 
 from .records import (
     ApiKeyRecord,
@@ -32,6 +33,7 @@ from .records import (
     Page,
     RunRecord,
     SamplerRecord,
+    SequenceRecord,
     SessionRecord,
 )
 from .schema import DDL, SCHEMA_VERSION
@@ -613,3 +615,48 @@ class Store:
             return cur.rowcount
 
         return await self._call(go)
+
+    # --------------------------------------------------------------------------------- sampled sequences
+
+    async def record_sequences(self, records: list[SequenceRecord], now: float, *, keep_per_owner: int) -> int:
+        """Store sampled sequences; an owner past ``keep_per_owner`` loses its least recently used ones.
+        Returns how many were dropped."""
+
+        def go(conn: sqlite3.Connection) -> int:
+            conn.executemany(
+                "INSERT OR REPLACE INTO sampled_sequences(id, owner, session_id, tokens, logprobs, last_used) "
+                "VALUES (?,?,?,?,?,?)",
+                [(r.id, r.owner, r.session_id, np.asarray(r.tokens, dtype="<i4").tobytes(),
+                  np.asarray(r.logprobs, dtype="<f4").tobytes(), now) for r in records])
+            dropped = 0
+            for owner in {r.owner for r in records}:
+                dropped += conn.execute(
+                    "DELETE FROM sampled_sequences WHERE id IN (SELECT id FROM sampled_sequences WHERE owner=? "
+                    "ORDER BY last_used DESC LIMIT -1 OFFSET ?)", (owner, keep_per_owner)).rowcount
+            return dropped
+
+        return await self._call(self._tx, go)
+
+    async def use_sequences(self, owner: str, ids: list[str], now: float) -> dict[str, SequenceRecord]:
+        """The owner's recorded sequences among ``ids`` (others are absent), marked used at ``now``."""
+
+        def go(conn: sqlite3.Connection) -> dict[str, SequenceRecord]:
+            found: dict[str, SequenceRecord] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for r in conn.execute(f"SELECT id, session_id, tokens, logprobs FROM sampled_sequences "
+                                      f"WHERE owner=? AND id IN ({marks})", (owner, *chunk)):
+                    found[r[0]] = SequenceRecord(
+                        id=r[0], owner=owner, session_id=r[1],
+                        tokens=np.frombuffer(r[2], dtype="<i4").tolist(),
+                        logprobs=np.frombuffer(r[3], dtype="<f4").astype(float).tolist())
+                conn.execute(f"UPDATE sampled_sequences SET last_used=? WHERE owner=? AND id IN ({marks})",
+                             (now, owner, *chunk))
+            return found
+
+        return await self._call(self._tx, go)
+
+    async def expire_sequences(self, used_before: float) -> int:
+        return await self._call(lambda: self.conn.execute(
+            "DELETE FROM sampled_sequences WHERE last_used < ?", (used_before,)).rowcount)
