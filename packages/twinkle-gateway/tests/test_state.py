@@ -13,6 +13,7 @@ from twinkle.server.core.state import (
     FutureRecord,
     RunRecord,
     SamplerRecord,
+    SequenceRecord,
     SessionRecord,
     Store,
 )
@@ -259,3 +260,28 @@ def test_the_store_survives_sigkill_mid_write(tmp_path):
     import asyncio
 
     assert asyncio.run(reopen()).status == "done"
+
+
+async def test_recorded_sequences_are_exact_per_owner_bounded_and_expire(tmp_path):
+    path = str(tmp_path / "state.sqlite")
+    store = await Store.open(path)
+
+    def seq(i, owner="p-a"):
+        return SequenceRecord(id=f"seq-{i}", owner=owner, session_id="sess-1", tokens=[i, 4095, 0],
+                              logprobs=[-0.5, -1e-7, -17.25])
+
+    assert await store.record_sequences([seq(1), seq(2), seq(3)], 100.0, keep_per_owner=2) == 1
+    assert await store.record_sequences([seq(9, owner="p-b")], 100.0, keep_per_owner=2) == 0
+    await store.close()
+    store = await Store.open(path)  # durable
+    try:
+        found = await store.use_sequences("p-a", ["seq-1", "seq-2", "seq-3", "seq-9"], 200.0)
+        assert sorted(found) == ["seq-2", "seq-3"]  # one over the cap was dropped; another owner's is invisible
+        assert found["seq-2"].tokens == [2, 4095, 0]
+        assert found["seq-2"].logprobs == [-0.5, float(__import__("numpy").float32(-1e-7)), -17.25]
+        # use restarts the retention clock: seq-9 (unused since 100) expires, the used ones stay
+        assert await store.expire_sequences(150.0) == 1
+        assert sorted(await store.use_sequences("p-a", ["seq-2", "seq-3"], 300.0)) == ["seq-2", "seq-3"]
+        assert await store.use_sequences("p-b", ["seq-9"], 300.0) == {}
+    finally:
+        await store.close()

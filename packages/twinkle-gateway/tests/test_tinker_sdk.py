@@ -186,6 +186,64 @@ def test_rl_step(sc, base_model, loss_fn, config):
     assert op.metrics is not None
 
 
+def _rl_datum(prompt, seq, advantage, *, logprobs=None, targets=None, sequence_id=None):
+    """A cookbook-shaped RL datum: prompt + sampled tokens, advantages on the sampled ones, provenance."""
+    n_prompt, tokens = len(prompt) - 1, list(seq.tokens)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(prompt + tokens[:-1]),
+        loss_fn_inputs={"target_tokens": prompt[1:] + (targets or tokens),
+                        "logprobs": [0.0] * n_prompt + list(logprobs if logprobs is not None else seq.logprobs),
+                        "advantages": [0.0] * n_prompt + [advantage] * len(tokens)})
+    sid = sequence_id or seq.sequence_id
+    return datum.with_provenance(
+        model_input=[types.PromptProvenanceSpan(sequence_id=sid, length=len(prompt)),
+                     types.SampledProvenanceSpan(sequence_id=sid, length=len(tokens) - 1)],
+        loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=n_prompt),
+                        types.SampledProvenanceSpan(sequence_id=sid, length=len(tokens))])
+
+
+def test_stable_reinforce_trains_on_what_the_sampler_recorded(base_url, sc, base_model):
+    """The behaviour logprobs come from the server's record of each sampled sequence, not from the datum: the
+    client sends zeros, yet the ratio is 1 on the sampler's own weights. Provenance that is missing, names a
+    sequence of another session or one sampled without record_stability_info, or claims other tokens, is a
+    user error naming the field, and the run stays usable."""
+    tc = sc.create_lora_training_client(base_model=base_model, rank=8, seed=3).result()
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True)
+    prompt = SEQ[:PROMPT_LEN]
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)
+    res = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=4, sampling_params=params).result()
+    assert len({s.sequence_id for s in res.sequences}) == 4
+    data = [_rl_datum(prompt, s, 1.0 if i % 2 else -1.0, logprobs=[0.0] * len(s.tokens))
+            for i, s in enumerate(res.sequences)]
+    fb = tc.forward_backward(data, "stable_reinforce").result()
+    assert fb.metrics["ratio:mean"] == pytest.approx(1.0, abs=2e-3)
+    assert fb.metrics["clip_fraction:mean"] == 0.0
+    expected = 0.0  # r = 1: the loss is -sum(A * lp) over sampled tokens
+    for d, out in zip(data, fb.loss_fn_outputs):
+        lp = out["logprobs"].tolist()
+        expected -= sum(a * x for a, x in zip(d.loss_fn_inputs["advantages"].tolist(), lp))
+    assert fb.metrics["loss:sum"] == pytest.approx(expected, rel=2e-3, abs=2e-3)
+    assert tc.optim_step(ADAM).result().metrics is not None
+
+    def refused(datum, match, client=tc):  # a 400 at submission: the seq_id is released, the run goes on
+        with pytest.raises(tinker.BadRequestError, match=match):
+            client.forward_backward([datum], "stable_reinforce").result()
+
+    seq = res.sequences[0]
+    plain = types.Datum(model_input=data[0].model_input, loss_fn_inputs=data[0].loss_fn_inputs)
+    refused(plain, r"loss_fn_input_spans: stable_reinforce needs provenance")
+    wrong = [(t + 1) % 100 for t in seq.tokens]
+    refused(_rl_datum(prompt, seq, 1.0, targets=wrong), r"are not the tokens sequence")
+    unrecorded = tc.save_weights_and_get_sampling_client().sample(
+        types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params).result().sequences[0]
+    refused(_rl_datum(prompt, unrecorded, 1.0), r"sequence_id: no recorded sequence")
+    with tinker.ServiceClient(base_url=base_url, api_key=KEYS[0]) as other_session:
+        other = other_session.create_lora_training_client(base_model=base_model, rank=8).result()
+        refused(data[0], "no recorded sequence", other)
+    fb = tc.forward_backward(data, "stable_reinforce").result()  # still usable
+    assert math.isfinite(fb.metrics["loss:sum"])
+
+
 def test_rest_client_checkpoints(sc, trained):
     tc, _ = trained
     rc = sc.create_rest_client()
