@@ -7,10 +7,12 @@ through deployment handles, the SQLite store.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
 import pytest
+import tinker
 
 from _cluster import REPO, base_env, free_port, terminate, wait_http
 
@@ -55,3 +57,81 @@ def test_official_sdk_suite_against_the_ray_serve_deployment(deployed):
     assert run.returncode == 0, tail + "\n--- server log ---\n" + (root / "server.log").read_text()[-6000:]
     assert " passed" in run.stdout
     print(run.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------- tinker-cookbook 0.6.1, unmodified
+# `hatch run test` installs it (--no-deps; its real dependencies are in hatch.toml). Each recipe runs as a user
+# runs it, `python -m tinker_cookbook.recipes.…`, against the deployment above. The model is named by the
+# tokenizer_id the server reports (the built-in model's directory): the cookbook passes one string both as
+# base_model and to AutoTokenizer.from_pretrained.
+
+COOKBOOK_VERSION = "0.6.1"
+
+
+def _cookbook():
+    cookbook = pytest.importorskip("tinker_cookbook", reason="tinker-cookbook is installed by `hatch run test`")
+    from importlib.metadata import version
+
+    assert version("tinker-cookbook") == COOKBOOK_VERSION
+    return cookbook
+
+
+def _run_recipe(deployed, module: str, log_path, *args: str) -> list[dict]:
+    import json
+
+    from twinkle.common.models import TINY_MODEL_ID, tokenizer_id
+
+    _cookbook()
+    base, env, root = deployed
+    cmd = [sys.executable, "-m", module, f"model_name={tokenizer_id(TINY_MODEL_ID)}", f"base_url={base}",
+           f"log_path={log_path}", "behavior_if_log_dir_exists=delete", *args]
+    run = subprocess.run(cmd, env={**env, "TINKER_API_KEY": "tml-cookbook"}, capture_output=True, text=True,
+                         timeout=600, cwd=log_path.parent)
+    tail = (run.stdout + run.stderr)[-6000:]
+    assert run.returncode == 0, tail + "\n--- server log ---\n" + (root / "server.log").read_text()[-6000:]
+    return [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _final_checkpoint(log_path) -> dict:
+    import json
+
+    rows = [json.loads(line) for line in (log_path / "checkpoints.jsonl").read_text().splitlines() if line.strip()]
+    final = [r for r in rows if r.get("name") == "final"]
+    assert final, rows
+    return final[-1]
+
+
+@pytest.mark.parametrize("loss_fn", ["stable_reinforce", "importance_sampling", "ppo"])
+def test_cookbook_math_rl_arithmetic(deployed, tmp_path, loss_fn):
+    """The cookbook's RL recipe: sampling with record_stability_info, provenance on every datum, the loss
+    (default stable_reinforce), rewards logged for each of 3 steps, and its final checkpoint saved."""
+    log_path = tmp_path / f"math-rl-{loss_fn}"
+    metrics = _run_recipe(deployed, "tinker_cookbook.recipes.math_rl.train", log_path, "env=arithmetic",
+                          "renderer_name=qwen3", f"loss_fn={loss_fn}", "groups_per_batch=4", "group_size=2",
+                          "max_tokens=5", "lora_rank=8", "max_steps=3", "eval_every=0", "save_every=0")
+    rewards = [m["env/all/reward/total"] for m in metrics if "env/all/reward/total" in m]
+    assert len(rewards) == 3, metrics
+    trained = [m["tokens/trained"] for m in metrics if "tokens/trained" in m]
+    assert len(trained) == 3 and all(n > 0 for n in trained), metrics
+    final = _final_checkpoint(log_path)
+    assert final["sampler_path"].startswith("tinker://") and final["state_path"].startswith("tinker://")
+    rest = tinker.RestClient(base_url=deployed[0], api_key="tml-cookbook")
+    saved = {c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints}
+    assert {final["sampler_path"], final["state_path"]} <= saved
+
+
+def test_cookbook_chat_sl_on_a_local_jsonl(deployed, tmp_path):
+    import json
+
+    data = tmp_path / "chats.jsonl"
+    with data.open("w") as f:
+        for i in range(24):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n")
+    log_path = tmp_path / "chat-sl"
+    metrics = _run_recipe(deployed, "tinker_cookbook.recipes.chat_sl.train", log_path, f"dataset={data}",
+                          "renderer_name=qwen3", "batch_size=8", "lora_rank=8", "max_length=256",
+                          "learning_rate=1e-3", "num_epochs=1", "eval_every=0", "save_every=0")
+    losses = [m["train_mean_nll"] for m in metrics if "train_mean_nll" in m]
+    assert losses and all(math.isfinite(x) for x in losses), metrics
+    _final_checkpoint(log_path)

@@ -100,6 +100,21 @@ def test_the_sdk_loads_the_tokenizer_the_server_names(trained):
     assert tokenizer.decode(tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
 
 
+def test_a_model_may_be_named_by_its_tokenizer_id(sc, trained, base_model):
+    """tinker-cookbook passes one string as base_model and to AutoTokenizer.from_pretrained: the tokenizer_id
+    the server reports (here the model's directory) names the same base model."""
+    tc, _ = trained
+    tokenizer_id = tc.get_info().model_data.tokenizer_id
+    assert tokenizer_id and tokenizer_id != base_model
+    alias = sc.create_lora_training_client(base_model=tokenizer_id, rank=4).result()
+    assert alias.get_info().model_data.model_name == base_model
+    res = sc.create_sampling_client(base_model=tokenizer_id).sample(
+        types.ModelInput.from_ints(SEQ[:4]), num_samples=1, sampling_params=types.SamplingParams(max_tokens=2)).result()
+    assert len(res.sequences[0].tokens) == 2
+    with pytest.raises(tinker.BadRequestError, match="unknown base_model"):
+        sc.create_lora_training_client(base_model=tokenizer_id + "-nope", rank=4).result()
+
+
 def test_forward_gives_logprobs_and_changes_nothing(trained):
     tc, _ = trained
     a = tc.forward([_datum()], "cross_entropy").result()

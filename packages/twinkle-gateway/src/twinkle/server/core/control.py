@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -199,6 +200,22 @@ class ControlPlane:
             raise UserError(f"no sampler serves base model {base_model!r}; this server samples: {served}",
                             field=field)
         return port
+
+    async def served_name(self, name: str) -> str:
+        """The served name of a base model, which a client may also call by its ``tokenizer_id`` (what
+        ``get_info`` reports: a hub id, or the model's directory on this machine). tinker-cookbook uses one string
+        for both the base model and ``AutoTokenizer.from_pretrained``, so on the server's machine it can name the
+        built-in or a local model by its directory. Unknown names come back unchanged (and are refused where
+        they are used)."""
+        if name in self.models or name in self.samplers or not name:
+            return name
+        for served in self.served_names():
+            info = await self.model_info(served)
+            alias = info.tokenizer_id if info is not None else None
+            if alias and (alias == name or (os.path.isabs(name) and os.path.isabs(alias)
+                                            and os.path.realpath(alias) == os.path.realpath(name))):
+                return served
+        return name
 
     def served_names(self) -> list[str]:
         return sorted(set(self.models) | set(self.samplers))

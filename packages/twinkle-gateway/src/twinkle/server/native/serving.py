@@ -139,7 +139,8 @@ class NativeService:
     # =============================================================================== runs
 
     async def create_run(self, owner: str, req: P.CreateRunIn) -> FutureRef:
-        port = self.plane.model_port(req.base_model)
+        base_model = await self.plane.served_name(req.base_model)
+        port = self.plane.model_port(base_model)
         limits = self.settings.limits
         lora = check_lora(lora_config(req.lora), "lora", limits=limits)
         check_metadata(req.user_metadata, limits=limits)
@@ -151,7 +152,7 @@ class NativeService:
             info = await port.create_run(run_id, owner, lora)
             now = time.time()
             run = await self.plane.record_run(RunRecord(
-                id=run_id, owner=owner, session_id=req.session_id, base_model=req.base_model,
+                id=run_id, owner=owner, session_id=req.session_id, base_model=base_model,
                 lora=msgspec.to_builtins(getattr(info, "lora", None) or lora), created=now, last_request=now,
                 protocol="twinkle", user_metadata=req.user_metadata))
             return await self._run_out(run, {})

@@ -55,6 +55,7 @@ class TinkerSampling:
                             field="base_model")
         if model_path is None:
             assert base_model is not None
+            base_model = await self.plane.served_name(base_model)
             self.plane.sampler_port(base_model)
             return base_model, None
         ckpt = await self.plane.visible_checkpoint(owner, parse_uri(model_path, field="model_path"),

@@ -99,7 +99,8 @@ class TinkerService:
 
     async def create_model(self, owner: str, req: P.CreateModelRequest) -> P.UntypedFuture:
         await self.plane.session(owner, req.session_id, live=True)
-        port = self.plane.model_port(req.base_model)
+        base_model = await self.plane.served_name(req.base_model)
+        port = self.plane.model_port(base_model)
         lora = C.lora_config(req.lora_config, self.settings.limits)
         C.check_optimizer(req.optimizer_config)
         run_id = self._run_id(req.session_id, req.model_seq_id)
@@ -109,7 +110,7 @@ class TinkerService:
             info = await port.create_run(run_id, owner, lora)
             now = time.time()
             await self.plane.record_run(RunRecord(
-                id=run_id, owner=owner, session_id=req.session_id, base_model=req.base_model,
+                id=run_id, owner=owner, session_id=req.session_id, base_model=base_model,
                 lora=C.builtins(getattr(info, "lora", lora)), created=now, last_request=now,
                 user_metadata=user_metadata))
             return {"type": "create_model", "model_id": run_id}
