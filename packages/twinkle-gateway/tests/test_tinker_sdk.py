@@ -259,6 +259,60 @@ def test_stable_reinforce_trains_on_what_the_sampler_recorded(base_url, sc, base
     assert math.isfinite(fb.metrics["loss:sum"])
 
 
+def test_the_cli_downloads_a_checkpoint_that_stock_peft_loads(base_url, sc, trained, tmp_path):
+    """``tinker checkpoint download tinker://…/weights/…`` (the SDK's CLI, unmodified): it loads the state into a
+    new run, exports it with save_weights_external, fetches every file from the signed URLs and deletes the
+    export. Stock peft then gives exactly the server's logprobs."""
+    import subprocess
+    import sys
+
+    import torch
+    from peft import PeftModel
+    from twinkle.common.models import TINY_MODEL_ID, load_causal_lm
+
+    tc, _ = trained
+    state = tc.save_state("for-download").result().path
+    env = {**os.environ, "TINKER_BASE_URL": base_url, "TINKER_API_KEY": KEYS[0]}
+    run = subprocess.run([sys.executable, "-m", "tinker.cli", "checkpoint", "download", state, "--output",
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    target = tmp_path / state.replace("tinker://", "").replace("/", "_")
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    ours = tc.forward([_datum()], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    model = PeftModel.from_pretrained(load_causal_lm(TINY_MODEL_ID), str(target)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([SEQ[:-1]])).logits.float()
+    theirs = torch.log_softmax(logits, -1)[0].gather(-1, torch.tensor(SEQ[1:])[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=0)
+    # the CLI deleted its temporary export
+    left = sc.create_rest_client().list_user_checkpoints().result().checkpoints
+    assert not [c for c in left if c.checkpoint_type == "external"]
+
+
+def test_exported_weights_urls_are_signed_and_expire_with_the_checkpoint(base_url, sc, trained):
+    import httpx
+
+    tc, _ = trained
+    path = tc.save_weights_external("export-1").result().path
+    assert path.endswith("/external_weights/export-1")
+    rest = tinker.RestClient(base_url=base_url, api_key=KEYS[0])
+    urls = rest.get_external_weights_urls(path).result().urls
+    assert sorted(urls) == ["adapter_config.json", "adapter_model.safetensors"]
+    with httpx.Client(timeout=30) as http:
+        assert http.get(urls["adapter_config.json"]).json()["r"] == 16  # no API key: the URL is the credential
+        forged = urls["adapter_config.json"].replace("adapter_config.json", "adapter_model.safetensors")
+        assert http.get(forged).status_code == 404  # signed for one file only
+        assert http.get(urls["adapter_config.json"] + "x").status_code == 404
+        bob = tinker.RestClient(base_url=base_url, api_key=KEYS[1])  # another key cannot sign them
+        with pytest.raises(tinker.NotFoundError):
+            bob.get_external_weights_urls(path).result()
+        with pytest.raises(tinker.BadRequestError, match="already exists"):
+            tc.save_weights_external("export-1").result()
+        rest.delete_checkpoint_from_tinker_path(path).result()
+        assert http.get(urls["adapter_model.safetensors"]).status_code == 404
+
+
 def test_rest_client_checkpoints(sc, trained):
     tc, _ = trained
     rc = sc.create_rest_client()

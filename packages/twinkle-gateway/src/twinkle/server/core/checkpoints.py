@@ -2,13 +2,15 @@
 
 A checkpoint is addressed by ``tinker://<run_id>/<kind>/<name>`` (the official SDK parses exactly three
 ``/``-separated parts) or ``twinkle://…`` (same shape, for the native client). ``kind`` is ``weights`` (a
-training state: adapter + optimizer) or ``sampler_weights`` (adapter only). Clients never see or pass server
+training state: adapter + optimizer), ``sampler_weights`` (adapter only) or ``external_weights`` (an adapter
+exported for download; it cannot be loaded or sampled, only listed, downloaded and deleted). Clients never see or pass server
 paths: the path is derived here from the owner and the URI, under one root that every node can read.
 
 Layout::
 
     <checkpoint_dir>/<owner>/<run_id>/weights/<name>/           save_state / load_state
     <checkpoint_dir>/<owner>/<run_id>/sampler_weights/<name>/   named sampler checkpoints
+    <checkpoint_dir>/<owner>/<run_id>/external_weights/<name>/  save_weights_external
     <checkpoint_dir>/<owner>/<run_id>/ephemeral/<id>/           save_weights_and_get_sampling_client
 
 Every part is validated strictly (a whitelist of characters, no ``..``), then the joined path is checked to
@@ -25,8 +27,9 @@ from dataclasses import dataclass
 from twinkle.common.wire import UserError
 
 SCHEMES = ("tinker://", "twinkle://")
-KINDS = ("weights", "sampler_weights")
-CHECKPOINT_TYPE = {"weights": "training", "sampler_weights": "sampler"}
+KINDS = ("weights", "sampler_weights")  # what loads and samples
+ALL_KINDS = (*KINDS, "external_weights")
+CHECKPOINT_TYPE = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 EPHEMERAL = "ephemeral"
 
 # Run ids look like "<session>:train:<n>"; names are user-chosen labels such as "step-100" or "ckpt.v2".
@@ -95,9 +98,10 @@ def parse_uri(uri: str, *, field: str = "path", kinds: tuple[str, ...] = KINDS) 
 def parse_checkpoint_id(checkpoint_id: str, *, field: str = "checkpoint_id") -> tuple[str, str]:
     """``weights/ckpt-1`` → ("weights", "ckpt-1")."""
     parts = checkpoint_id.split("/")
-    if len(parts) != 2 or parts[0] not in KINDS:
+    if len(parts) != 2 or parts[0] not in ALL_KINDS:
         raise UserError(
-            f"{checkpoint_id!r} is not a checkpoint id; expected weights/<name> or sampler_weights/<name>",
+            f"{checkpoint_id!r} is not a checkpoint id; expected <kind>/<name> with kind one of "
+            f"{', '.join(ALL_KINDS)}",
             field=field,
         )
     validate_name(parts[1], field=field)
@@ -117,7 +121,7 @@ class CheckpointLayout:
         return self._inside(os.path.join(self.root, owner, run_id))
 
     def path_for(self, owner: str, run_id: str, kind: str, name: str) -> str:
-        if kind not in KINDS and kind != EPHEMERAL:
+        if kind not in ALL_KINDS and kind != EPHEMERAL:
             raise ValueError(f"invalid checkpoint kind {kind!r}")
         validate_name(name)
         return self._inside(os.path.join(self.run_dir(owner, run_id), kind, name))

@@ -181,6 +181,19 @@ class SaveWeightsRequest(_Req):
     user_metadata: dict[str, str] | None = None
 
 
+class SaveWeightsExternalRequest(_Req):
+    model_id: str
+    path: str
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = None
+
+
+class ExternalWeightsUrlsOut(msgspec.Struct):
+    urls: dict[str, str]
+    expires: str
+
+
 class SaveWeightsForSamplerRequest(_Req):
     model_id: str
     path: str | None = None

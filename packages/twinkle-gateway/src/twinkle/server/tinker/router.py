@@ -14,6 +14,7 @@ import asyncio
 import functools
 import io
 import logging
+import os
 from typing import Any, Callable
 
 import msgspec
@@ -21,6 +22,7 @@ from litestar import Litestar, Request, Response, Router, delete, get, post, put
 from litestar.datastructures import State
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.middleware import ASGIMiddleware, DefineMiddleware
+from litestar.response import File
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from twinkle.common.wire import UserError
@@ -28,9 +30,11 @@ from twinkle.common.wire import UserError
 from ..auth import ApiKeyMiddleware, Principal
 from ..core import ControlPlane
 from ..core.admin import ADMIN_ROUTES
+from ..core.checkpoints import parse_checkpoint_id
 from ..core.ports import ModelPort, SamplerPort
 from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
+from .export import EXTERNAL, FILES_ROUTE, TinkerExport
 from .proto import parse_forward_backward, peek_header
 from .convert import input_from_json
 from .stability import StabilityRecords, TrainingData
@@ -211,6 +215,31 @@ async def save_weights_for_sampler(request: Request) -> P.UntypedFuture:
     return await svc.save_weights_for_sampler(owner, req)
 
 
+@post("/save_weights_external", status_code=200)
+async def save_weights_external(request: Request) -> P.UntypedFuture:
+    svc, owner = _svc(request), _owner(request)
+    req = await _decode_training(svc, owner, await request.body(), P.SaveWeightsExternalRequest)
+    return await request.app.state.export.save_weights_external(owner, req)
+
+
+@get("/training_runs/{run_id:str}/checkpoints/{rest:path}")
+async def external_weights_urls(request: Request, run_id: str, rest: str) -> P.ExternalWeightsUrlsOut:
+    checkpoint_id, action = _split_action(rest, ("external_weights_urls",))
+    kind, name = parse_checkpoint_id(checkpoint_id)
+    if action is None or kind != EXTERNAL:
+        raise UserError("GET …/checkpoints/external_weights/<name>/external_weights_urls gives the download URLs "
+                        "of exported weights (save_weights_external)", status=404)
+    base = str(request.base_url).rstrip("/") + request.app.state.path_prefix
+    return await request.app.state.export.urls(_owner(request), run_id, name, base)
+
+
+@get(f"/{FILES_ROUTE}/{{token:str}}/{{rel:path}}", opt={"exclude_from_auth": True}, media_type="application/octet-stream")
+async def external_weights_file(request: Request, token: str, rel: str) -> File:
+    """A file of exported weights; the signed URL is the credential (no API key)."""
+    path = await request.app.state.export.file_path(token, rel.lstrip("/"))
+    return File(path=path, filename=os.path.basename(path))
+
+
 @post("/load_weights", status_code=200)
 async def load_weights(request: Request) -> P.UntypedFuture:
     svc, owner = _svc(request), _owner(request)
@@ -365,7 +394,6 @@ async def weights_info(request: Request, data: P.WeightsInfoRequest) -> P.Weight
 
 # SDK routes this server does not serve, and what the client would be asking for.
 _UNSUPPORTED = {
-    "save_weights_external": "exporting weights to external storage (save_weights_external)",
     "create_custom_loss": "server-side custom losses (create_custom_loss)",
     "retrieve_futures": "batched future retrieval (retrieve_futures)",
     "cancel_future": "cancelling futures (cancel_future)",
@@ -398,7 +426,8 @@ async def unsupported(request: Request, rest: str) -> Response:
 ROUTES = [
     client_config, dynamic_config, create_session, session_heartbeat, finish_session, telemetry, healthz,
     get_server_capabilities, api_key_me, list_sessions, get_session, create_model, get_info, unload_model, forward_backward,
-    forward, optim_step, save_weights, save_weights_for_sampler, load_weights, create_sampling_session,
+    forward, optim_step, save_weights, save_weights_for_sampler, save_weights_external, external_weights_urls,
+    external_weights_file, load_weights, create_sampling_session,
     get_sampler, asample, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
     delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info, unsupported,
 ]
@@ -471,6 +500,7 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
                                  ttl_s=settings.recorded_sequence_ttl_s)
     service = TinkerService(settings, plane, stability)
     sampling = TinkerSampling(settings, plane, stability)
+    export = TinkerExport(settings, plane, service)
 
     handlers: list[Any] = [*ROUTES, *ADMIN_ROUTES]
     if path_prefix:
@@ -481,7 +511,7 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[plane.lifespan],
         state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service,
-                     "sampling": sampling}),
+                     "sampling": sampling, "export": export, "path_prefix": path_prefix}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=debug,

@@ -143,7 +143,7 @@ class TinkerService:
 
         return self._future(await self.plane.submit(owner, "unload_model", work), run.id)
 
-    async def _numbered(self, owner: str, model_id: str, seq_id: int | None, kind: str,
+    async def numbered(self, owner: str, model_id: str, seq_id: int | None, kind: str,
                         prepare: Callable[[RunRecord, ModelPort], Any]) -> P.UntypedFuture:
         run = await self.plane.run(owner, model_id)
 
@@ -164,7 +164,7 @@ class TinkerService:
                 inp = await self.stability.with_recorded_logprobs(owner, run, data._replace(input=inp))
             return lambda: port.forward_backward(run.id, owner, seq_id, inp, forward_only=forward_only)
 
-        return await self._numbered(owner, model_id, seq_id, "forward" if forward_only else "forward_backward",
+        return await self.numbered(owner, model_id, seq_id, "forward" if forward_only else "forward_backward",
                                     prepare)
 
     async def optim_step(self, owner: str, req: P.OptimStepRequest) -> P.UntypedFuture:
@@ -172,11 +172,11 @@ class TinkerService:
             params = C.adam_params(req)
             return lambda: port.optim_step(run.id, owner, req.seq_id, params)
 
-        return await self._numbered(owner, req.model_id, req.seq_id, "optim_step", prepare)
+        return await self.numbered(owner, req.model_id, req.seq_id, "optim_step", prepare)
 
     async def save_weights(self, owner: str, req: P.SaveWeightsRequest) -> P.UntypedFuture:
         async def prepare(run: RunRecord, port: ModelPort):
-            ref, path, expires = await self._new_checkpoint(owner, run, "weights", req.path, req.ttl_seconds,
+            ref, path, expires = await self.new_checkpoint(owner, run, "weights", req.path, req.ttl_seconds,
                                                             overwrite=bool(req.overwrite))
 
             async def work() -> dict[str, str]:
@@ -186,9 +186,9 @@ class TinkerService:
 
             return work
 
-        return await self._numbered(owner, req.model_id, req.seq_id, "save_weights", prepare)
+        return await self.numbered(owner, req.model_id, req.seq_id, "save_weights", prepare)
 
-    async def _new_checkpoint(self, owner: str, run: RunRecord, kind: str, name: str | None, ttl: int | None,
+    async def new_checkpoint(self, owner: str, run: RunRecord, kind: str, name: str | None, ttl: int | None,
                               *, overwrite: bool) -> tuple[CheckpointRef, str, float | None]:
         name = validate_name(name, field="path") if name else C.default_name()
         expires = self.plane.expiry(ttl)
@@ -207,11 +207,11 @@ class TinkerService:
                 return await self._named_sampler_save(owner, run, port, req)
             return await self._ephemeral_sampler_save(owner, run, port, req)
 
-        return await self._numbered(owner, req.model_id, req.seq_id, "save_weights_for_sampler", prepare)
+        return await self.numbered(owner, req.model_id, req.seq_id, "save_weights_for_sampler", prepare)
 
     async def _named_sampler_save(self, owner: str, run: RunRecord, port: ModelPort,
                                   req: P.SaveWeightsForSamplerRequest):
-        ref, path, expires = await self._new_checkpoint(owner, run, "sampler_weights", req.path, req.ttl_seconds,
+        ref, path, expires = await self.new_checkpoint(owner, run, "sampler_weights", req.path, req.ttl_seconds,
                                                         overwrite=False)
 
         async def work() -> dict[str, str]:
@@ -272,7 +272,7 @@ class TinkerService:
 
             return work
 
-        return await self._numbered(owner, req.model_id, req.seq_id, "load_weights", prepare)
+        return await self.numbered(owner, req.model_id, req.seq_id, "load_weights", prepare)
 
     async def _load_source(self, owner: str, req: P.LoadWeightsRequest
                            ) -> tuple[CheckpointRef, CheckpointRecord, str, bool]:

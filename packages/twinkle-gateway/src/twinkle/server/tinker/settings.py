@@ -18,6 +18,8 @@ class TinkerSettings(CentralSettings, kw_only=True, frozen=True, forbid_unknown_
     """Ephemeral sampler weights (``save_weights_and_get_sampling_client``) kept per training run."""
     ephemeral_ttl_s: float = 3600.0
     """Ephemeral weights of a closed session are deleted when unused for this long."""
+    download_url_ttl_s: float = 3600.0
+    """How long the signed download URLs of exported weights (``external_weights_urls``) stay valid."""
     recorded_sequence_ttl_s: float = 86400.0
     """Sequences sampled with ``record_stability_info`` are kept this long after their last use (Tinker: a day)."""
     max_recorded_sequences_per_key: int = 100_000
@@ -29,5 +31,7 @@ class TinkerSettings(CentralSettings, kw_only=True, frozen=True, forbid_unknown_
             raise ValueError("long_poll_timeout_s must be between 0 and the SDK's 45 s read timeout")
         if self.max_body_bytes <= 0:
             raise ValueError("max_body_bytes must be positive")
+        if self.download_url_ttl_s <= 0:
+            raise ValueError("download_url_ttl_s must be positive")
         if self.recorded_sequence_ttl_s <= 0 or self.max_recorded_sequences_per_key < 1:
             raise ValueError("recorded_sequence_ttl_s and max_recorded_sequences_per_key must be positive")
