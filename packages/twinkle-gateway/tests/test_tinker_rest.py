@@ -596,8 +596,8 @@ def test_results_are_rendered_once(alice):
 
 def test_unsupported_routes_are_404_naming_the_feature_and_release_the_seq_id(alice):
     mid = alice.model(alice.session())
-    r = alice.post("save_weights_external", {"model_id": mid, "path": "out", "seq_id": 1})
-    assert r.status_code == 404 and "save_weights_external" in r.json()["detail"]
+    r = alice.post("create_custom_loss", {"model_id": mid, "seq_id": 1})
+    assert r.status_code == 404 and "create_custom_loss" in r.json()["detail"]
     step = alice.ok("optim_step", {"model_id": mid, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}})
     assert "metrics" in alice.result(step["request_id"])  # ran at once: seq 1 was released
     r = alice.get("training_runs/x/checkpoints/external_weights/out/external_weights_urls")
