@@ -147,6 +147,55 @@ def test_compute_logprobs_agrees_with_the_trainer(trained):
     assert np.allclose(lp[1:], trainer, atol=2e-3), (lp[1:], trainer)
 
 
+def test_sdk_038_prompt_and_sample_extras_agree_with_the_trainer(trained):
+    """topk_prompt_logprobs, topk_sample_logprobs, target_prompt_logprobs (sparse CSR: unlisted cells ask
+    nothing) and prompt_alt_tokens_k, through the unmodified SDK, against the trainer's teacher-forced
+    logprobs; prompt_logprobs_last_n cuts the top-k rows too."""
+    tc, _ = trained
+    trainer = tc.forward([_datum()], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    sampler = tc.save_weights_and_get_sampling_client()
+    n = len(SEQ)
+    # column 0 asks the prompt's own next token, column 1 nothing except at row 2 (token 5)
+    crow = [0] + [1 + (1 if r >= 2 else 0) + r for r in range(n - 1)]
+    cols, vals = [], []
+    for r in range(n - 1):
+        cols.append(0), vals.append(SEQ[r + 1])
+        if r == 2:
+            cols.append(1), vals.append(5)
+    target = types.TensorData(data=vals, dtype="int64", shape=[n - 1, 2], sparse_crow_indices=crow,
+                              sparse_col_indices=cols)
+    res = sampler.sample(types.ModelInput.from_ints(SEQ), num_samples=2,
+                         sampling_params=types.SamplingParams(max_tokens=3, temperature=1.0, seed=5),
+                         include_prompt_logprobs=True, topk_prompt_logprobs=3, topk_sample_logprobs=2,
+                         target_prompt_logprobs=target, prompt_alt_tokens_k=4).result()
+    assert np.allclose(res.prompt_logprobs[1:], trainer, atol=2e-3)
+    top = res.topk_prompt_logprobs
+    assert top[0] is None and len(top) == n
+    for i in range(1, n):
+        assert len(top[i]) == 3 and top[i][0][1] >= top[i][1][1] >= top[i][2][1]
+        # the memorised next token is the most likely one, with the trainer's logprob
+        assert top[i][0][0] == SEQ[i] and abs(top[i][0][1] - trainer[i - 1]) < 2e-3
+    tp = res.target_prompt_logprobs.to_numpy()
+    assert tp.shape == (n - 1, 2) and np.allclose(tp[:, 0], trainer, atol=2e-3)
+    assert tp[2, 1] < 0 and tp[0, 1] == 0.0  # asked at row 2 only
+    alt = res.prompt_alt_tokens
+    tokens, logprobs = alt.tokens.to_numpy(), alt.logprobs.to_numpy()
+    assert tokens.shape == logprobs.shape == (n - 1, 4) and (logprobs <= 0).all()
+    for seq in res.sequences:
+        assert len(seq.topk_logprobs) == len(seq.tokens)
+        assert all(len(row) == 2 and row[0][1] >= row[1][1] for row in seq.topk_logprobs)
+        assert all(abs(seq.logprobs[k] - dict(row).get(t, seq.logprobs[k])) < 1e-5
+                   for k, (t, row) in enumerate(zip(seq.tokens, seq.topk_logprobs)))
+    last = sampler.sample(types.ModelInput.from_ints(SEQ), num_samples=1,
+                          sampling_params=types.SamplingParams(max_tokens=1), include_prompt_logprobs=True,
+                          topk_prompt_logprobs=2, prompt_logprobs_last_n=3).result()
+    assert last.topk_prompt_logprobs[: n - 3] == [None] * (n - 3)
+    assert all(row is not None for row in last.topk_prompt_logprobs[n - 3:])
+    with pytest.raises(tinker.BadRequestError, match="target_prompt_logprobs"):
+        sampler.sample(types.ModelInput.from_ints(SEQ), num_samples=1, sampling_params=types.SamplingParams(max_tokens=1),
+                       target_prompt_logprobs=types.TensorData(data=[1], dtype="int64", shape=[1, 1])).result()
+
+
 def test_save_state_and_resume_exactly(sc, trained):
     tc, _ = trained
     path = tc.save_state("resume-point").result().path

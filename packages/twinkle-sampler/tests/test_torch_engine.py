@@ -200,6 +200,65 @@ async def test_prompt_logprobs_are_teacher_forced_first_null(service, reference,
     assert outs[-1].prompt_logprobs is None
 
 
+async def test_topk_target_and_alt_prompt_features_are_exact_against_teacher_forcing(service, reference, prompts,
+                                                                                       adapters):
+    """SDK 0.38's prompt and sample extras, in one batch with a plain request, checked against stock peft."""
+    p, a = prompts[1], adapters[4]
+    n = len(p)
+    targets = [[p[i + 1], 7, -1] for i in range(n - 1)]
+    plain, rich = await sample_all(service, [
+        R(prompts[0], max_tokens=3),
+        SampleRequest(prompt=list(p), adapter_path=a, num_samples=2,
+                      sampling_params=SamplingParams(max_tokens=5, temperature=0.9, seed=4),
+                      topk_prompt_logprobs=3, topk_sample_logprobs=4, target_prompt_logprobs=targets,
+                      prompt_alt_tokens_k=6),
+    ])
+    assert plain.topk_prompt is None and plain.sequences[0].topk is None and plain.prompt_alt is None
+    lp = torch.log_softmax(reference.logits(a, list(p)), dim=-1)  # lp[i] predicts p[i + 1]
+    top = rich.topk_prompt
+    assert len(top.ids) == n and top.ids[0] == [] and top.logprobs[0] == []
+    for i in range(1, n):
+        vals, idx = lp[i - 1].topk(3)
+        assert top.ids[i] == idx.tolist() and max_abs_diff(top.logprobs[i], vals.tolist()) < ATOL
+    tp = rich.target_prompt_logprobs
+    assert len(tp) == n - 1 and all(len(row) == 3 for row in tp)
+    for i in range(n - 1):
+        assert abs(tp[i][0] - lp[i, p[i + 1]].item()) < ATOL and abs(tp[i][1] - lp[i, 7].item()) < ATOL
+        assert tp[i][2] == 0.0  # -1 asked nothing
+    alt = rich.prompt_alt
+    assert len(alt.ids) == n - 1 and all(len(row) == 6 for row in alt.ids)
+    for i in range(n - 1):
+        assert max_abs_diff(alt.logprobs[i], [lp[i, t].item() for t in alt.ids[i]]) < ATOL
+    assert len({t for row in alt.ids for t in row}) > n  # draws, not one repeated argmax
+    for seq in rich.sequences:
+        assert len(seq.topk.ids) == len(seq.tokens)
+        full = torch.log_softmax(reference.logits(a, list(p) + seq.tokens), dim=-1)
+        for k, t in enumerate(seq.tokens):
+            vals, idx = full[n - 1 + k].topk(4)
+            assert seq.topk.ids[k] == idx.tolist() and max_abs_diff(seq.topk.logprobs[k], vals.tolist()) < ATOL
+    # greedy alternatives are the argmax, k times
+    (greedy,) = await sample_all(service, [SampleRequest(prompt=list(p), adapter_path=a, prompt_alt_tokens_k=2,
+                                                         sampling_params=SamplingParams(max_tokens=1, temperature=0))])
+    assert greedy.prompt_alt.ids == [[int(lp[i].argmax())] * 2 for i in range(n - 1)]
+
+
+async def test_prompt_feature_bounds_name_their_field(service, prompts):
+    p = list(prompts[1])
+    bad = [
+        (dict(topk_prompt_logprobs=21), "topk_prompt_logprobs"),
+        (dict(topk_sample_logprobs=-1), "topk_sample_logprobs"),
+        (dict(prompt_alt_tokens_k=10**9), "prompt_alt_tokens_k"),
+        (dict(target_prompt_logprobs=[[1]] * (len(p) - 2)), "target_prompt_logprobs"),
+        (dict(target_prompt_logprobs=[[1]] * (len(p) - 2) + [[1, 2]]), "target_prompt_logprobs[" ),
+        (dict(target_prompt_logprobs=[[10**6]] * (len(p) - 1)), "target_prompt_logprobs[0]"),
+        (dict(target_prompt_logprobs=[[1] * 1025] * (len(p) - 1)), "target_prompt_logprobs"),
+    ]
+    for kwargs, field in bad:
+        with pytest.raises(UserError) as e:
+            await service.sample(SampleRequest(prompt=p, sampling_params=SamplingParams(max_tokens=1), **kwargs))
+        assert e.value.field is not None and e.value.field.startswith(field.rstrip("[")), (kwargs, e.value)
+
+
 # -- batching ----------------------------------------------------------------------------------------------
 
 

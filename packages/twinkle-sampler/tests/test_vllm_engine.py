@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from twinkle.common.wire import SampleRequest, SamplingParams
+from twinkle.common.wire import SampleRequest, SamplingParams, UserError
 from twinkle.sampler.params import Limits, resolve_request
 from twinkle.sampler.vllm_engine import (
     sample_output_from_vllm,
@@ -123,6 +123,39 @@ def test_output_mapping():
     assert [s.stop_reason for s in res.sequences] == ["stop", "length"]
     assert res.prompt_logprobs == [None, -1.5, -2.5]
     assert sample_output_from_vllm(out, prompt_logprobs=False).prompt_logprobs is None
+
+
+def _ranked(d: dict[int, tuple[float, int]]) -> dict:
+    return {t: SimpleNamespace(logprob=v, rank=r, decoded_token=None) for t, (v, r) in d.items()}
+
+
+def test_topk_mapping_and_what_vllm_cannot_do():
+    kw = vllm_sampling_kwargs(resolved())
+    assert kw["logprobs"] == 0 and kw["prompt_logprobs"] is None
+    r = resolve_request(SampleRequest(prompt=[1, 2, 3], topk_prompt_logprobs=2, topk_sample_logprobs=3), LIM)
+    kw = vllm_sampling_kwargs(r)
+    assert kw["logprobs"] == 3 and kw["prompt_logprobs"] == 2
+    out = SimpleNamespace(
+        prompt_token_ids=[5, 6, 7],
+        prompt_logprobs=[None, _ranked({6: (-1.5, 4), 9: (-0.1, 1), 2: (-0.9, 2)}),
+                         _ranked({7: (-0.2, 1), 3: (-2.0, 2)})],
+        outputs=[SimpleNamespace(index=0, token_ids=[8], finish_reason="length",
+                                 logprobs=[_ranked({8: (-3.0, 7), 1: (-0.5, 1), 4: (-0.75, 3), 2: (-0.6, 2)})])],
+    )
+    res = sample_output_from_vllm(out, prompt_logprobs=True, topk_sample=3, topk_prompt=2)
+    assert res.prompt_logprobs == [None, -1.5, -0.2]
+    assert res.topk_prompt.ids == [[], [9, 2], [7, 3]] and res.topk_prompt.logprobs == [[], [-0.1, -0.9], [-0.2, -2.0]]
+    seq = res.sequences[0]
+    assert seq.logprobs == [-3.0] and seq.topk.ids == [[1, 2, 4]] and seq.topk.logprobs == [[-0.5, -0.6, -0.75]]
+    with pytest.raises(RuntimeError, match="top 4"):
+        sample_output_from_vllm(out, prompt_logprobs=False, topk_sample=4)
+    from twinkle.sampler.vllm_engine import refuse_unsupported
+
+    for kwargs, field in [(dict(target_prompt_logprobs=[[1], [2]]), "target_prompt_logprobs"),
+                          (dict(prompt_alt_tokens_k=2), "prompt_alt_tokens_k")]:
+        with pytest.raises(UserError) as e:
+            refuse_unsupported(resolve_request(SampleRequest(prompt=[1, 2, 3], **kwargs), LIM))
+        assert e.value.field == field
 
 
 @pytest.mark.parametrize("broken", ["abort", "no_logprobs", "wrong_token"])

@@ -66,6 +66,11 @@ class RequestLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Continuations of one prompt per sample request."""
     max_sample_tokens: Count = 1_048_576
     """``num_samples × max_tokens`` of one sample request (``max_tokens`` unset counts as 256)."""
+    max_logprobs_k: Count = 20
+    """k of ``topk_prompt_logprobs``, ``topk_sample_logprobs`` and ``prompt_alt_tokens_k`` (vLLM's default
+    ``max_logprobs``)."""
+    max_target_logprobs_k: Count = 1024
+    """Columns of ``target_prompt_logprobs`` (token ids scored per prompt position)."""
     max_stop_count: Count = 1024
     """Entries of ``stop`` (strings or token ids)."""
     max_stop_string_chars: Count = 256

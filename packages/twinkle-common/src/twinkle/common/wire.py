@@ -100,24 +100,52 @@ class SamplingParams(msgspec.Struct, frozen=True):
 
 
 class SampleRequest(msgspec.Struct, frozen=True):
+    """One prompt to continue ``num_samples`` times. Logprobs are of the raw model distribution (before
+    temperature, top-k and top-p). The optional extras (Tinker SDK 0.38), each at most
+    ``RequestLimits.max_logprobs_k`` wide:
+
+    - ``topk_prompt_logprobs`` k: the k most likely tokens at every prompt position after the first;
+    - ``topk_sample_logprobs`` k: the k most likely tokens at every sampled position;
+    - ``target_prompt_logprobs``: ``[len(prompt) - 1][K]`` token ids (-1 = none), row i scored at prompt
+      position i + 1;
+    - ``prompt_alt_tokens_k`` k: k independent draws, at the request's temperature, at every prompt position
+      after the first, with their logprobs.
+    """
+
     prompt: list[int]
     sampling_params: SamplingParams = SamplingParams()
     num_samples: int = 1
     prompt_logprobs: bool = False
     # Directory of a sampler checkpoint (PEFT adapter) on the shared checkpoint filesystem; None = base model.
     adapter_path: str | None = None
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: list[list[int]] | None = None
+    prompt_alt_tokens_k: int = 0
+
+
+class TopK(msgspec.Struct):
+    """Top-k tokens per position, most likely first: ``ids[i]`` and ``logprobs[i]`` (empty where a position has
+    none, e.g. the first prompt token)."""
+
+    ids: list[list[int]]
+    logprobs: list[list[float]]
 
 
 class SampledSequence(msgspec.Struct):
     tokens: list[int]
     logprobs: list[float]
     stop_reason: Literal["stop", "length"]
+    topk: TopK | None = None  # with topk_sample_logprobs, one row per token
 
 
 class SampleOutput(msgspec.Struct):
     sequences: list[SampledSequence]
     # One per prompt token; the first is None (nothing predicts it).
     prompt_logprobs: list[float | None] | None = None
+    topk_prompt: TopK | None = None  # one row per prompt token, the first empty
+    target_prompt_logprobs: list[list[float]] | None = None  # the request's shape; 0.0 where it asked -1
+    prompt_alt: TopK | None = None  # [len(prompt) - 1][k] draws and their logprobs
 
 
 # --- errors -------------------------------------------------------------------------------------------

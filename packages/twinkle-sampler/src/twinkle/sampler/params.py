@@ -72,10 +72,19 @@ class ResolvedRequest:
     ignore_eos: bool
     prompt_logprobs: bool
     adapter_path: str | None
+    topk_prompt: int = 0
+    topk_sample: int = 0
+    target_prompt: tuple[tuple[int, ...], ...] | None = None
+    alt_k: int = 0
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @property
+    def needs_prompt_distribution(self) -> bool:
+        """Whether the model's distribution at every prompt position is needed (not only the last)."""
+        return self.prompt_logprobs or self.topk_prompt > 0 or self.target_prompt is not None or self.alt_k > 0
 
 
 def _is_int(x: object) -> bool:
@@ -128,6 +137,10 @@ def resolve_request(req: SampleRequest, limits: Limits) -> ResolvedRequest:
 
     if req.adapter_path is not None and (not isinstance(req.adapter_path, str) or not req.adapter_path.strip()):
         raise UserError("must be a non-empty path or null", field="adapter_path")
+    request_limits = limits.effective()
+    ks = {name: _k(getattr(req, name), request_limits.max_logprobs_k, name)
+          for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")}
+    target = _target_ids(req.target_prompt_logprobs, len(prompt), vocab, request_limits)
 
     return ResolvedRequest(
         prompt=tuple(prompt),
@@ -142,7 +155,42 @@ def resolve_request(req: SampleRequest, limits: Limits) -> ResolvedRequest:
         ignore_eos=ignore_eos,
         prompt_logprobs=bool(req.prompt_logprobs),
         adapter_path=req.adapter_path,
+        topk_prompt=ks["topk_prompt_logprobs"],
+        topk_sample=ks["topk_sample_logprobs"],
+        target_prompt=target,
+        alt_k=ks["prompt_alt_tokens_k"],
     )
+
+
+def _k(value: object, most: int, field: str) -> int:
+    if not _is_int(value) or not 0 <= value <= most:  # type: ignore[operator]
+        raise UserError(f"must be an integer in [0, {most}] (max_logprobs_k), got {value!r}", field=field)
+    return value  # type: ignore[return-value]
+
+
+def _target_ids(rows: object, prompt_len: int, vocab: int, limits: RequestLimits
+                ) -> tuple[tuple[int, ...], ...] | None:
+    """``target_prompt_logprobs``: ``[len(prompt) - 1][K]`` ids in [-1, vocab) (-1 asks nothing)."""
+    field = "target_prompt_logprobs"
+    if rows is None:
+        return None
+    if not isinstance(rows, (list, tuple)) or len(rows) != prompt_len - 1:
+        got = len(rows) if isinstance(rows, (list, tuple)) else type(rows).__name__
+        raise UserError(f"needs one row per prompt position after the first ({prompt_len - 1}), got {got}",
+                        field=field)
+    width = len(rows[0]) if rows else 0
+    if width > limits.max_target_logprobs_k or width * len(rows) > limits.max_tensor_elements:
+        raise UserError(f"{len(rows)} × {width} ids; at most {limits.max_target_logprobs_k} per row "
+                        f"(max_target_logprobs_k) and {limits.max_tensor_elements} in all", field=field)
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)) or len(row) != width:
+            raise UserError(f"every row must have {width} ids", field=f"{field}[{i}]")
+        for t in row:
+            if not _is_int(t) or not -1 <= t < vocab:
+                raise UserError(f"token id {t!r} is outside [-1, {vocab}) (-1 asks nothing)", field=f"{field}[{i}]")
+        out.append(tuple(row))
+    return tuple(out)
 
 
 class StopStrings:

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 from twinkle.common.env import trust_remote_code
 from twinkle.common.models import resolve_model_path
-from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, ServiceInfo
+from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, ServiceInfo, TopK
 
 from .adapters import AdapterCache, adapter_files
 from .engine import SamplerEngine
@@ -347,17 +347,15 @@ class TorchEngine(SamplerEngine):
             attn[i, Lmax - lens[i]:] = 1
         ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp_(min=0)
-        want_pl = any(r.prompt_logprobs for r in reqs)
+        want_prompt = any(r.needs_prompt_distribution for r in reqs)
         cache = self._new_cache()
-        logits = self._forward(ids, attn, pos, cache, slots, 0 if want_pl else 1)
+        logits = self._forward(ids, attn, pos, cache, slots, 0 if want_prompt else 1)
         last = logits[:, -1, :].float()
-        prompt_lps: list[list[float | None] | None] = [None] * P
+        prompt_outs: list[SampleOutput] = [SampleOutput(sequences=[]) for _ in reqs]
         for i, r in enumerate(reqs):
-            if r.prompt_logprobs:
+            if r.needs_prompt_distribution:
                 start = Lmax - lens[i]
-                lp = torch.log_softmax(logits[i, start:Lmax - 1].float(), dim=-1)
-                tgt = ids[i, start + 1:]
-                prompt_lps[i] = [None] + lp.gather(-1, tgt[:, None])[:, 0].tolist()
+                self._prompt_distribution(prompt_outs[i], r, logits[i, start:Lmax - 1].float(), ids[i, start + 1:])
         del logits
 
         row_job = [i for i, r in enumerate(reqs) for _ in range(r.num_samples)]
@@ -389,12 +387,13 @@ class TorchEngine(SamplerEngine):
         row_stops = [matchers[i] for i in row_job]
         tokens: list[list[int]] = [[] for _ in range(R)]
         lps: list[list[float]] = [[] for _ in range(R)]
+        topks = [TopK(ids=[], logprobs=[]) if rr.topk_sample else None for rr in rreq]
         reasons: list[str | None] = [None] * R
         active = list(range(R))
 
         while True:
             act = torch.tensor(active, device=dev) if len(active) != R else None
-            tok, lp = self._sample(
+            tok, lp, raw = self._sample(
                 last, [rreq[r] for r in active], [rngs[r] for r in active],
                 temps if act is None else temps[act], top_ks if act is None else top_ks[act],
                 top_ps if act is None else top_ps[act],
@@ -405,6 +404,10 @@ class TorchEngine(SamplerEngine):
                 t = tok_l[b]
                 tokens[r].append(t)
                 lps[r].append(lp_l[b])
+                if topks[r] is not None:
+                    vals, idx = raw[b].topk(rreq[r].topk_sample)
+                    topks[r].ids.append(idx.tolist())
+                    topks[r].logprobs.append(vals.tolist())
                 rr = rreq[r]
                 if (not rr.ignore_eos and t in eos) or t in stop_ids[r]:
                     reasons[r] = "stop"
@@ -437,16 +440,43 @@ class TorchEngine(SamplerEngine):
         for i, req in enumerate(reqs):
             seqs = []
             for _ in range(req.num_samples):
-                seqs.append(SampledSequence(tokens=tokens[r], logprobs=lps[r], stop_reason=reasons[r]))  # type: ignore[arg-type]
+                seqs.append(SampledSequence(tokens=tokens[r], logprobs=lps[r], stop_reason=reasons[r],  # type: ignore[arg-type]
+                                            topk=topks[r]))
                 r += 1
-            outputs.append(SampleOutput(sequences=seqs, prompt_logprobs=prompt_lps[i]))
+            prompt_outs[i].sequences = seqs
+            outputs.append(prompt_outs[i])
         return outputs
+
+    def _prompt_distribution(self, out: SampleOutput, req: ResolvedRequest, logits, targets) -> None:
+        """What a request asks of the model's distribution at prompt positions 1.. (``logits`` predict them,
+        ``targets`` are the prompt tokens there): prompt logprobs, top-k, chosen ids, and draws."""
+        torch = self._torch
+        lp = torch.log_softmax(logits, dim=-1)
+        if req.prompt_logprobs:
+            out.prompt_logprobs = [None] + lp.gather(-1, targets[:, None])[:, 0].tolist()
+        if req.topk_prompt:
+            vals, idx = lp.topk(req.topk_prompt, dim=-1)
+            out.topk_prompt = TopK(ids=[[]] + idx.tolist(), logprobs=[[]] + vals.tolist())
+        if req.target_prompt is not None:
+            want = torch.tensor(req.target_prompt, dtype=torch.long, device=lp.device).reshape(lp.shape[0], -1)
+            got = lp.gather(-1, want.clamp(min=0)).masked_fill(want < 0, 0.0)
+            out.target_prompt_logprobs = got.tolist()
+        if req.alt_k:
+            if req.greedy:
+                draws = lp.argmax(dim=-1, keepdim=True).expand(-1, req.alt_k)
+            else:
+                rng = _row_rng(req.seed, -1)  # its own stream: the samples' draws do not depend on it
+                cdf = torch.softmax(logits / req.temperature, dim=-1).double().cumsum(dim=-1)
+                u = torch.tensor([[rng.random() for _ in range(req.alt_k)] for _ in range(lp.shape[0])],
+                                 dtype=torch.float64, device=lp.device) * cdf[:, -1:]
+                draws = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+            out.prompt_alt = TopK(ids=draws.tolist(), logprobs=lp.gather(-1, draws).tolist())
 
     def _decode(self, toks: Sequence[int]) -> str:
         return self.tokenizer.decode(toks, skip_special_tokens=False)
 
     def _sample(self, logits, rows: list[ResolvedRequest], rngs, temps, top_ks, top_ps):
-        """Pick one token per row; return ``(tokens, raw_logprobs_of_tokens)``."""
+        """Pick one token per row; return ``(tokens, raw_logprobs_of_tokens, raw_logprobs)``."""
         torch = self._torch
         raw = torch.log_softmax(logits, dim=-1)
         tokens = logits.argmax(dim=-1)
@@ -480,7 +510,7 @@ class TorchEngine(SamplerEngine):
                 tokens = chosen
             else:
                 tokens[s_idx] = chosen
-        return tokens, raw.gather(1, tokens[:, None])[:, 0]
+        return tokens, raw.gather(1, tokens[:, None])[:, 0], raw
 
 
 def _row_rng(seed: int | None, sample: int) -> random.Random:

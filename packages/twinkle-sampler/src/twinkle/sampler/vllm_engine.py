@@ -13,6 +13,10 @@ Mapping (so both engines mean the same thing, see README.md):
 - ``logprobs=0``: vLLM returns exactly the sampled token's logprob; the engine defaults
   ``logprobs_mode="raw_logprobs"`` (log-softmax of the raw logits, as the torch engine reports);
 - ``prompt_logprobs=0`` when asked: each prompt token's own logprob, first ``None``;
+- ``topk_sample_logprobs`` k -> ``logprobs=k`` and ``topk_prompt_logprobs`` k -> ``prompt_logprobs=k``: vLLM
+  returns the top k (by ``rank``) beside each token's own logprob;
+- ``target_prompt_logprobs`` and ``prompt_alt_tokens_k`` are refused (a ``UserError`` naming the field): vLLM
+  offers no per-request way to score chosen ids or to draw at prompt positions;
 - adapters: one ``LoRARequest(name, int id, path)`` per adapter *version* from the shared
   :class:`~twinkle.sampler.adapters.AdapterCache`; a re-saved checkpoint gets a new id (ids are never reused),
   so vLLM can never serve stale weights under a new request; evicted versions are ``remove_lora`` -ed.
@@ -30,7 +34,7 @@ from typing import Any, Sequence
 
 from twinkle.common.env import trust_remote_code
 from twinkle.common.models import resolve_model_path
-from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, ServiceInfo, UserError
+from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, ServiceInfo, TopK, UserError
 
 from .adapters import AdapterCache, adapter_files
 from .engine import SamplerEngine
@@ -93,12 +97,33 @@ def vllm_sampling_kwargs(r: ResolvedRequest) -> dict[str, Any]:
         "stop": list(r.stop_strings) or None,
         "stop_token_ids": list(r.stop_token_ids) or None,
         "ignore_eos": r.ignore_eos,
-        "logprobs": 0,
-        "prompt_logprobs": 0 if r.prompt_logprobs else None,
+        "logprobs": r.topk_sample,
+        "prompt_logprobs": r.topk_prompt if (r.prompt_logprobs or r.topk_prompt) else None,
         "detokenize": bool(r.stop_strings),
         "skip_special_tokens": False,
         "include_stop_str_in_output": True,
     }
+
+
+def refuse_unsupported(r: ResolvedRequest) -> ResolvedRequest:
+    """What only the torch engine can do."""
+    if r.target_prompt is not None:
+        raise UserError("the vllm sampler cannot score chosen prompt token ids; use a torch sampler",
+                        field="target_prompt_logprobs")
+    if r.alt_k:
+        raise UserError("the vllm sampler cannot draw alternatives at prompt positions; use a torch sampler",
+                        field="prompt_alt_tokens_k")
+    return r
+
+
+def _top(entry: Any, k: int) -> tuple[list[int], list[float]]:
+    """The k best of one position of vLLM logprobs, most likely first (vLLM adds the chosen token beside
+    them, with its own rank)."""
+    ranked = sorted(((getattr(v, "rank", None) or 0, t, float(getattr(v, "logprob", v))) for t, v in entry.items()
+                     if 1 <= (getattr(v, "rank", None) or 0) <= k))
+    if len(ranked) != k:
+        raise RuntimeError(f"vLLM returned {len(ranked)} of the top {k} logprobs")
+    return [t for _, t, _ in ranked], [lp for _, _, lp in ranked]
 
 
 def _logprob_of(entry: Any, token: int) -> float:
@@ -109,7 +134,8 @@ def _logprob_of(entry: Any, token: int) -> float:
     return float(getattr(lp, "logprob", lp))
 
 
-def sample_output_from_vllm(out: Any, *, prompt_logprobs: bool) -> SampleOutput:
+def sample_output_from_vllm(out: Any, *, prompt_logprobs: bool, topk_sample: int = 0,
+                            topk_prompt: int = 0) -> SampleOutput:
     """Turn a finished ``vllm.RequestOutput`` into a ``SampleOutput`` (sequences in sample order)."""
     seqs = []
     for c in sorted(out.outputs, key=lambda c: c.index):
@@ -119,15 +145,23 @@ def sample_output_from_vllm(out: Any, *, prompt_logprobs: bool) -> SampleOutput:
         if c.logprobs is None or len(c.logprobs) != len(tokens):
             raise RuntimeError("vLLM returned no (or misaligned) sampled-token logprobs; was logprobs=0 set?")
         lps = [_logprob_of(entry, t) for entry, t in zip(c.logprobs, tokens)]
-        seqs.append(SampledSequence(tokens=tokens, logprobs=lps, stop_reason=c.finish_reason))
-    pl: list[float | None] | None = None
-    if prompt_logprobs:
+        topk = None
+        if topk_sample:
+            rows = [_top(entry, topk_sample) for entry in c.logprobs]
+            topk = TopK(ids=[i for i, _ in rows], logprobs=[v for _, v in rows])
+        seqs.append(SampledSequence(tokens=tokens, logprobs=lps, stop_reason=c.finish_reason, topk=topk))
+    result = SampleOutput(sequences=seqs)
+    if prompt_logprobs or topk_prompt:
         ids = list(out.prompt_token_ids)
         raw = out.prompt_logprobs
         if raw is None or len(raw) != len(ids):
-            raise RuntimeError("vLLM returned no (or misaligned) prompt logprobs; was prompt_logprobs=0 set?")
-        pl = [None] + [_logprob_of(raw[i], ids[i]) for i in range(1, len(ids))]
-    return SampleOutput(sequences=seqs, prompt_logprobs=pl)
+            raise RuntimeError("vLLM returned no (or misaligned) prompt logprobs; was prompt_logprobs set?")
+        if prompt_logprobs:
+            result.prompt_logprobs = [None] + [_logprob_of(raw[i], ids[i]) for i in range(1, len(ids))]
+        if topk_prompt:
+            rows = [_top(raw[i], topk_prompt) for i in range(1, len(ids))]
+            result.topk_prompt = TopK(ids=[[]] + [i for i, _ in rows], logprobs=[[]] + [v for _, v in rows])
+    return result
 
 
 # -- the engine -------------------------------------------------------------------------------------------
@@ -234,7 +268,7 @@ class VLLMEngine(SamplerEngine):
     # -- sampling ---------------------------------------------------------------------------------------
 
     async def generate(self, requests: Sequence[SampleRequest]) -> list[SampleOutput]:
-        resolved = [self.resolve(r) for r in requests]
+        resolved = [refuse_unsupported(self.resolve(r)) for r in requests]
         for r in resolved:
             if r.adapter_path:
                 adapter_files(r.adapter_path)  # missing / not an adapter -> UserError before any work
@@ -259,7 +293,8 @@ class VLLMEngine(SamplerEngine):
                 final = out
             if final is None or not final.finished:
                 raise RuntimeError("vLLM ended the request without a final output")
-            result = sample_output_from_vllm(final, prompt_logprobs=r.prompt_logprobs)
+            result = sample_output_from_vllm(final, prompt_logprobs=r.prompt_logprobs, topk_sample=r.topk_sample,
+                                             topk_prompt=r.topk_prompt)
         finally:
             if lease is not None:
                 lease.release()

@@ -13,7 +13,8 @@ from typing import Any
 
 import msgspec
 
-from twinkle.common.limits import DEFAULT_LIMITS, RequestLimits, check_adam, check_lora, check_sampling
+from twinkle.common.limits import (DEFAULT_LIMITS, RequestLimits, check_adam, check_lora, check_sampling,
+                                   check_tensor_shape)
 from twinkle.common.wire import (
     AdamParams,
     Datum,
@@ -147,17 +148,32 @@ def prompt_logprobs_last_n(req: P.SampleRequestIn, prompt_len: int) -> int | Non
     return last_n
 
 
-def reject_unsupported_sampling(req: P.SampleRequestIn) -> None:
-    """Fail loudly on features the engine does not implement (the SDK raises on silently missing ones)."""
-    unsupported = [
-        ("topk_prompt_logprobs", bool(req.topk_prompt_logprobs)),
-        ("topk_sample_logprobs", bool(req.topk_sample_logprobs)),
-        ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
-        ("prompt_alt_tokens_k", bool(req.prompt_alt_tokens_k)),
-    ]
-    for name, used in unsupported:
-        if used:
-            raise UserError(f"{name} is not supported by this server", field=name)
+def target_prompt_ids(td: P.TensorDataIn | None, prompt_len: int, limits: RequestLimits) -> list[list[int]] | None:
+    """``target_prompt_logprobs``: an int64 ``[len(prompt) - 1, K]`` tensor of ids (-1 asks nothing), dense or
+    sparse CSR (unlisted cells ask nothing), as rows; bounded by its shape before it is expanded."""
+    field = "target_prompt_logprobs"
+    if td is None:
+        return None
+    shape = td.shape
+    if not isinstance(shape, list) or len(shape) != 2 or shape[0] != prompt_len - 1:
+        raise UserError(f"expected shape [len(prompt) - 1, K] = [{prompt_len - 1}, K], got {shape!r}", field=field)
+    check_tensor_shape(shape, limits, field)
+    rows, width = shape
+    if any(not isinstance(x, int) or isinstance(x, bool) for x in td.data):
+        raise UserError("token ids must be integers", field=field)
+    if td.sparse_crow_indices is None and td.sparse_col_indices is None:
+        if len(td.data) != rows * width:
+            raise UserError(f"shape {shape} holds {rows * width} ids but data has {len(td.data)}", field=field)
+        return [list(td.data[r * width:(r + 1) * width]) for r in range(rows)]
+    crow, cols = td.sparse_crow_indices or [], td.sparse_col_indices or []
+    if (len(crow) != rows + 1 or len(cols) != len(td.data) or (crow and (crow[0] != 0 or crow[-1] != len(td.data)))
+            or any(a > b for a, b in zip(crow, crow[1:])) or any(not 0 <= c < width for c in cols)):
+        raise UserError("inconsistent sparse CSR tensor (shape, crow and col indices)", field=field)
+    dense = [[-1] * width for _ in range(rows)]
+    for r in range(rows):
+        for k in range(crow[r], crow[r + 1]):
+            dense[r][cols[k]] = td.data[k]  # type: ignore[assignment]
+    return dense
 
 
 # =================================================================================== result rendering
@@ -173,8 +189,15 @@ def render_result(kind: str, value: Any, proto_ok: bool) -> tuple[bytes, str]:
     if kind == "sample":
         if proto_ok:
             return proto.encode_sample_output(value), "application/x-protobuf"
-        return encode_json({**builtins(value), "type": "sample"}), "application/json"
+        return encode_json({**_without_nulls(builtins(value)), "type": "sample"}), "application/json"
     return encode_json(value), "application/json"
+
+
+def _without_nulls(sample: dict[str, Any]) -> dict[str, Any]:
+    """A JSON sample result for pre-0.18 SDKs: the 0.38 extras (which they never ask for) left out."""
+    out = {k: v for k, v in sample.items() if v is not None or k == "prompt_logprobs"}
+    out["sequences"] = [{k: v for k, v in seq.items() if k != "topk" or v is not None} for seq in out["sequences"]]
+    return out
 
 
 def checkpoint_out(c: CheckpointRecord) -> P.CheckpointOut:

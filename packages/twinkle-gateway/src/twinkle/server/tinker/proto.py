@@ -30,6 +30,7 @@ from twinkle.common.wire import (
     ForwardBackwardOutput,
     SampleOutput,
     TensorData,
+    TopK,
     UserError,
 )
 
@@ -491,7 +492,8 @@ def _rectangular_groups(outputs: list[dict[str, TensorData]]) -> list[list[dict[
 
 def encode_sample_output(out: SampleOutput) -> bytes:
     """``SampleResponse``: int32 tokens, float32 logprobs per sequence; prompt logprobs with NaN where a
-    position has none (the first)."""
+    position has none (the first); top-k rows as dense ``(length, k)`` matrices with the SDK's sentinel
+    (id 0, logprob -99999) where a position has none; chosen-id logprobs and prompt draws as dense tensors."""
     msg = SampleResponsePb()
     for seq in out.sequences:
         s = msg.sequences.add()
@@ -499,7 +501,36 @@ def encode_sample_output(out: SampleOutput) -> bytes:
         s.tokens = np.asarray(seq.tokens, dtype="<i4").tobytes()
         # Always present (RL loops assert logprobs is not None); an empty sequence has empty bytes.
         s.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
+        if seq.topk is not None:
+            _fill_topk(s.topk_sampled_logprobs, seq.topk)
     if out.prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in out.prompt_logprobs]
         msg.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
+    if out.topk_prompt is not None:
+        _fill_topk(msg.topk_prompt_logprobs, out.topk_prompt)
+    if out.target_prompt_logprobs is not None:
+        _fill_dense(msg.target_prompt_logprobs, out.target_prompt_logprobs, DTYPE_FLOAT32)
+    if out.prompt_alt is not None:
+        _fill_dense(msg.prompt_alt_tokens.tokens, out.prompt_alt.ids, DTYPE_INT64)
+        _fill_dense(msg.prompt_alt_tokens.logprobs, out.prompt_alt.logprobs, DTYPE_FLOAT32)
     return msg.SerializeToString()
+
+
+_TOPK_MASK_LOGPROB = -99999.0  # the SDK's sentinel for "no entry" (tinker.types.topk_logprobs.MASK_LOGPROB)
+
+
+def _fill_topk(msg: Any, topk: TopK) -> None:
+    k = max((len(row) for row in topk.ids), default=0)
+    ids = np.zeros((len(topk.ids), k), dtype="<i4")
+    lps = np.full((len(topk.ids), k), _TOPK_MASK_LOGPROB, dtype="<f4")
+    for i, (row_ids, row_lps) in enumerate(zip(topk.ids, topk.logprobs)):
+        ids[i, :len(row_ids)] = row_ids
+        lps[i, :len(row_lps)] = row_lps
+    msg.token_ids, msg.logprobs, msg.k, msg.length = ids.tobytes(), lps.tobytes(), k, len(topk.ids)
+
+
+def _fill_dense(msg: Any, rows: list[list[Any]], dtype: int) -> None:
+    width = len(rows[0]) if rows else 0
+    msg.dense = np.asarray(rows, dtype=_NP_BY_DTYPE[dtype]).reshape(len(rows), width).tobytes()
+    msg.dtype = dtype
+    msg.shape.extend([len(rows), width])

@@ -260,7 +260,7 @@ class SampleRequestIn(_Req):
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int | None = None
     topk_sample_logprobs: int | None = None
-    target_prompt_logprobs: Any = None
+    target_prompt_logprobs: TensorDataIn | None = None
     prompt_alt_tokens_k: int | None = None
     prompt_logprobs_last_n: int | None = None
     record_stability_info: bool | None = None

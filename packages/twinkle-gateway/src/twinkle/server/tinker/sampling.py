@@ -69,7 +69,6 @@ class TinkerSampling:
         return P.GetSamplerResponse(sampler_id=s.id, base_model=s.base_model, model_path=s.model_path)
 
     async def sample(self, owner: str, req: P.SampleRequestIn) -> P.UntypedFuture:
-        C.reject_unsupported_sampling(req)
         prompt = C.input_tokens(req.prompt, "prompt")
         if not prompt:
             raise UserError("the prompt is empty", field="prompt")
@@ -85,8 +84,11 @@ class TinkerSampling:
             base_model, ckpt = await self._sampling_target(owner, req.base_model, req.model_path)
             adapter_path = ckpt.path if ckpt is not None else None
         port = self.plane.sampler_port(base_model)
-        request = SampleRequest(prompt=prompt, sampling_params=params, num_samples=num_samples,
-                                prompt_logprobs=bool(req.prompt_logprobs), adapter_path=adapter_path)
+        request = SampleRequest(
+            prompt=prompt, sampling_params=params, num_samples=num_samples, prompt_logprobs=bool(req.prompt_logprobs),
+            adapter_path=adapter_path, topk_prompt_logprobs=req.topk_prompt_logprobs or 0,
+            topk_sample_logprobs=req.topk_sample_logprobs or 0, prompt_alt_tokens_k=req.prompt_alt_tokens_k or 0,
+            target_prompt_logprobs=C.target_prompt_ids(req.target_prompt_logprobs, len(prompt), self.settings.limits))
 
         async def work():
             try:
@@ -99,9 +101,13 @@ class TinkerSampling:
                                     "deleted or expired); create a new sampling client", field="model_path") from None
             if len(out.sequences) != num_samples:
                 raise RuntimeError(f"sampler returned {len(out.sequences)} sequences for {num_samples} samples")
-            if last_n is not None and out.prompt_logprobs is not None:
-                cut = len(out.prompt_logprobs) - last_n
-                out.prompt_logprobs = [None] * cut + list(out.prompt_logprobs[cut:])
+            if last_n is not None:
+                cut = len(prompt) - last_n
+                if out.prompt_logprobs is not None:
+                    out.prompt_logprobs = [None] * cut + list(out.prompt_logprobs[cut:])
+                if out.topk_prompt is not None:
+                    out.topk_prompt.ids[:cut] = [[]] * cut
+                    out.topk_prompt.logprobs[:cut] = [[]] * cut
             if req.record_stability_info:
                 await self.stability.record(owner, session_id, ids, out)
             return out
