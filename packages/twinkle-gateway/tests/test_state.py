@@ -285,3 +285,24 @@ async def test_recorded_sequences_are_exact_per_owner_bounded_and_expire(tmp_pat
         assert await store.use_sequences("p-b", ["seq-9"], 300.0) == {}
     finally:
         await store.close()
+
+
+async def test_a_database_from_before_inflight_sessions_opens_and_gains_the_column(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE samplers (id TEXT PRIMARY KEY, owner TEXT NOT NULL, session_id TEXT, base_model TEXT "
+                 "NOT NULL, created REAL NOT NULL, model_path TEXT, adapter_path TEXT, run_id TEXT, ephemeral INTEGER "
+                 "NOT NULL DEFAULT 0, last_used REAL)")
+    conn.execute("INSERT INTO samplers(id, owner, base_model, created) VALUES ('s:sample:0', 'p-a', 'tiny', 1.0)")
+    conn.commit()
+    conn.close()
+    store = await Store.open(str(path))
+    try:
+        old = await store.get_sampler("s:sample:0")
+        assert old is not None and old.inflight is False
+        await store.create_sampler(SamplerRecord(id="s:sample:1", owner="p-a", session_id="s", base_model="tiny",
+                                                 created=2.0, run_id="r", ephemeral=True, adapter_path="/x",
+                                                 inflight=True))
+        assert (await store.get_sampler("s:sample:1")).inflight is True
+    finally:
+        await store.close()

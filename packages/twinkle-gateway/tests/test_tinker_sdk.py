@@ -362,6 +362,30 @@ def test_exported_weights_urls_are_signed_and_expire_with_the_checkpoint(base_ur
         assert http.get(urls["adapter_model.safetensors"]).status_code == 404
 
 
+def test_inflight_sampling_clients_follow_the_runs_newest_weights(sc, base_model):
+    """Async RL keeps its samplers across steps: every inflight client of a run samples with the newest inflight
+    weights, also after far more saves than the ephemeral weights a run keeps (where a snapshot answers 410)."""
+    tc = sc.create_lora_training_client(base_model=base_model, rank=8, seed=2).result()
+    prompt = types.ModelInput.from_ints(SEQ[:PROMPT_LEN])
+
+    def logprobs(client):
+        return client.compute_logprobs(types.ModelInput.from_ints(SEQ)).result()[1:]
+
+    first = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    before = logprobs(first)
+    for _ in range(10):  # more than ephemeral_keep (8) saves, each after a step
+        _step(tc, [_datum()])
+        latest = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    trainer = tc.forward([_datum()], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    assert np.allclose(logprobs(first), trainer, atol=2e-3) and not np.allclose(before, trainer, atol=2e-3)
+    assert np.allclose(logprobs(latest), trainer, atol=2e-3)
+    assert len(first.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result().sequences[0].tokens) == 2
+    with pytest.raises(tinker.APIStatusError) as e:  # a snapshot's weights were cleaned up meanwhile
+        snapshot.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result()
+    assert e.value.status_code == 410
+
+
 def test_rest_client_checkpoints(sc, trained):
     tc, _ = trained
     rc = sc.create_rest_client()

@@ -532,10 +532,18 @@ class ControlPlane:
             await asyncio.to_thread(self.layout.remove, s.adapter_path)
 
     async def trim_ephemeral(self, run_id: str, keep: int) -> None:
-        """Keep the newest ``keep`` ephemeral sampler weights of a run (an RL loop saves one per step)."""
+        """Keep the newest ``keep`` ephemeral sampler weights of a run (an RL loop saves one per step), and
+        always its newest inflight weights, which every inflight sampling session of the run samples with."""
         samplers = [s for s in await self.store.ephemeral_samplers(run_id=run_id) if s.adapter_path]
+        newest_inflight = next((s for s in samplers if s.inflight), None)
         for s in samplers[keep:]:
-            await self.drop_sampler_weights(s)
+            if s is not newest_inflight:
+                await self.drop_sampler_weights(s)
+
+    async def inflight_weights(self, run_id: str) -> str | None:
+        """The adapter directory of a run's newest inflight weights (None once they are cleaned up)."""
+        return next((s.adapter_path for s in await self.store.ephemeral_samplers(run_id=run_id)
+                     if s.inflight and s.adapter_path), None)
 
     async def _drop_ephemeral(self, *, session_ids: list[str]) -> None:
         for s in await self.store.ephemeral_samplers(session_ids=session_ids):

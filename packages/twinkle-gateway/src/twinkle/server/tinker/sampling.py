@@ -3,13 +3,17 @@ the cleanup of ephemeral sampler weights (``save_weights_and_get_sampling_client
 
 A sampling session names its weights once (a base model, a sampler checkpoint, or ephemeral weights of a
 run), but whether the caller may still read a checkpoint is checked again at every sample: unpublishing,
-deleting or overwriting it revokes the sessions other keys opened on it.
+deleting or overwriting it revokes the sessions other keys opened on it. An *inflight* session
+(``save_weights_and_get_sampling_client(kind="inflight")``) samples with its run's newest inflight weights, so
+an async RL loop keeps its samplers across steps: each new inflight save moves all of them forward.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+
+import msgspec
 
 from twinkle.common.wire import NotFoundError, SampleRequest, UserError
 
@@ -121,6 +125,8 @@ class TinkerSampling:
         """(base model, adapter directory, session id) of a sampling session, checked again at every sample: a checkpoint
         unpublished, deleted or overwritten by its owner is no longer readable through older sessions."""
         s = await self.plane.sampler(owner, sampler_id)
+        if s.inflight and s.run_id is not None:  # the run's newest inflight weights: these or newer ones
+            s = msgspec.structs.replace(s, adapter_path=await self.plane.inflight_weights(s.run_id))
         if s.ephemeral and s.adapter_path is None:
             raise Gone(f"the weights of sampling session {s.id!r} were cleaned up (a run keeps its newest "
                        f"{self.settings.ephemeral_keep} save_weights_and_get_sampling_client weights, and none "

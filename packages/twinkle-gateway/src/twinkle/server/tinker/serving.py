@@ -243,7 +243,7 @@ class TinkerService:
             now = time.time()
             await self.plane.store.create_sampler(SamplerRecord(
                 id=sampler_id, owner=owner, session_id=run.session_id, base_model=run.base_model, created=now,
-                adapter_path=path, run_id=run.id, ephemeral=True, last_used=now))
+                adapter_path=path, run_id=run.id, ephemeral=True, last_used=now, inflight=req.kind == "inflight"))
             self.plane.spawn(self.plane.trim_ephemeral(run.id, self.settings.ephemeral_keep), f"trim {run.id}")
             return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
 

@@ -77,6 +77,7 @@ class SamplerRecord(msgspec.Struct, kw_only=True):
     run_id: str | None = None
     ephemeral: bool = False  # weights saved by save_weights_and_get_sampling_client; deleted with the session
     last_used: float | None = None
+    inflight: bool = False  # samples with the run's newest inflight weights, not its own (SDK kind="inflight")
 
 
 class FutureRecord(msgspec.Struct, kw_only=True):

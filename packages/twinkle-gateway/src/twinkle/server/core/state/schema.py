@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS samplers (
     adapter_path TEXT,
     run_id       TEXT,
     ephemeral    INTEGER NOT NULL DEFAULT 0,
-    last_used    REAL
+    last_used    REAL,
+    inflight     INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS samplers_session ON samplers(session_id);
 CREATE INDEX IF NOT EXISTS samplers_run ON samplers(run_id) WHERE ephemeral = 1;
@@ -110,3 +111,8 @@ CREATE TABLE IF NOT EXISTS sampled_sequences (
 CREATE INDEX IF NOT EXISTS sampled_sequences_owner ON sampled_sequences(owner, last_used);
 CREATE INDEX IF NOT EXISTS sampled_sequences_used ON sampled_sequences(last_used);
 """
+
+# Columns added after a table's first release: (table, column, definition), added to older databases at open.
+ADDED_COLUMNS = [
+    ("samplers", "inflight", "INTEGER NOT NULL DEFAULT 0"),
+]

@@ -36,7 +36,7 @@ from .records import (
     SequenceRecord,
     SessionRecord,
 )
-from .schema import DDL, SCHEMA_VERSION
+from .schema import ADDED_COLUMNS, DDL, SCHEMA_VERSION
 
 T = TypeVar("T")
 _json_encode = msgspec.json.encode
@@ -75,6 +75,9 @@ class Store:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(DDL)
+        for table, column, definition in ADDED_COLUMNS:
+            if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -435,21 +438,22 @@ class Store:
 
     # --------------------------------------------------------------------------------- samplers
 
-    _SAMPLER_COLS = "id, owner, session_id, base_model, created, model_path, adapter_path, run_id, ephemeral, last_used"
+    _SAMPLER_COLS = ("id, owner, session_id, base_model, created, model_path, adapter_path, run_id, ephemeral, last_used, "
+                     "inflight")
 
     @staticmethod
     def _sampler(r: tuple) -> SamplerRecord:
         return SamplerRecord(
             id=r[0], owner=r[1], session_id=r[2], base_model=r[3], created=r[4], model_path=r[5],
-            adapter_path=r[6], run_id=r[7], ephemeral=bool(r[8]), last_used=r[9],
+            adapter_path=r[6], run_id=r[7], ephemeral=bool(r[8]), last_used=r[9], inflight=bool(r[10]),
         )
 
     async def create_sampler(self, s: SamplerRecord) -> bool:
         def go() -> bool:
             cur = self.conn.execute(
-                f"INSERT OR IGNORE INTO samplers({self._SAMPLER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR IGNORE INTO samplers({self._SAMPLER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (s.id, s.owner, s.session_id, s.base_model, s.created, s.model_path, s.adapter_path, s.run_id,
-                 int(s.ephemeral), s.last_used),
+                 int(s.ephemeral), s.last_used, int(s.inflight)),
             )
             return cur.rowcount == 1
 
