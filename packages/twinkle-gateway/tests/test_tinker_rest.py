@@ -358,14 +358,36 @@ def test_sampling_dedupe_ids_and_prompt_logprobs(alice, bob):
     assert all(s.logprobs is not None and len(s.logprobs) == len(s.tokens) for s in res.sequences)
     assert res.sequences[0].tokens == res.sequences[1].tokens  # greedy
     assert len(res.prompt_logprobs) == 4 and (res.prompt_logprobs[0] is None or math.isnan(res.prompt_logprobs[0]))
-    r = alice.post("asample", {**body, "seq_id": 1, "topk_prompt_logprobs": 2})
-    assert r.status_code == 400 and "topk_prompt_logprobs" in r.json()["detail"]
+    r = alice.post("asample", {**body, "seq_id": 1, "topk_prompt_logprobs": 1000})
+    assert r.status_code == 200  # refused by the sampler, as a failed future naming the field
+    failed = alice.result(r.json()["request_id"])
+    assert failed["category"] == "user" and "topk_prompt_logprobs" in failed["error"]
     r = alice.post("asample", {**body, "seq_id": 2, "prompt": {"chunks": [{"type": "image", "data": "AA=="}]}})
     assert r.status_code == 400 and "image chunks" in r.json()["detail"]
     # prompt_logprobs_last_n: earlier positions are NaN
     last = alice.ok("asample", {**body, "seq_id": 3, "num_samples": 1, "prompt_logprobs_last_n": 2})
     lp = deserialize_sample_response(alice.result(last["request_id"], proto=True)).prompt_logprobs
     assert [x is None or math.isnan(x) for x in lp] == [True, True, False, False]
+
+
+def test_cancel_future_stops_a_sampling_request(alice, bob):
+    sid = alice.session()
+    ss = alice.ok("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 0,
+                                              "base_model": MODEL})["sampling_session_id"]
+    body = {"num_samples": 1, "prompt": {"chunks": [{"tokens": TOKENS[:4]}]}, "sampling_session_id": ss,
+            "sampling_params": {"max_tokens": 1500, "temperature": 0.0, "stop": []}, "seq_id": 0}
+    fut = alice.ok("asample", body)["request_id"]
+    assert bob.post("cancel_future", {"request_id": fut}).status_code == 404  # another key's request
+    assert alice.post("cancel_future", {"request_id": "req-nope"}).status_code == 404
+    assert alice.post("cancel_future", {"request_id": fut}).status_code == 200
+    failed = alice.result(fut)
+    assert failed["category"] == "user" and "cancelled" in failed["error"]
+    assert alice.post("cancel_future", {"request_id": fut}).status_code == 200  # finished: nothing to do
+    mid = alice.model(sid)
+    step = alice.ok("optim_step", {"model_id": mid, "seq_id": 1, "adam_params": {"learning_rate": 1e-3}})
+    r = alice.post("cancel_future", {"request_id": step["request_id"]})
+    assert r.status_code in (200, 409)  # a training step is never cancelled: 409 while it runs, 200 once done
+    assert "metrics" in alice.result(step["request_id"])
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -602,7 +624,7 @@ def test_unsupported_routes_are_404_naming_the_feature_and_release_the_seq_id(al
     assert "metrics" in alice.result(step["request_id"])  # ran at once: seq 1 was released
     r = alice.get("training_runs/x/checkpoints/external_weights/out/external_weights_urls")
     assert r.status_code == 404
-    r = alice.post("cancel_future", {"request_id": "req-x"})
-    assert r.status_code == 404 and "cancel_future" in r.json()["detail"]
+    r = alice.post("retrieve_futures", {"target": {"sampling_session_id": "x"}})
+    assert r.status_code == 404 and "retrieve_futures" in r.json()["detail"]
     r = alice.post("no/such/thing", {})
     assert r.status_code == 404 and "no such endpoint" in r.json()["detail"]

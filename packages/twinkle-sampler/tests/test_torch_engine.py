@@ -275,6 +275,29 @@ async def test_concurrent_requests_are_batched_not_serialised(service, engine, p
     assert engine.stats()["forward_calls"] == 8 * 16
 
 
+async def test_a_cancelled_request_stops_computing_at_the_next_step(service, engine, prompts):
+    """cancel_future: the caller's await is cancelled; its rows leave the running batch at the next decode
+    step, and a request still queued is never started."""
+    engine.reset_stats()
+    running = asyncio.ensure_future(service.sample(R(prompts[0], max_tokens=1800, temperature=0.0, stop=[])))
+    deadline = time.monotonic() + 60
+    while engine.stats()["decode_steps"] < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    queued = asyncio.ensure_future(service.sample(R(prompts[1], max_tokens=1800, temperature=0.0, stop=[])))
+    await asyncio.sleep(0.1)
+    running.cancel()
+    queued.cancel()
+    while engine.stats()["aborted_rows"] == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.2)
+    stats = engine.stats()
+    assert stats["aborted_rows"] == 1 and stats["generated_tokens"] < 1800 and stats["batches"] == 1
+    for task in (running, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len((await service.sample(R(prompts[1], max_tokens=2, temperature=0.0))).sequences) == 1  # still serving
+
+
 async def test_max_batch_size_splits_but_serves_everything(reference, prompts):
     from twinkle.common.models import TINY_MODEL_ID
     from twinkle.sampler.torch_engine import TorchEngine

@@ -148,7 +148,7 @@ class TorchEngine(SamplerEngine):
         self._pending: collections.deque[_Job] = collections.deque()
         self._closed = False
         self._counters = {"batches": 0, "rows": 0, "forward_calls": 0, "prefill_tokens": 0, "decode_steps": 0,
-                          "max_batch_rows": 0, "generated_tokens": 0, "max_resident_adapters": 0}
+                          "max_batch_rows": 0, "generated_tokens": 0, "max_resident_adapters": 0, "aborted_rows": 0}
         self._batch_rows: collections.deque[int] = collections.deque(maxlen=4096)
         self._thread = threading.Thread(target=self._worker, name=f"twinkle-sampler-{self.model_name}", daemon=True)
         self._thread.start()
@@ -390,6 +390,7 @@ class TorchEngine(SamplerEngine):
         topks = [TopK(ids=[], logprobs=[]) if rr.topk_sample else None for rr in rreq]
         reasons: list[str | None] = [None] * R
         active = list(range(R))
+        aborted = 0
 
         while True:
             act = torch.tensor(active, device=dev) if len(active) != R else None
@@ -409,7 +410,10 @@ class TorchEngine(SamplerEngine):
                     topks[r].ids.append(idx.tolist())
                     topks[r].logprobs.append(vals.tolist())
                 rr = rreq[r]
-                if (not rr.ignore_eos and t in eos) or t in stop_ids[r]:
+                if jobs[row_job[r]].future.cancelled():  # its caller went away (cancel_future): stop computing it
+                    reasons[r] = "length"
+                    aborted += 1
+                elif (not rr.ignore_eos and t in eos) or t in stop_ids[r]:
                     reasons[r] = "stop"
                 elif row_stops[r] and row_stops[r].completed_by_last(tokens[r], self._decode):
                     reasons[r] = "stop"
@@ -435,6 +439,7 @@ class TorchEngine(SamplerEngine):
 
         with self._cv:
             self._counters["generated_tokens"] += sum(len(t) for t in tokens)
+            self._counters["aborted_rows"] += aborted
         outputs = []
         r = 0
         for i, req in enumerate(reqs):

@@ -43,6 +43,7 @@ log = logging.getLogger("twinkle.server.futures")
 
 RESTARTED = "server restarted while the request was running; submit it again"
 SHUTDOWN = "server shut down while the request was running; submit it again"
+CANCELLED = "cancelled by the client (cancel_future)"
 
 Work = Callable[[], Awaitable[Any]]
 
@@ -104,6 +105,7 @@ class Futures:
         self._cache_bytes = cache_bytes
         self._cached_bytes = 0
         self._closing = False
+        self._cancelled: set[str] = set()
 
     async def recover(self, resume: Callable[[FutureRecord], Work | None] | None = None) -> int:
         """Take over what a previous process left pending. Call once, before serving. ``resume`` gives the work
@@ -195,7 +197,10 @@ class Futures:
         except UserError as e:
             status, error, category = "failed", str(e), "user"
         except asyncio.CancelledError:
-            status, error, category = "failed", SHUTDOWN, "server"
+            if record.request_id in self._cancelled:
+                status, error, category = "failed", CANCELLED, "user"
+            else:
+                status, error, category = "failed", SHUTDOWN, "server"
         except ServiceUnavailable as e:
             status, error, category = "failed", str(e), "server"
         except Exception as e:  # noqa: BLE001 - every failure must end the future
@@ -212,6 +217,7 @@ class Futures:
         # thread before any 'fetched' mark of the woken poll, so the order of writes is kept).
         self._remember(done)
         self._running.pop(record.request_id, None)
+        self._cancelled.discard(record.request_id)
         self._pending[record.owner] -= 1
         if not self._pending[record.owner]:
             del self._pending[record.owner]
@@ -232,6 +238,24 @@ class Futures:
         while len(self._done) > 1 and (len(self._done) > self._cache_size or self._cached_bytes > self._cache_bytes):
             _, old = self._done.popitem(last=False)
             self._cached_bytes -= len(old.result or b"")
+
+    async def cancel(self, request_id: str, owner: str, kinds: frozenset[str]) -> FutureRecord | None:
+        """Cancel a request of ``owner`` that is still running, if its kind is one of ``kinds``: its work is
+        cancelled where it waits (a sampler drops it at its next step) and it fails as cancelled. A finished
+        request is left as it is. ``None``: no such request of ``owner``."""
+        running = self._running.get(request_id)
+        if running is None:
+            record = self._done.get(request_id) or await self.store.get_future(request_id)
+            return record if record is not None and record.owner == owner else None
+        record, _event, task = running
+        if record.owner != owner:
+            return None
+        if record.kind not in kinds:
+            raise UserError(f"a {record.kind} request cannot be cancelled (only {', '.join(sorted(kinds))})",
+                            field="request_id", status=409)
+        self._cancelled.add(request_id)
+        task.cancel()
+        return record
 
     # ------------------------------------------------------------------------------- retrieve
 

@@ -266,6 +266,10 @@ class SampleRequestIn(_Req):
     record_stability_info: bool | None = None
 
 
+class CancelFutureRequest(_Req):
+    request_id: str
+
+
 class GetSamplerResponse(msgspec.Struct):
     sampler_id: str
     base_model: str

@@ -121,6 +121,12 @@ class TinkerSampling:
         return P.UntypedFuture(request_id=record.request_id,
                                sample_sequence_ids=list((record.meta or {}).get("sample_sequence_ids") or ids))
 
+    async def cancel(self, owner: str, request_id: str) -> None:
+        """``cancel_future``: a sampling request still queued or running stops (the sampler drops it at its next
+        step); one already finished is left as it is."""
+        if await self.plane.futures.cancel(request_id, owner, frozenset({"sample"})) is None:
+            raise NotFoundError(f"no request {request_id!r}", field="request_id")
+
     async def _session_weights(self, owner: str, sampler_id: str) -> tuple[str, str | None, str | None]:
         """(base model, adapter directory, session id) of a sampling session, checked again at every sample: a checkpoint
         unpublished, deleted or overwritten by its owner is no longer readable through older sessions."""

@@ -57,7 +57,7 @@ class TinkerService:
 
     @staticmethod
     def dynamic_config() -> dict[str, Any]:
-        return {"refresh_interval_sec": 300, "sample_cancel_enabled": False, "sample_cancel_max_batch_size": 64}
+        return {"refresh_interval_sec": 300, "sample_cancel_enabled": True, "sample_cancel_max_batch_size": 64}
 
     async def create_session(self, owner: str, req: P.CreateSessionRequest) -> P.CreateSessionResponse:
         now = time.time()
