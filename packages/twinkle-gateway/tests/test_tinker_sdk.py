@@ -386,6 +386,29 @@ def test_inflight_sampling_clients_follow_the_runs_newest_weights(sc, base_model
     assert e.value.status_code == 410
 
 
+def test_copies_of_a_sampling_client_join_its_session(base_url, trained):
+    """A SamplingClient pickled into workers (as RL rollouts do) joins its sampling session and gets its own
+    block of seq_ids: every copy's requests are answered, none is mistaken for another's."""
+    import pickle
+
+    import httpx
+
+    tc, _ = trained
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    copies = [pickle.loads(pickle.dumps(sampler)) for _ in range(3)]
+    prompt = types.ModelInput.from_ints(SEQ[:PROMPT_LEN])
+    outs = [[c.sample(prompt, 1, types.SamplingParams(max_tokens=4, temperature=0.0)).result().sequences[0].tokens
+             for _ in range(2)] for c in [sampler, *copies]]
+    assert all(tokens == SEQ[PROMPT_LEN:PROMPT_LEN + 4] for per_client in outs for tokens in per_client)
+    with httpx.Client(timeout=30) as http:
+        r = http.post(f"{base_url}/api/v1/join_sampling_session", headers={"X-API-Key": KEYS[1]},
+                      json={"sampling_session_id": sampler._sampling_session_id})
+        assert r.status_code == 404  # another key's session
+        r = http.post(f"{base_url}/api/v1/join_sampling_session", headers={"X-API-Key": KEYS[0]},
+                      json={"sampling_session_id": sampler._sampling_session_id})
+        assert r.json() == {"client_counter": 4, "type": "join_sampling_session"}  # the three copies joined
+
+
 def test_rest_client_checkpoints(sc, trained):
     tc, _ = trained
     rc = sc.create_rest_client()

@@ -266,6 +266,15 @@ class SampleRequestIn(_Req):
     record_stability_info: bool | None = None
 
 
+class JoinSamplingSessionRequest(_Req):
+    sampling_session_id: str
+
+
+class JoinSamplingSessionResponse(msgspec.Struct):
+    client_counter: int
+    type: str = "join_sampling_session"
+
+
 class CancelFutureRequest(_Req):
     request_id: str
 

@@ -26,6 +26,9 @@ from .settings import TinkerSettings
 from .stability import StabilityRecords
 
 
+_CLIENT_SEQ_BLOCK = 1_000_000_000  # the SDK numbers a joined client's requests from client_counter * 1e9
+
+
 class TinkerSampling:
     def __init__(self, settings: TinkerSettings, plane: ControlPlane, stability: StabilityRecords) -> None:
         self.settings = settings
@@ -120,6 +123,17 @@ class TinkerSampling:
         record = await self.plane.submit(owner, "sample", work, dedupe=dedupe, meta={"sample_sequence_ids": ids})
         return P.UntypedFuture(request_id=record.request_id,
                                sample_sequence_ids=list((record.meta or {}).get("sample_sequence_ids") or ids))
+
+    async def join(self, owner: str, sampling_session_id: str) -> P.JoinSamplingSessionResponse:
+        """``join_sampling_session``: a copy of a SamplingClient (pickled into a worker) gets its own number, so
+        its seq_ids (``number * 1e9 + n``) never collide with another copy's."""
+        counter = await self.plane.store.join_sampler(sampling_session_id, owner)
+        if counter is None:
+            raise NotFoundError(f"no sampling session {sampling_session_id!r}", field="sampling_session_id")
+        if counter * _CLIENT_SEQ_BLOCK > self.settings.limits.max_seq_id:
+            raise UserError(f"{counter} clients joined this sampling session; create a new sampling client",
+                            field="sampling_session_id", status=429)
+        return P.JoinSamplingSessionResponse(client_counter=counter)
 
     async def cancel(self, owner: str, request_id: str) -> None:
         """``cancel_future``: a sampling request still queued or running stops (the sampler drops it at its next

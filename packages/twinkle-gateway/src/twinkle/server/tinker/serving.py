@@ -52,7 +52,7 @@ class TinkerService:
             "parallel_fwdbwd_chunks": True,
             "sample_use_retrieve_futures": False,
             "custom_loss_server_side": False,
-            "sample_join_sampling_session": False,
+            "sample_join_sampling_session": True,
         }
 
     @staticmethod

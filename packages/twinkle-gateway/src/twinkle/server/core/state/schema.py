@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS samplers (
     run_id       TEXT,
     ephemeral    INTEGER NOT NULL DEFAULT 0,
     last_used    REAL,
-    inflight     INTEGER NOT NULL DEFAULT 0
+    inflight     INTEGER NOT NULL DEFAULT 0,
+    clients      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS samplers_session ON samplers(session_id);
 CREATE INDEX IF NOT EXISTS samplers_run ON samplers(run_id) WHERE ephemeral = 1;
@@ -115,4 +116,5 @@ CREATE INDEX IF NOT EXISTS sampled_sequences_used ON sampled_sequences(last_used
 # Columns added after a table's first release: (table, column, definition), added to older databases at open.
 ADDED_COLUMNS = [
     ("samplers", "inflight", "INTEGER NOT NULL DEFAULT 0"),
+    ("samplers", "clients", "INTEGER NOT NULL DEFAULT 0"),
 ]

@@ -506,6 +506,18 @@ class Store:
         """The sampler's ephemeral weights were deleted: keep the row (ids stay known), forget the path."""
         await self._call(lambda: self.conn.execute("UPDATE samplers SET adapter_path=NULL WHERE id=?", (sampler_id,)))
 
+    async def join_sampler(self, sampler_id: str, owner: str) -> int | None:
+        """A new client of a sampling session: its number (the session's first client is 0, joiners 1, 2, ...),
+        or None when the owner has no such session."""
+
+        def go(conn: sqlite3.Connection) -> int | None:
+            if conn.execute("UPDATE samplers SET clients = clients + 1 WHERE id=? AND owner=?",
+                            (sampler_id, owner)).rowcount != 1:
+                return None
+            return conn.execute("SELECT clients FROM samplers WHERE id=?", (sampler_id,)).fetchone()[0]
+
+        return await self._call(self._tx, go)
+
     def touch_sampler_background(self, sampler_id: str, now: float) -> None:
         self.submit_background(
             lambda: self.conn.execute("UPDATE samplers SET last_used=? WHERE id=?", (now, sampler_id))
