@@ -370,6 +370,38 @@ def test_sampling_dedupe_ids_and_prompt_logprobs(alice, bob):
     assert [x is None or math.isnan(x) for x in lp] == [True, True, False, False]
 
 
+def test_retrieve_futures_is_a_cursor_over_one_clients_completions(alice, bob):
+    sid = alice.session()
+    ss = alice.ok("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 0,
+                                              "base_model": MODEL})["sampling_session_id"]
+    body = {"num_samples": 1, "prompt": {"chunks": [{"tokens": TOKENS[:4]}]}, "sampling_session_id": ss,
+            "sampling_params": {"max_tokens": 2, "temperature": 0.0}}
+    target = {"type": "sampling_session", "sampling_session_id": ss, "cloned_sampler_id": 0}
+    assert alice.ok("retrieve_futures", {"target": target, "timeout": 0}) == {"completions": [], "cursor": 0}
+    first = alice.ok("asample", {**body, "seq_id": 0})["request_id"]
+    clone = alice.ok("asample", {**body, "seq_id": 3_000_000_000})["request_id"]  # client 3's block
+    bad = alice.ok("asample", {**body, "seq_id": 1, "topk_sample_logprobs": 1000})["request_id"]
+    seen, cursor = {}, 0
+    deadline = time.monotonic() + 60
+    while len(seen) < 2 and time.monotonic() < deadline:  # long-polls until something finishes
+        page = alice.ok("retrieve_futures", {"target": target, "prev_cursor": cursor})
+        assert page["cursor"] >= cursor
+        cursor = page["cursor"]
+        seen.update({c["request_id"]: c for c in page["completions"]})
+    assert set(seen) == {first, bad}  # client 0's requests only
+    assert seen[first]["state"] == "finished" and seen[first]["response_payload_uncompressed_size"] > 0
+    assert seen[bad] == {"state": "failed", "request_id": bad}
+    assert alice.ok("retrieve_futures", {"target": target, "prev_cursor": cursor, "timeout": 0})["completions"] == []
+    again = alice.ok("retrieve_futures", {"target": target, "prev_cursor": 0, "timeout": 0})
+    assert {c["request_id"] for c in again["completions"]} == {first, bad}  # unacked: reported again
+    page = alice.ok("retrieve_futures", {"target": {**target, "cloned_sampler_id": 3}, "timeout": 30})
+    assert [c["request_id"] for c in page["completions"]] == [clone]
+    assert len(alice.result(first)["sequences"]) == 1  # the payload itself still comes from retrieve_future
+    assert bob.post("retrieve_futures", {"target": target}).status_code == 404
+    r = alice.post("retrieve_futures", {"target": {**target, "cloned_sampler_id": -1}})
+    assert r.status_code == 400 and "cloned_sampler_id" in r.json()["detail"]
+
+
 def test_cancel_future_stops_a_sampling_request(alice, bob):
     sid = alice.session()
     ss = alice.ok("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 0,
@@ -624,7 +656,7 @@ def test_unsupported_routes_are_404_naming_the_feature_and_release_the_seq_id(al
     assert "metrics" in alice.result(step["request_id"])  # ran at once: seq 1 was released
     r = alice.get("training_runs/x/checkpoints/external_weights/out/external_weights_urls")
     assert r.status_code == 404
-    r = alice.post("retrieve_futures", {"target": {"sampling_session_id": "x"}})
-    assert r.status_code == 404 and "retrieve_futures" in r.json()["detail"]
+    r = alice.post("copy_weights", {"source": "x"})
+    assert r.status_code == 404 and "copy_weights" in r.json()["detail"]
     r = alice.post("no/such/thing", {})
     assert r.status_code == 404 and "no such endpoint" in r.json()["detail"]

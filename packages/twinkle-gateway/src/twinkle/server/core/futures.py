@@ -106,6 +106,7 @@ class Futures:
         self._cached_bytes = 0
         self._closing = False
         self._cancelled: set[str] = set()
+        self._watchers: dict[str, set[asyncio.Event]] = {}
 
     async def recover(self, resume: Callable[[FutureRecord], Work | None] | None = None) -> int:
         """Take over what a previous process left pending. Call once, before serving. ``resume`` gives the work
@@ -207,7 +208,7 @@ class Futures:
             cid = secrets.token_hex(6)
             log.error("request %s (%s) failed, correlation id %s", record.request_id, record.kind, cid, exc_info=e)
             status, error, category = "failed", f"internal server error (correlation id {cid})", "server"
-        now = time.time()
+        now = round(time.time(), 6)  # whole microseconds: the completion cursor of retrieve_futures
         done = FutureRecord(
             request_id=record.request_id, owner=record.owner, kind=record.kind, created=record.created,
             model_id=record.model_id, seq_id=record.seq_id, status=status, result=result, error=error,
@@ -227,6 +228,9 @@ class Futures:
                                            category=category, now=now)
         except Exception:  # noqa: BLE001 - the client has its answer; only durability is lost
             log.exception("could not record the outcome of %s", record.request_id)
+        if record.model_id is not None:
+            for watcher in self._watchers.pop(record.model_id, ()):
+                watcher.set()
 
     def _remember(self, record: FutureRecord) -> None:
         """Keep a finished record in the LRU, bounded by count and by result bytes (the store has them all)."""
@@ -258,6 +262,35 @@ class Futures:
         return record
 
     # ------------------------------------------------------------------------------- retrieve
+
+    async def completions(self, owner: str, model_id: str, seq_lo: int, seq_hi: int, after_us: int,
+                          timeout: float | None, limit: int = 1000) -> list[tuple[str, str, int | None, int]]:
+        """The completion queue of requests ``seq_lo..seq_hi`` of ``model_id`` (``Store.finished_in_block``) after
+        cursor ``after_us``; when empty, wait up to ``timeout`` (None: the long-poll time, 0: do not wait) for
+        one to finish."""
+        timeout = self.long_poll_s if timeout is None else min(max(timeout, 0.0), self.long_poll_s)
+        deadline = time.monotonic() + timeout
+        while True:
+            watcher = asyncio.Event()
+            self._watchers.setdefault(model_id, set()).add(watcher)  # before the read: no finish is missed
+            try:
+                rows = await self.store.finished_in_block(model_id, seq_lo, seq_hi, after_us, limit)
+                left = deadline - time.monotonic()
+                if rows or left <= 0:
+                    return rows
+                self._hold_poll(owner)
+                try:
+                    await asyncio.wait_for(watcher.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    self._release_poll(owner)
+            finally:
+                watchers = self._watchers.get(model_id)
+                if watchers is not None:
+                    watchers.discard(watcher)
+                    if not watchers:
+                        del self._watchers[model_id]
 
     async def wait(self, request_id: str, owner: str, timeout: float | None = None) -> FutureRecord | None:
         """The finished record, or a pending one if ``timeout`` passed first. ``None``: no such request of

@@ -266,6 +266,30 @@ class SampleRequestIn(_Req):
     record_stability_info: bool | None = None
 
 
+class FuturesTargetIn(_Req):
+    sampling_session_id: str
+    cloned_sampler_id: int = 0
+    type: str = "sampling_session"
+
+
+class FuturesRetrieveRequest(_Req):
+    target: FuturesTargetIn
+    prev_cursor: int = 0
+    timeout: float | None = None
+    retrieved_request_ids: list[str] = []
+
+
+class FutureCompletionOut(msgspec.Struct, omit_defaults=True):
+    state: str
+    request_id: str
+    response_payload_uncompressed_size: int | None = None
+
+
+class FuturesRetrieveResponse(msgspec.Struct):
+    completions: list[FutureCompletionOut]
+    cursor: int
+
+
 class JoinSamplingSessionRequest(_Req):
     sampling_session_id: str
 

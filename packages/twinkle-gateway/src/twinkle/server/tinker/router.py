@@ -318,6 +318,11 @@ async def asample(request: Request, data: P.SampleRequestIn) -> P.UntypedFuture:
 # ===================================================================================== futures
 
 
+@post("/retrieve_futures", status_code=200)
+async def retrieve_futures(request: Request, data: P.FuturesRetrieveRequest) -> P.FuturesRetrieveResponse:
+    return await _sampling(request).retrieve_futures(_owner(request), data)
+
+
 @post("/join_sampling_session", status_code=200)
 async def join_sampling_session(request: Request, data: P.JoinSamplingSessionRequest) -> P.JoinSamplingSessionResponse:
     return await _sampling(request).join(_owner(request), data.sampling_session_id)
@@ -405,7 +410,6 @@ async def weights_info(request: Request, data: P.WeightsInfoRequest) -> P.Weight
 # SDK routes this server does not serve, and what the client would be asking for.
 _UNSUPPORTED = {
     "create_custom_loss": "server-side custom losses (create_custom_loss)",
-    "retrieve_futures": "batched future retrieval (retrieve_futures)",
     "copy_weights": "copying weights between projects (copy_weights)",
     "auth": "JWT and key management (auth/...)",
     "audit": "the audit log (admin)",
@@ -436,7 +440,7 @@ ROUTES = [
     get_server_capabilities, api_key_me, list_sessions, get_session, create_model, get_info, unload_model, forward_backward,
     forward, optim_step, save_weights, save_weights_for_sampler, save_weights_external, external_weights_urls,
     external_weights_file, load_weights, create_sampling_session,
-    get_sampler, asample, join_sampling_session, cancel_future, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
+    get_sampler, asample, join_sampling_session, retrieve_futures, cancel_future, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
     delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info, unsupported,
 ]
 

@@ -135,6 +135,27 @@ class TinkerSampling:
                             field="sampling_session_id", status=429)
         return P.JoinSamplingSessionResponse(client_counter=counter)
 
+    async def retrieve_futures(self, owner: str, req: P.FuturesRetrieveRequest) -> P.FuturesRetrieveResponse:
+        """``retrieve_futures``: the completion queue of one (possibly joined) client of a sampling session, so
+        the SDK long-polls once per client instead of once per request. The cursor is the finish time, in
+        microseconds, of the newest completion reported; it is durable, so a poll resumes across restarts."""
+        target = req.target
+        if target.type != "sampling_session":
+            raise UserError(f"unknown target type {target.type!r}; expected sampling_session", field="target.type")
+        await self.plane.sampler(owner, target.sampling_session_id)
+        if not 0 <= target.cloned_sampler_id < _CLIENT_SEQ_BLOCK:
+            raise UserError(f"must be in [0, {_CLIENT_SEQ_BLOCK})", field="target.cloned_sampler_id")
+        if req.prev_cursor < 0:
+            raise UserError("must be >= 0", field="prev_cursor")
+        lo = target.cloned_sampler_id * _CLIENT_SEQ_BLOCK
+        rows = await self.plane.futures.completions(owner, target.sampling_session_id, lo, lo + _CLIENT_SEQ_BLOCK - 1,
+                                                    req.prev_cursor, req.timeout)
+        return P.FuturesRetrieveResponse(
+            completions=[P.FutureCompletionOut(state="finished" if status == "done" else "failed", request_id=rid,
+                                               response_payload_uncompressed_size=size if status == "done" else None)
+                         for rid, status, size, _ in rows],
+            cursor=rows[-1][3] if rows else req.prev_cursor)
+
     async def cancel(self, owner: str, request_id: str) -> None:
         """``cancel_future``: a sampling request still queued or running stops (the sampler drops it at its next
         step); one already finished is left as it is."""

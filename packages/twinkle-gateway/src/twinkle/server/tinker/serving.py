@@ -50,7 +50,7 @@ class TinkerService:
             "pjwt_auth_enabled": False,
             "proto_compress_fwdbwd": False,
             "parallel_fwdbwd_chunks": True,
-            "sample_use_retrieve_futures": False,
+            "sample_use_retrieve_futures": True,
             "custom_loss_server_side": False,
             "sample_join_sampling_session": True,
         }

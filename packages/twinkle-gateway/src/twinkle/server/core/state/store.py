@@ -575,6 +575,16 @@ class Store:
             )
         )
 
+    async def finished_in_block(self, model_id: str, seq_lo: int, seq_hi: int, after_us: int, limit: int
+                                ) -> list[tuple[str, str, int | None, int]]:
+        """``(request_id, status, result bytes, finished µs)`` of the finished requests numbered ``seq_lo..seq_hi``
+        of ``model_id`` that finished after ``after_us`` (µs since the epoch), oldest first."""
+        return await self._call(lambda: self.conn.execute(
+            "SELECT request_id, status, length(result), CAST(ROUND(finished * 1000000) AS INTEGER) AS done_us "
+            "FROM futures WHERE model_id=? AND seq_id BETWEEN ? AND ? AND status != 'pending' "
+            "AND CAST(ROUND(finished * 1000000) AS INTEGER) > ? ORDER BY done_us LIMIT ?",
+            (model_id, seq_lo, seq_hi, after_us, limit)).fetchall())
+
     def mark_fetched_background(self, request_id: str, now: float) -> None:
         self.submit_background(
             lambda: self.conn.execute(
