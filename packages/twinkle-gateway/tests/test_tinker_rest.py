@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import time
 
 import msgspec
@@ -150,7 +151,7 @@ def bob(app_client):
 
 
 def test_handshake_and_session_lifecycle(alice, bob):
-    assert alice.ok("client/config", {"sdk_version": "0.38.0"})["proto_compress_fwdbwd"] is False
+    assert alice.ok("client/config", {"sdk_version": "0.38.0"})["proto_compress_fwdbwd"] is True
     assert alice.ok("client/dynamic_config", {"sdk_version": "0.38.0"})["refresh_interval_sec"] == 300
     sid = alice.session()
     assert alice.ok("session_heartbeat", {"session_id": sid, "type": "session_heartbeat"}) == {
@@ -564,7 +565,21 @@ def test_zstd_bodies_and_size_limit(services, tmp_path):
         r = alice.post("forward_backward", content=body, headers={"Content-Type": PROTO, "Content-Encoding": "zstd"})
         assert r.status_code == 200, r.text
         assert "loss:sum" in deserialize_forward_backward_output(alice.result(r.json()["request_id"], True)).metrics
-        big = {"model_id": mid, "seq_id": 2, "adam_params": {"learning_rate": 1e-4}, "pad": "x" * 100_000}
+        # a compressed forward_backward over the limit (once decompressed, or even compressed) is a 413 that
+        # still releases its seq_id: the run's next request runs at once instead of waiting 30 s for it
+        rng = random.Random(0)
+        for seq, tokens in ((2, [7] * 60_000), (4, [rng.randrange(4096) for _ in range(60_000)])):
+            msg = forward_backward_request_to_proto(types.ForwardBackwardRequest(
+                forward_backward_input=types.ForwardBackwardInput(
+                    data=[types.Datum(model_input=types.ModelInput.from_ints(tokens),
+                                      loss_fn_inputs={"target_tokens": tokens})], loss_fn="cross_entropy"),
+                model_id=mid, seq_id=seq))
+            r = alice.post("forward_backward", content=zstandard.ZstdCompressor().compress(msg.SerializeToString()),
+                           headers={"Content-Type": PROTO, "Content-Encoding": "zstd"})
+            assert r.status_code == 413, r.text
+            step = alice.ok("optim_step", {"model_id": mid, "seq_id": seq + 1, "adam_params": {"learning_rate": 1e-4}})
+            assert "metrics" in alice.result(step["request_id"], timeout=20)
+        big = {"model_id": mid, "seq_id": 6, "adam_params": {"learning_rate": 1e-4}, "pad": "x" * 100_000}
         r = alice.post("optim_step", big)
         assert r.status_code == 413 and "65536 bytes" in r.json()["detail"]
         bomb = zstandard.ZstdCompressor().compress(b'{"model_id": "' + b"a" * 1_000_000 + b'"}')

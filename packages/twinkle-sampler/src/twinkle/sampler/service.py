@@ -45,6 +45,8 @@ class SamplerService:
         self._in_flight += 1
         try:
             (out,) = await self.engine.generate([req])
+        except asyncio.CancelledError:  # the caller went away (cancel_future): not a failure of the sampler
+            raise
         except BaseException:
             self._failed += 1
             raise

@@ -75,7 +75,7 @@ def _decode(body: bytes, type_: type) -> Any:
 
 @post("/client/config", status_code=200)
 async def client_config(request: Request) -> dict[str, Any]:
-    return TinkerService.client_config()
+    return _svc(request).client_config()
 
 
 @post("/client/dynamic_config", status_code=200)
@@ -247,6 +247,7 @@ async def load_weights(request: Request) -> P.UntypedFuture:
                                                                 P.LoadWeightsRequest))
 
 
+OVERSIZE = "twinkle.body_over_limit"  # scope mark: a zstd body decompressed past max_body_bytes
 _PEEK_BYTES = 4096
 
 
@@ -256,7 +257,8 @@ async def _read_body(request: Request, svc: TinkerService, owner: str, *, peek: 
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
-        if len(buf) > limit or (announced is not None and announced > limit and len(buf) >= _PEEK_BYTES):
+        if (len(buf) > limit or request.scope.get(OVERSIZE)
+                or (announced is not None and announced > limit and len(buf) >= _PEEK_BYTES)):
             header = peek_header(bytes(buf[:_PEEK_BYTES])) if peek else None
             if header is not None:
                 await svc.plane.refuse_seq(owner, *header)
@@ -464,6 +466,9 @@ class ZstdRequestMiddleware(ASGIMiddleware):
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
         state: dict[str, Any] = {"done": False}
         limit = self.max_body_bytes
+        # A numbered request too large must still release its seq_id: its handler gets the body's first bytes
+        # (where the run and seq_id are) and the mark, and answers 413 itself.
+        numbered = scope.get("path", "").endswith("/forward_backward")
 
         async def receive_plain() -> Message:
             if state["done"]:
@@ -474,28 +479,37 @@ class ZstdRequestMiddleware(ASGIMiddleware):
                 if message["type"] != "http.request":
                     return message
                 compressed += message.get("body", b"")
-                if len(compressed) > limit:
-                    raise RequestEntityTooLarge()
-                if not message.get("more_body", False):
+                if len(compressed) > limit or not message.get("more_body", False):
                     break
             state["done"] = True
-            plain = await asyncio.to_thread(_unzstd, bytes(compressed), limit)
+            plain, whole = await asyncio.to_thread(_unzstd, bytes(compressed), limit)
+            if not whole or len(compressed) > limit:
+                if not numbered:
+                    raise RequestEntityTooLarge()
+                scope[OVERSIZE] = True
             return {"type": "http.request", "body": plain, "more_body": False}
 
         await next_app(scope, receive_plain, send)
 
 
-def _unzstd(data: bytes, limit: int) -> bytes:
+def _unzstd(data: bytes, limit: int) -> tuple[bytes, bool]:
+    """``(plain body, True)``, or ``(its first bytes, False)`` when it is over ``limit`` (read no further, so a
+    small compressed bomb cannot exhaust memory) or ``data`` is only the start of the body."""
     import zstandard
 
+    cut = len(data) > limit  # the compressed body alone is over the limit: only its start was read
     try:
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            out = reader.read(limit + 1)
+            out = reader.read(_PEEK_BYTES if cut else limit + 1)
     except zstandard.ZstdError as e:
+        if cut:
+            return b"", False
         raise UserError(f"the body is not valid zstd ({e})") from None
+    if cut:
+        return out, False
     if len(out) > limit:
-        raise RequestEntityTooLarge()
-    return out
+        return out[:_PEEK_BYTES], False
+    return out, True
 
 
 # ===================================================================================== the app

@@ -44,11 +44,12 @@ class TinkerService:
 
     # =============================================================================== handshake & sessions
 
-    @staticmethod
-    def client_config() -> dict[str, Any]:
+    def client_config(self) -> dict[str, Any]:
+        """What the SDK should use: zstd forward/backward bodies (``compress_forward_backward``), the
+        completion-queue poll (``retrieve_futures``) and joined sampling sessions."""
         return {
             "pjwt_auth_enabled": False,
-            "proto_compress_fwdbwd": False,
+            "proto_compress_fwdbwd": self.settings.compress_forward_backward,
             "parallel_fwdbwd_chunks": True,
             "sample_use_retrieve_futures": True,
             "custom_loss_server_side": False,
