@@ -161,8 +161,15 @@ class KeyRing:
         return Principal(id=principal, admin=principal in self.admins)
 
 
+def _bearer(value: str | None) -> str | None:
+    """The key of ``Authorization: Bearer <key>`` (what OpenAI clients send)."""
+    scheme, _, key = (value or "").partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    """Litestar authentication middleware: sets ``request.user`` to the caller's ``Principal``.
+    """Litestar authentication middleware: sets ``request.user`` to the caller's ``Principal``. The key comes as
+    ``X-API-Key``, or as ``Authorization: Bearer <key>``.
 
     Routes opt out with ``opt={"exclude_from_auth": True}`` (health checks); ``public`` names whole path
     prefixes served without a key (the OpenAPI docs), matched exactly from the app's root — never anywhere
@@ -179,7 +186,8 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         keyring: KeyRing | None = getattr(connection.app.state, "keyring", None)
         if keyring is None:
             raise ServiceUnavailableException(detail="the server is still starting; retry in a moment")
-        principal = keyring.authenticate(connection.headers.get(API_KEY_HEADER))
+        principal = keyring.authenticate(connection.headers.get(API_KEY_HEADER)
+                                         or _bearer(connection.headers.get("authorization")))
         return AuthenticationResult(user=principal, auth=None)
 
     def _is_public(self, scope: Any) -> bool:

@@ -33,6 +33,7 @@ from twinkle.common.native import FutureRef, decode
 
 from ..auth import ApiKeyMiddleware, Principal
 from ..core.admin import ADMIN_ROUTES
+from ..oai import OAI_PREFIX, OpenAIServing, oai_router
 from . import protocol as P
 from .serving import NativeService
 
@@ -141,20 +142,25 @@ ROUTES = [
 ]
 
 
-def create_twinkle_app(service: NativeService, *, path_prefix: str = "", debug: bool = False) -> Litestar:
-    """A fresh TwinkleServer app over ``service``; its lifespan runs the control plane."""
+def create_twinkle_app(service: NativeService, *, path_prefix: str = "", oai_prefix: str | None = OAI_PREFIX,
+                       debug: bool = False) -> Litestar:
+    """A fresh TwinkleServer app over ``service``, with the OpenAI-compatible surface at ``oai_prefix`` (None:
+    without it); its lifespan runs the control plane."""
 
     handlers: list[Any] = [*ROUTES, *ADMIN_ROUTES]
     if path_prefix:
         handlers = [Router(path=path_prefix, route_handlers=handlers)]
+    if oai_prefix is not None:
+        handlers.append(oai_router(oai_prefix))
+    docs = f"{path_prefix}/docs"
     return Litestar(
         route_handlers=handlers,
-        middleware=[DefineMiddleware(ApiKeyMiddleware, public=("/docs",))],
+        middleware=[DefineMiddleware(ApiKeyMiddleware, public=(docs,))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[service.plane.lifespan],
-        state=State({"service": service, "keyring": None}),
+        state=State({"service": service, "keyring": None, "oai": OpenAIServing(service.plane)}),
         request_max_body_size=service.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Twinkle server", version=distribution_version("twinkle-gateway"),
-                                     path="/docs"),
+                                     path=docs),
         debug=debug,
     )

@@ -31,6 +31,7 @@ from ..auth import ApiKeyMiddleware, Principal
 from ..core import ControlPlane
 from ..core.admin import ADMIN_ROUTES
 from ..core.checkpoints import parse_checkpoint_id
+from ..oai import OAI_PREFIX, OpenAIServing, oai_router
 from ..core.ports import ModelPort, SamplerPort
 from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
@@ -516,8 +517,9 @@ def _unzstd(data: bytes, limit: int) -> tuple[bytes, bool]:
 
 
 def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], samplers: dict[str, SamplerPort],
-                      *, path_prefix: str = "", debug: bool = False) -> Litestar:
-    """A fresh Tinker-compatible app over the given Model and Sampler ports (keyed by served model name).
+                      *, path_prefix: str = "", oai_prefix: str | None = OAI_PREFIX, debug: bool = False) -> Litestar:
+    """A fresh Tinker-compatible app over the given Model and Sampler ports (keyed by served model name), with
+    the OpenAI-compatible surface at ``oai_prefix`` (None: without it).
 
     Its lifespan runs the control plane (``ControlPlane.lifespan``).
     """
@@ -531,13 +533,16 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
     handlers: list[Any] = [*ROUTES, *ADMIN_ROUTES]
     if path_prefix:
         handlers = [Router(path=path_prefix, route_handlers=handlers)]
+    if oai_prefix is not None:
+        handlers.append(oai_router(oai_prefix))
     return Litestar(
         route_handlers=handlers,
         middleware=[ZstdRequestMiddleware(settings.max_body_bytes), DefineMiddleware(ApiKeyMiddleware)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[plane.lifespan],
         state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service,
-                     "sampling": sampling, "export": export, "path_prefix": path_prefix}),
+                     "sampling": sampling, "export": export, "path_prefix": path_prefix,
+                     "oai": OpenAIServing(plane)}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=debug,
