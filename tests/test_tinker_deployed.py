@@ -135,3 +135,93 @@ def test_cookbook_chat_sl_on_a_local_jsonl(deployed, tmp_path):
     losses = [m["train_mean_nll"] for m in metrics if "train_mean_nll" in m]
     assert losses and all(math.isfinite(x) for x in losses), metrics
     _final_checkpoint(log_path)
+
+
+# ------------------------------------------------------------------------- OpenAI-compatible surface
+# The official `openai` package (pinned in hatch.toml) at <server root>/oai/api/v1 of the same deployment.
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(deployed):
+    """A run trained a few steps through the Tinker SDK, saved for sampling; its tinker path."""
+    from tinker import types
+
+    base, _env, _root = deployed
+    sc = tinker.ServiceClient(base_url=base, api_key="tml-oai-alice")
+    tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=8, seed=0).result()
+    seq = [101, 202, 303, 404, 505, 606, 707, 808]
+    datum = types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                        loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * (len(seq) - 1)})
+    for _ in range(5):
+        tc.forward_backward([datum], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=3e-3)).result()
+    return sc, tc.save_weights_for_sampler("oai").result().path
+
+
+def _oai(base: str, key: str = "tml-oai-alice"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base}/oai/api/v1", api_key=key, max_retries=0)
+
+
+def test_openai_models_and_completions_equal_tinker_sampling(deployed, trained_checkpoint):
+    from tinker import types
+
+    from twinkle.common.models import TINY_MODEL_ID, load_tokenizer
+
+    base = deployed[0]
+    sc, path = trained_checkpoint
+    client = _oai(base)
+    ids = [m.id for m in client.models.list().data]
+    assert "tiny-qwen2" in ids and path in ids
+    tokenizer = load_tokenizer(TINY_MODEL_ID)
+    prompt = "The quick brown fox"
+    tokens = tokenizer.encode(prompt)
+    for model, sampler in (("tiny-qwen2", sc.create_sampling_client(base_model="tiny-qwen2")),
+                           (path, sc.create_sampling_client(model_path=path))):
+        ref = sampler.sample(types.ModelInput.from_ints(tokens), 1,
+                             types.SamplingParams(max_tokens=12, temperature=0.0, stop=[])).result().sequences[0]
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, logprobs=0)
+        choice = got.choices[0]
+        assert choice.text == tokenizer.decode(ref.tokens, skip_special_tokens=True)
+        assert max(abs(a - b) for a, b in zip(choice.logprobs.token_logprobs, ref.logprobs)) < 1e-4
+        assert got.usage.prompt_tokens == len(tokens) and got.usage.completion_tokens == len(ref.tokens)
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}],
+                                              max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+        assert chat.choices[0].message.role == "assistant" and chat.choices[0].logprobs.content
+        assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+        # streaming reassembles to the same text, with the usage chunk last
+        chunks = list(client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=10, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_openai_n_stop_ownership_and_errors(deployed, trained_checkpoint):
+    import openai
+
+    base = deployed[0]
+    _sc, path = trained_checkpoint
+    client = _oai(base)
+    many = client.completions.create(model=path, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=3, seed=5)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    again = client.completions.create(model=path, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=3,
+                                      seed=5)
+    assert [c.text for c in again.choices] == [c.text for c in many.choices]  # seeded
+    full = client.completions.create(model=path, prompt="Once upon a time", max_tokens=12, temperature=0).choices[0]
+    stop = full.text[3:6]
+    cut = client.completions.create(model=path, prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full.text[:full.text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.NotFoundError) as e:  # another key's checkpoint
+        _oai(base, "tml-oai-bob").completions.create(model=path, prompt="x", max_tokens=2)
+    assert e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=path, messages=[{"role": "user", "content": "x"}], top_p=1.5)
+    assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == "top_p"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=path, messages=[{"role": "user", "content": "x"}], tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert e.value.body["param"] == "tools"
+    with pytest.raises(openai.AuthenticationError):
+        _oai(base, "not-a-key").models.list()

@@ -49,7 +49,7 @@ class CentralServer:
         if self.native is not None:
             from .native import create_twinkle_app
 
-            return create_twinkle_app(self.native)
+            return create_twinkle_app(self.native, path_prefix=central_mount(self.spec.route_prefix, "twinkle")[1])
         return component_app("Twinkle server", "twinkle-gateway", self)
 
     # --- the Authority of the component apps (twinkle mode) -------------------------------------------
@@ -74,6 +74,19 @@ class CentralServer:
         return await self._native_service().authority.resolve_checkpoint(owner, uri, base_model)
 
 
+def central_mount(route_prefix: str, server_type: str) -> tuple[str, str]:
+    """``(Serve route prefix, the protocol's path inside the app)`` of the central app. It is served from the
+    server's root so that the OpenAI-compatible surface sits beside the protocol, as on hosted Tinker: with
+    ``route_prefix: /api/v1`` (tinker) or ``/server`` (twinkle) the root is ``/``, the protocol keeps its paths
+    and ``/oai/api/v1`` is added; Serve still routes the component apps' longer prefixes to them."""
+    prefix = "/" + route_prefix.strip("/") if route_prefix.strip("/") else ""
+    if server_type == "tinker":
+        root = prefix[: -len("/api/v1")] if prefix.endswith("/api/v1") else prefix
+    else:
+        root = prefix.rsplit("/", 1)[0]
+    return root or "/", prefix[len(root):]
+
+
 def peer_handle(spec: ComponentSpec, app_name: str):
     peer = next(p for p in spec.peers if p.app_name == app_name)
     return serve.get_deployment_handle(peer.deployment_name, app_name=peer.app_name)
@@ -93,7 +106,8 @@ def build_tinker_app(spec: ComponentSpec) -> Litestar:
 
     settings = TinkerSettings.from_server_args(spec.args, checkpoint_dir=spec.checkpoint_dir,
                                                state_db=spec.state_db, host=spec.http_host)
-    return create_tinker_app(settings, models=peer_ports(spec, "model"), samplers=peer_ports(spec, "sampler"))
+    return create_tinker_app(settings, models=peer_ports(spec, "model"), samplers=peer_ports(spec, "sampler"),
+                             path_prefix=central_mount(spec.route_prefix, "tinker")[1])
 
 
 def build_native_service(spec: ComponentSpec):

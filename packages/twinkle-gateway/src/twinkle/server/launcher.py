@@ -334,6 +334,8 @@ def _central_app(config: ServerConfig) -> PeerApp | None:
 def _deploy(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str]) -> None:
     from ray import serve
 
+    from .deployment import central_mount
+
     serve.start(http_options=config.http_options.serve_options(), proxy_location=config.proxy_location)
     targets = []
     for app, spec in zip(config.applications, component_specs(config, plan, settings)):
@@ -341,7 +343,10 @@ def _deploy(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str])
         default_name = default_name or _SERVER_DEPLOYMENT[config.server_type]
         deployment = app.deployments[0] if app.deployments else None
         target = load_object(builder_path)(spec, deployment, default_name)
-        targets.append(serve.RunTarget(target=target, name=app.name, route_prefix=app.route_prefix))
+        route_prefix = app.route_prefix
+        if app.import_path == "server":
+            route_prefix = central_mount(app.route_prefix, config.server_type)[0]
+        targets.append(serve.RunTarget(target=target, name=app.name, route_prefix=route_prefix))
     serve.run_many(targets, wait_for_applications_running=True)
 
 
