@@ -116,6 +116,24 @@ def test_sampling_reproduces_what_was_learned(alice, trained):
     assert run.sample(row["prompt"], max_tokens=len(completion), temperature=0.0).sequences[0].tokens == completion
 
 
+def test_the_openai_surface_serves_native_checkpoints(base_url, alice, trained):
+    """server_type twinkle answers OpenAI clients at <root>/oai/api/v1 too, with the same keys and rules."""
+    import openai
+
+    from twinkle_client.openai import openai_client
+
+    run, _data, _losses, _ckpt = trained
+    sampler_ckpt = run.save("oai-final", kind="sampler")
+    client, model = openai_client(base_url, ALICE, checkpoint=sampler_ckpt.uri, max_retries=0)
+    assert {model, "tiny-qwen2"} <= {m.id for m in client.models.list().data}
+    out = client.completions.create(model=model, prompt="Q: What is the capital of France?\nA:", max_tokens=3,
+                                    temperature=0)
+    assert out.choices[0].text.startswith(" Paris")
+    bob, _ = openai_client(base_url, BOB, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        bob.completions.create(model=model, prompt="x", max_tokens=2)
+
+
 def test_two_keys_are_isolated(base_url, alice, trained):
     run, data, _losses, ckpt = trained
     with TwinkleClient(base_url, api_key=BOB) as bob:

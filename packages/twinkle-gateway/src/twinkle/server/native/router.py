@@ -158,7 +158,7 @@ def create_twinkle_app(service: NativeService, *, path_prefix: str = "", oai_pre
         middleware=[DefineMiddleware(ApiKeyMiddleware, public=(docs,))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[service.plane.lifespan],
-        state=State({"service": service, "keyring": None, "oai": OpenAIServing(service.plane)}),
+        state=State({"service": service, "keyring": None, "oai": OpenAIServing(service.plane, scheme="twinkle://")}),
         request_max_body_size=service.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Twinkle server", version=distribution_version("twinkle-gateway"),
                                      path=docs),

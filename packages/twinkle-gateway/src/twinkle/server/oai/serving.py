@@ -39,8 +39,9 @@ _CHAT_DEFAULT_MAX_TOKENS = 256
 
 
 class OpenAIServing:
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, *, scheme: str = "tinker://") -> None:
         self.plane = plane
+        self.scheme = scheme  # how the protocol beside it names checkpoints in GET models
         self._tokenizers: dict[str, Any] = {}
         self._loading = asyncio.Lock()
 
@@ -52,7 +53,7 @@ class OpenAIServing:
         page = await self.plane.store.list_user_checkpoints(owner, self.plane.settings.limits.max_page_size, 0)
         for c in page.items:
             if c.kind == "sampler_weights":
-                cards.append(P.ModelCard(id=f"tinker://{c.run_id}/{c.kind}/{c.name}", created=int(c.created),
+                cards.append(P.ModelCard(id=f"{self.scheme}{c.run_id}/{c.kind}/{c.name}", created=int(c.created),
                                          owned_by=owner))
         return P.ModelList(data=cards)
 
