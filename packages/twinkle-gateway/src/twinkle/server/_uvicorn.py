@@ -53,7 +53,7 @@ class BackgroundServer(abc.ABC):
     def start(self: S) -> S:
         import uvicorn
 
-        app = self.build_app()
+        app = self.app = self.build_app()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=self.log_level, lifespan="on",
                                 timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)

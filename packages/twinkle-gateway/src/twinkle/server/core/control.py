@@ -108,6 +108,7 @@ class ControlPlane:
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._started = asyncio.Event()
+        self.observers: list[Callable[[Any, Any], None]] = []  # told of every request's outcome (metrics)
 
     # =============================================================================== lifecycle
 
@@ -115,7 +116,7 @@ class ControlPlane:
         self._store = await Store.open(self.settings.state_path)
         self._futures = Futures(self._store, long_poll_s=self.settings.long_poll_timeout_s,
                                 max_pending_per_owner=self.settings.max_pending_per_key,
-                                max_polls_per_owner=self.settings.max_polls_per_key)
+                                max_polls_per_owner=self.settings.max_polls_per_key, observers=self.observers)
         await self._futures.recover(self._resumable)
         self.keyring = await KeyRing.load(self._store, self.keys, host=self.settings.host, admin_keys=self.admin_keys)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="twinkle sweeper")

@@ -90,8 +90,10 @@ def new_request_id() -> str:
 class Futures:
     def __init__(self, store: Store, *, long_poll_s: float = 25.0, cache_size: int = 4096,
                  cache_bytes: int = 256 * 1024 * 1024, foreign_poll_s: float = 0.25,
-                 max_pending_per_owner: int | None = None, max_polls_per_owner: int | None = None) -> None:
+                 max_pending_per_owner: int | None = None, max_polls_per_owner: int | None = None,
+                 observers: list[Callable[[FutureRecord, Any], None]] | None = None) -> None:
         self.store = store
+        self.observers = list(observers or ())  # told of every request's outcome (metrics)
         self.long_poll_s = long_poll_s
         self.max_pending_per_owner = max_pending_per_owner
         self.max_polls_per_owner = max_polls_per_owner
@@ -217,6 +219,11 @@ class Futures:
         # Waiters get the outcome from memory at once; the store write follows (it is queued on the store's
         # thread before any 'fetched' mark of the woken poll, so the order of writes is kept).
         self._remember(done)
+        for observe in self.observers:
+            try:
+                observe(done, value)
+            except Exception:  # noqa: BLE001 - an observer never changes an outcome
+                log.exception("observer failed on %s", record.request_id)
         self._running.pop(record.request_id, None)
         self._cancelled.discard(record.request_id)
         self._pending[record.owner] -= 1
@@ -357,6 +364,9 @@ class Futures:
         return record
 
     # ------------------------------------------------------------------------------- lifecycle
+
+    def polls_by_owner(self) -> dict[str, int]:
+        return dict(self._polls)
 
     def pending_by_owner(self) -> dict[str, int]:
         """Requests queued or running here, per owner."""

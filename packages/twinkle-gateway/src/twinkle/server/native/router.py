@@ -33,6 +33,7 @@ from twinkle.common.native import FutureRef, decode
 
 from ..auth import ApiKeyMiddleware, Principal
 from ..core.admin import ADMIN_ROUTES
+from ..core.metrics import Metrics, MetricsMiddleware, metrics_route
 from ..oai import OAI_PREFIX, OpenAIServing, oai_router
 from . import protocol as P
 from .serving import NativeService
@@ -152,13 +153,17 @@ def create_twinkle_app(service: NativeService, *, path_prefix: str = "", oai_pre
         handlers = [Router(path=path_prefix, route_handlers=handlers)]
     if oai_prefix is not None:
         handlers.append(oai_router(oai_prefix))
+    metrics = Metrics("twinkle")
+    service.plane.observers.append(metrics.finished)
+    handlers.append(metrics_route)
     docs = f"{path_prefix}/docs"
     return Litestar(
         route_handlers=handlers,
-        middleware=[DefineMiddleware(ApiKeyMiddleware, public=(docs,))],
+        middleware=[MetricsMiddleware(metrics), DefineMiddleware(ApiKeyMiddleware, public=(docs,))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[service.plane.lifespan],
-        state=State({"service": service, "keyring": None, "oai": OpenAIServing(service.plane, scheme="twinkle://")}),
+        state=State({"service": service, "keyring": None, "oai": OpenAIServing(service.plane, scheme="twinkle://"),
+                     "metrics": metrics, "plane": service.plane}),
         request_max_body_size=service.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Twinkle server", version=distribution_version("twinkle-gateway"),
                                      path=docs),

@@ -156,7 +156,8 @@ class OpenAIServing:
         request = SampleRequest(prompt=prompt, sampling_params=params, num_samples=req.n, adapter_path=adapter,
                                 topk_sample_logprobs=top or 0)
         port = self.plane.sampler_port(base, field="model")
-        record = await self.plane.submit(owner, "sample", lambda: port.sample(request))
+        record = await self.plane.submit(owner, "sample", lambda: port.sample(request),
+                                         meta={"prompt_tokens": len(prompt)})
         while not record.terminal:
             record = await self.plane.futures.wait(record.request_id, owner) or record
         if record.status != "done":

@@ -31,6 +31,7 @@ from ..auth import ApiKeyMiddleware, Principal
 from ..core import ControlPlane
 from ..core.admin import ADMIN_ROUTES
 from ..core.checkpoints import parse_checkpoint_id
+from ..core.metrics import Metrics, MetricsMiddleware, metrics_route
 from ..oai import OAI_PREFIX, OpenAIServing, oai_router
 from ..core.ports import ModelPort, SamplerPort
 from . import protocol as P
@@ -535,14 +536,18 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
         handlers = [Router(path=path_prefix, route_handlers=handlers)]
     if oai_prefix is not None:
         handlers.append(oai_router(oai_prefix))
+    metrics = Metrics("tinker")
+    plane.observers.append(metrics.finished)
+    handlers.append(metrics_route)
     return Litestar(
         route_handlers=handlers,
-        middleware=[ZstdRequestMiddleware(settings.max_body_bytes), DefineMiddleware(ApiKeyMiddleware)],
+        middleware=[MetricsMiddleware(metrics), ZstdRequestMiddleware(settings.max_body_bytes),
+                    DefineMiddleware(ApiKeyMiddleware)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[plane.lifespan],
         state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service,
                      "sampling": sampling, "export": export, "path_prefix": path_prefix,
-                     "oai": OpenAIServing(plane)}),
+                     "oai": OpenAIServing(plane), "metrics": metrics, "plane": plane}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=debug,

@@ -120,7 +120,8 @@ class TinkerSampling:
             return out
 
         ids = [f"seq-{secrets.token_hex(8)}" for _ in range(num_samples)]
-        record = await self.plane.submit(owner, "sample", work, dedupe=dedupe, meta={"sample_sequence_ids": ids})
+        record = await self.plane.submit(owner, "sample", work, dedupe=dedupe,
+                                         meta={"sample_sequence_ids": ids, "prompt_tokens": len(prompt)})
         return P.UntypedFuture(request_id=record.request_id,
                                sample_sequence_ids=list((record.meta or {}).get("sample_sequence_ids") or ids))
 

@@ -1,0 +1,142 @@
+"""Prometheus metrics of one central app, in the standard text format at ``<server root>/metrics``.
+
+Built on ``prometheus_client`` with a registry per app (Ray Serve's own metrics, exported by Ray's metrics
+agent, are left alone). What is counted where:
+
+- HTTP requests by protocol, route (the handler's name) and status: ``MetricsMiddleware``, in both apps;
+- every future when it ends (``Futures`` calls ``MetricsObserver.finished``): its duration by kind and
+  outcome (step and sample latency histograms), and per key the tokens it trained (forward/backward
+  logprobs), prefilled (a sample's prompt, from the request's meta) and sampled;
+- at scrape time, from the plane: requests queued or running and polls held per key, checkpoint bytes per
+  key, and whether each model and sampler service answers its health check.
+
+Keys appear only as principal ids (``p-…``), never as API keys. ``/metrics`` answers without a key to
+loopback clients only; from anywhere else it needs an admin key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from litestar import Request, Response, get
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..auth import API_KEY_HEADER, _bearer
+
+if TYPE_CHECKING:
+    from .state import FutureRecord
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The metrics of one app, on its own registry."""
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("twinkle_http_requests", "HTTP requests answered", ["protocol", "route", "status"],
+                                registry=r)
+        self.request_seconds = Histogram("twinkle_request_seconds", "Time from a request's submission to its "
+                                         "outcome, by kind (forward_backward, optim_step, sample, ...)",
+                                         ["kind", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("twinkle_tokens", "Tokens per key: trained (forward/backward), prefilled (sample "
+                              "prompts), sampled", ["key", "kind"], registry=r)
+        self.pending = Gauge("twinkle_pending_requests", "Requests queued or running per key", ["key"], registry=r)
+        self.polls = Gauge("twinkle_held_polls", "Long-polls held open per key", ["key"], registry=r)
+        self.checkpoint_bytes = Gauge("twinkle_checkpoint_bytes", "Bytes of checkpoints kept per key", ["key"],
+                                      registry=r)
+        self.service_up = Gauge("twinkle_service_up", "1 when a model or sampler service answers its health check",
+                                ["kind", "model"], registry=r)
+
+    # ------------------------------------------------------------------------------- futures
+
+    def finished(self, record: FutureRecord, value: Any) -> None:
+        """A future ended (``Futures`` calls this with the finished record and its value)."""
+        outcome = "done" if record.status == "done" else record.category or "failed"
+        if record.finished is not None:
+            self.request_seconds.labels(record.kind, outcome).observe(max(0.0, record.finished - record.created))
+        if record.status != "done" or value is None:
+            return
+        if record.kind == "forward_backward":
+            trained = sum(len(out["logprobs"].data) for out in value.loss_fn_outputs if "logprobs" in out)
+            self.tokens.labels(record.owner, "trained").inc(trained)
+        elif record.kind == "sample":
+            self.tokens.labels(record.owner, "sampled").inc(sum(len(s.tokens) for s in value.sequences))
+            self.tokens.labels(record.owner, "prefilled").inc(int((record.meta or {}).get("prompt_tokens") or 0))
+
+    # ------------------------------------------------------------------------------- scrape
+
+    async def render(self, plane: Any) -> bytes:
+        """The exposition, after reading what is sampled at scrape time from ``plane``."""
+        self.pending.clear()
+        for key, n in plane.futures.pending_by_owner().items():
+            self.pending.labels(key).set(n)
+        self.polls.clear()
+        for key, n in plane.futures.polls_by_owner().items():
+            self.polls.labels(key).set(n)
+        self.checkpoint_bytes.clear()
+        for key, row in (await plane.store.usage()).items():
+            self.checkpoint_bytes.labels(key).set(row["checkpoint_bytes"])
+
+        async def up(kind: str, name: str, port: Any) -> None:
+            try:
+                await asyncio.wait_for(port.health(), 5.0)
+                self.service_up.labels(kind, name).set(1)
+            except Exception:  # noqa: BLE001 - down is the figure
+                self.service_up.labels(kind, name).set(0)
+
+        await asyncio.gather(*[up("model", n, p) for n, p in plane.models.items()],
+                             *[up("sampler", n, p) for n, p in plane.samplers.items()])
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware(ASGIMiddleware):
+    """Counts every HTTP answer by the route's handler name and its status."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        status = {"code": 500}
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, send_status)
+        finally:
+            handler = scope.get("route_handler")
+            route = getattr(handler, "handler_name", None) or "unmatched"
+            self.metrics.requests.labels(self.metrics.protocol, route, str(status["code"])).inc()
+
+
+def _loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@get("/metrics", opt={"exclude_from_auth": True}, include_in_schema=False)
+async def metrics_route(request: Request) -> Response:
+    """Prometheus text format; loopback clients need no key, others an admin key."""
+    if not _loopback(request):
+        keyring = request.app.state.keyring
+        key = request.headers.get(API_KEY_HEADER) or _bearer(request.headers.get("authorization"))
+        if keyring is None or key is None:
+            raise NotAuthorizedException(detail="/metrics needs an admin key from outside this host")
+        if not keyring.authenticate(key).admin:
+            raise PermissionDeniedException(detail="/metrics needs an admin key from outside this host")
+    metrics: Metrics = request.app.state.metrics
+    body = await metrics.render(request.app.state.plane)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

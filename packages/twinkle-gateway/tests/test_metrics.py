@@ -1,0 +1,86 @@
+"""``/metrics``: Prometheus text from the central app; per-key token counters and latency histograms move by
+exactly what two keys did through the official SDK; only loopback or an admin key may scrape."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+tinker = pytest.importorskip("tinker")
+from tinker import types  # noqa: E402
+
+KEYS = ("tml-metrics-alice", "tml-metrics-bob")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from twinkle.common.models import TINY_MODEL_ID
+    from twinkle.server.tinker import TinkerSettings
+    from twinkle.server.tinker.testing import LocalTinkerServer
+
+    settings = TinkerSettings(checkpoint_dir=str(tmp_path_factory.mktemp("metrics") / "ckpt"))
+    with LocalTinkerServer(settings, TINY_MODEL_ID) as srv:
+        yield srv
+
+
+def _scrape(base_url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_per_key_tokens_and_latency_move_by_what_each_key_did(server):
+    before = _scrape(server.base_url)
+    sent = {}
+    for key, n_datums in zip(KEYS, (1, 3)):
+        sc = tinker.ServiceClient(base_url=server.base_url, api_key=key)
+        tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4).result()
+        data = [types.Datum(model_input=types.ModelInput.from_ints(list(range(1, 10 + i))),
+                            loss_fn_inputs={"target_tokens": list(range(2, 11 + i))}) for i in range(n_datums)]
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        res = tc.save_weights_and_get_sampling_client().sample(
+            types.ModelInput.from_ints([5, 6, 7]), 2, types.SamplingParams(max_tokens=4, stop=[])).result()
+        sent[key] = (sum(len(d.model_input.to_ints()) for d in data), sum(len(s.tokens) for s in res.sequences))
+        sc.close("success").result()
+    after = _scrape(server.base_url)
+    keys = {s[1][0][1] for s in after if s[0] == "twinkle_tokens_total"}
+    assert len(keys) == 2 and all(k.startswith("p-") for k in keys)  # principal ids, never API keys
+    moved = sorted((_value(after, "twinkle_tokens_total", key=k, kind="trained")
+                    - _value(before, "twinkle_tokens_total", key=k, kind="trained"),
+                    _value(after, "twinkle_tokens_total", key=k, kind="sampled"),
+                    _value(after, "twinkle_tokens_total", key=k, kind="prefilled")) for k in keys)
+    assert moved == sorted((trained, sampled, 3) for trained, sampled in sent.values())  # one 3-token prompt
+    for kind in ("forward_backward", "optim_step", "sample"):
+        count = _value(after, "twinkle_request_seconds_count", kind=kind, outcome="done")
+        assert count - _value(before, "twinkle_request_seconds_count", kind=kind, outcome="done") >= 2
+    assert _value(after, "twinkle_http_requests_total", protocol="tinker", route="forward_backward",
+                  status="200") >= 2
+    assert _value(after, "twinkle_service_up", kind="model", model="tiny-qwen2") == 1
+    assert _value(after, "twinkle_service_up", kind="sampler", model="tiny-qwen2") == 1
+
+
+def test_only_loopback_or_an_admin_key_may_scrape(tmp_path):
+    from litestar.testing import TestClient
+
+    from twinkle.server.core.ports import LocalPort
+    from twinkle.server.tinker import TinkerSettings, create_tinker_app
+
+    class _Down:
+        async def health(self):
+            raise RuntimeError("down")
+
+    settings = TinkerSettings(checkpoint_dir=str(tmp_path / "ckpt"), api_keys=["tml-user"],
+                              admin_keys=["tml-admin"])
+    app = create_tinker_app(settings, {"m": LocalPort(_Down())}, {}, path_prefix="/api/v1")
+    with TestClient(app) as client:  # TestClient's peer is not a loopback address
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"X-API-Key": "tml-user"}).status_code == 403
+        r = client.get("/metrics", headers={"Authorization": "Bearer tml-admin"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert 'twinkle_service_up{kind="model",model="m"} 0.0' in r.text
