@@ -225,3 +225,30 @@ def test_openai_n_stop_ownership_and_errors(deployed, trained_checkpoint):
     assert e.value.body["param"] == "tools"
     with pytest.raises(openai.AuthenticationError):
         _oai(base, "not-a-key").models.list()
+    with pytest.raises(openai.BadRequestError) as e:  # refused before any tokenizer work
+        client.completions.create(model=path, prompt="x" * 2_000_000, max_tokens=1)
+    assert e.value.body["param"] == "prompt"
+
+
+def test_metrics_at_the_server_root_count_each_keys_tokens(deployed, trained_checkpoint):
+    """Scraped from loopback without a key, through the Serve proxy; the OpenAI requests above and a new one
+    are per-key counters with latency histograms."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base = deployed[0]
+
+    def scrape() -> dict:
+        text = httpx.get(f"{base}/metrics", timeout=60).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    reply = _oai(base).completions.create(model="tiny-qwen2", prompt="Hello", max_tokens=5, temperature=0)
+    after = scrape()
+    sampled = {k: v - before.get(k, 0.0) for k, v in after.items() if k[0] == "twinkle_tokens_total"
+               and dict(k[1])["kind"] == "sampled" and v != before.get(k, 0.0)}
+    assert list(sampled.values()) == [reply.usage.completion_tokens]  # one key moved, by exactly that much
+    count = ("twinkle_request_seconds_count", (("kind", "sample"), ("outcome", "done")))
+    assert after[count] == before.get(count, 0.0) + 1
+    assert after[("twinkle_service_up", (("kind", "model"), ("model", "tiny-qwen2")))] == 1

@@ -36,6 +36,7 @@ from . import protocol as P
 
 _MAX_TOP_LOGPROBS = 20
 _CHAT_DEFAULT_MAX_TOKENS = 256
+_MAX_CHARS_PER_TOKEN = 64
 
 
 class OpenAIServing:
@@ -67,6 +68,7 @@ class OpenAIServing:
         base, adapter = await self._weights(owner, req.model)
         tokenizer = await self._tokenizer(base)
         if isinstance(req.prompt, str):
+            await self._check_text_length(base, len(req.prompt), "prompt")
             prompt = await asyncio.to_thread(tokenizer.encode, req.prompt)
         else:
             prompt = list(req.prompt)
@@ -92,6 +94,7 @@ class OpenAIServing:
         messages = validate_messages([{"role": m.role, "content": _text(m, i)} for i, m in enumerate(req.messages)])
         base, adapter = await self._weights(owner, req.model)
         tokenizer = await self._tokenizer(base)
+        await self._check_text_length(base, sum(len(m["content"]) for m in messages), "messages")
         _, prompt = await asyncio.to_thread(render_chat, tokenizer, messages, True)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -125,6 +128,15 @@ class OpenAIServing:
             raise UserError(f"checkpoint {path} is for base model {base!r}, not {base_name!r}", field="model")
         self.plane.sampler_port(base, field="model")
         return base, ckpt.path
+
+    async def _check_text_length(self, base: str, chars: int, field: str) -> None:
+        """Bound the tokenizer's work before it starts: a prompt must fit the context window, and no tokenizer
+        packs more than ``_MAX_CHARS_PER_TOKEN`` characters into a token."""
+        info = await self.plane.model_info(base)
+        context = getattr(info, "max_context_length", None) or 0
+        if context and chars > context * _MAX_CHARS_PER_TOKEN:
+            raise UserError(f"{chars} characters cannot fit the model's context window of {context} tokens",
+                            field=field)
 
     async def _tokenizer(self, base: str) -> Any:
         if base not in self._tokenizers:
