@@ -14,9 +14,10 @@ Install with ``pip install 'twinkle-client[openai]'``.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+from ._server import api_key as resolve_key
+from ._server import server_root
 
 if TYPE_CHECKING:  # pragma: no cover
     import openai
@@ -36,18 +37,7 @@ def openai_client(base_url: str | None = None, api_key: str | None = None, *, ch
         import openai
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the openai package is not installed: pip install 'twinkle-client[openai]'") from e
-    url = (base_url or os.environ.get("TWINKLE_SERVER_URL") or os.environ.get("TINKER_BASE_URL")
-           or "http://127.0.0.1:8000").rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"base_url must look like http://host:port, got {url!r}")
-    path = parts.path.rstrip("/")
-    for suffix in (OAI_PATH, *_PROTOCOL_PATHS):
-        if path.endswith(suffix):
-            path = path[: -len(suffix)]
-            break
-    key = api_key or os.environ.get("TWINKLE_SERVER_TOKEN") or os.environ.get("TINKER_API_KEY")
-    if not key:
-        raise ValueError("no API key: pass api_key= or set TWINKLE_SERVER_TOKEN")
-    client = openai.OpenAI(base_url=f"{parts.scheme}://{parts.netloc}{path}{OAI_PATH}", api_key=key, **kwargs)
+    root = server_root(base_url, (OAI_PATH, *_PROTOCOL_PATHS))
+    key = resolve_key(api_key)
+    client = openai.OpenAI(base_url=f"{root}{OAI_PATH}", api_key=key, **kwargs)
     return client, checkpoint

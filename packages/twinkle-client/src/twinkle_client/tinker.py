@@ -10,9 +10,10 @@ Install with ``pip install 'twinkle-client[tinker]'``.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+from ._server import api_key as resolve_key
+from ._server import server_root
 
 if TYPE_CHECKING:  # pragma: no cover
     import tinker
@@ -32,18 +33,8 @@ def service_client(base_url: str | None = None, api_key: str | None = None, **kw
         import tinker
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the tinker SDK is not installed: pip install 'twinkle-client[tinker]'") from e
-    url = (base_url or os.environ.get("TWINKLE_SERVER_URL") or os.environ.get("TINKER_BASE_URL")
-           or "http://127.0.0.1:8000").rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"base_url must look like http://host:port, got {url!r}")
-    path = parts.path.rstrip("/")
-    if path.endswith(_SDK_PATH):
-        path = path[: -len(_SDK_PATH)]
-    root = f"{parts.scheme}://{parts.netloc}{path}"
-    key = api_key or os.environ.get("TWINKLE_SERVER_TOKEN") or os.environ.get("TINKER_API_KEY")
-    if not key:
-        raise ValueError("no API key: pass api_key= or set TWINKLE_SERVER_TOKEN")
+    root = server_root(base_url, (_SDK_PATH,))
+    key = resolve_key(api_key)
     if not key.startswith(TINKER_KEY_PREFIX):
         raise ValueError(f"the tinker SDK only sends API keys starting with {TINKER_KEY_PREFIX!r}; configure the "
                          "server with such a key (e.g. tml-<random>)")

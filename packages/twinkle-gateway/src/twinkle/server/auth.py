@@ -161,6 +161,12 @@ class KeyRing:
         return Principal(id=principal, admin=principal in self.admins)
 
 
+def caller_id(request: Any) -> str:
+    """The principal id of the request's authenticated caller (what every route's ``owner`` is)."""
+    user: Principal = request.user
+    return user.id
+
+
 def _bearer(value: str | None) -> str | None:
     """The key of ``Authorization: Bearer <key>`` (what OpenAI clients send)."""
     scheme, _, key = (value or "").partition(" ")

@@ -31,7 +31,7 @@ from litestar.openapi import OpenAPIConfig
 from twinkle.common.http import EXCEPTION_HANDLERS, distribution_version
 from twinkle.common.native import FutureRef, decode
 
-from ..auth import ApiKeyMiddleware, Principal
+from ..auth import ApiKeyMiddleware, caller_id
 from ..core.admin import ADMIN_ROUTES
 from ..core.metrics import Metrics, MetricsMiddleware, metrics_route
 from ..oai import OAI_PREFIX, OpenAIServing, oai_router
@@ -42,10 +42,6 @@ from .serving import NativeService
 def _svc(request: Request) -> NativeService:
     return request.app.state.service
 
-
-def _owner(request: Request) -> str:
-    user: Principal = request.user
-    return user.id
 
 
 async def _body(request: Request, type_: type) -> Any:
@@ -65,76 +61,76 @@ async def info(request: Request) -> dict[str, Any]:
 
 @get("/capabilities")
 async def capabilities(request: Request) -> P.Capabilities:
-    return await _svc(request).capabilities(_owner(request))
+    return await _svc(request).capabilities(caller_id(request))
 
 
 @post("/sessions", status_code=201)
 async def create_session(request: Request) -> P.SessionOut:
     body = await request.body()
     req = decode(body, P.CreateSessionIn) if body.strip() else P.CreateSessionIn()
-    return await _svc(request).create_session(_owner(request), req)
+    return await _svc(request).create_session(caller_id(request), req)
 
 
 @post("/sessions/{session_id:str}/heartbeat", status_code=200)
 async def heartbeat(request: Request, session_id: str) -> dict[str, str]:
-    return await _svc(request).heartbeat(_owner(request), session_id)
+    return await _svc(request).heartbeat(caller_id(request), session_id)
 
 
 @post("/sessions/{session_id:str}/finish", status_code=200)
 async def finish_session(request: Request, session_id: str) -> dict[str, str]:
-    await _svc(request).finish_session(_owner(request), session_id)
+    await _svc(request).finish_session(caller_id(request), session_id)
     return {"status": "finished"}
 
 
 @get("/training_runs")
 async def list_runs(request: Request, limit: int | None = None, offset: int | None = None) -> P.TrainingRunsOut:
-    return await _svc(request).list_runs(_owner(request), limit, offset)
+    return await _svc(request).list_runs(caller_id(request), limit, offset)
 
 
 @post("/training_runs", status_code=202)
 async def create_run(request: Request) -> FutureRef:
-    return await _svc(request).create_run(_owner(request), await _body(request, P.CreateRunIn))
+    return await _svc(request).create_run(caller_id(request), await _body(request, P.CreateRunIn))
 
 
 @get("/training_runs/{run_id:str}")
 async def get_run(request: Request, run_id: str) -> P.TrainingRunOut:
-    return await _svc(request).get_run(_owner(request), run_id)
+    return await _svc(request).get_run(caller_id(request), run_id)
 
 
 @delete("/training_runs/{run_id:str}", status_code=204)
 async def delete_run(request: Request, run_id: str, checkpoints: bool = False) -> None:
-    await _svc(request).delete_run(_owner(request), run_id, checkpoints=checkpoints)
+    await _svc(request).delete_run(caller_id(request), run_id, checkpoints=checkpoints)
 
 
 @get("/training_runs/{run_id:str}/checkpoints")
 async def list_checkpoints(request: Request, run_id: str) -> P.CheckpointsOut:
-    return await _svc(request).list_checkpoints(_owner(request), run_id)
+    return await _svc(request).list_checkpoints(caller_id(request), run_id)
 
 
 @get("/training_runs/{run_id:str}/checkpoints/latest")
 async def latest_checkpoint(request: Request, run_id: str, kind: str | None = None) -> P.CheckpointOut:
-    return await _svc(request).latest_checkpoint(_owner(request), run_id, kind)
+    return await _svc(request).latest_checkpoint(caller_id(request), run_id, kind)
 
 
 @delete("/training_runs/{run_id:str}/checkpoints/{kind:str}/{name:str}", status_code=204)
 async def delete_checkpoint(request: Request, run_id: str, kind: str, name: str) -> None:
-    await _svc(request).delete_checkpoint(_owner(request), run_id, kind, name)
+    await _svc(request).delete_checkpoint(caller_id(request), run_id, kind, name)
 
 
 @get("/checkpoints")
 async def list_user_checkpoints(request: Request, limit: int | None = None, offset: int | None = None
                                 ) -> P.CheckpointsOut:
-    return await _svc(request).list_user_checkpoints(_owner(request), limit, offset)
+    return await _svc(request).list_user_checkpoints(caller_id(request), limit, offset)
 
 
 @post("/resume", status_code=202)
 async def resume(request: Request) -> FutureRef:
-    return await _svc(request).resume(_owner(request), await _body(request, P.ResumeIn))
+    return await _svc(request).resume(caller_id(request), await _body(request, P.ResumeIn))
 
 
 @get("/futures/{request_id:str}")
 async def wait_future(request: Request, request_id: str, timeout: float | None = None) -> P.FutureOut:
-    return await _svc(request).wait_future(_owner(request), request_id, timeout)
+    return await _svc(request).wait_future(caller_id(request), request_id, timeout)
 
 
 ROUTES = [

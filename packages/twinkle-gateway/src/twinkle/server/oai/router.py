@@ -17,7 +17,7 @@ from litestar.response import Stream
 
 from twinkle.common.wire import NotFoundError, UserError
 
-from ..auth import Principal
+from ..auth import caller_id
 from . import protocol as P
 from .serving import OpenAIServing
 
@@ -29,10 +29,6 @@ OAI_PREFIX = "/oai/api/v1"
 def _serving(request: Request) -> OpenAIServing:
     return request.app.state.oai
 
-
-def _owner(request: Request) -> str:
-    user: Principal = request.user
-    return user.id
 
 
 def _decode(body: bytes, type_: type) -> Any:
@@ -58,19 +54,19 @@ def _answer(result: Any) -> Any:
 
 @get("/models")
 async def list_models(request: Request) -> P.ModelList:
-    return await _serving(request).models(_owner(request))
+    return await _serving(request).models(caller_id(request))
 
 
 @post("/completions", status_code=200)
 async def completions(request: Request) -> Any:
     req = _decode(await request.body(), P.CompletionRequest)
-    return _answer(await _serving(request).completion(_owner(request), req))
+    return _answer(await _serving(request).completion(caller_id(request), req))
 
 
 @post("/chat/completions", status_code=200)
 async def chat_completions(request: Request) -> Any:
     req = _decode(await request.body(), P.ChatCompletionRequest)
-    return _answer(await _serving(request).chat(_owner(request), req))
+    return _answer(await _serving(request).chat(caller_id(request), req))
 
 
 def _error(message: str, status: int, type_: str, param: str | None = None, code: str | None = None,

@@ -27,7 +27,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from twinkle.common.wire import UserError
 
-from ..auth import ApiKeyMiddleware, Principal
+from ..auth import ApiKeyMiddleware, Principal, caller_id
 from ..core import ControlPlane
 from ..core.admin import ADMIN_ROUTES
 from ..core.checkpoints import parse_checkpoint_id
@@ -58,10 +58,6 @@ def _sampling(request: Request) -> TinkerSampling:
     return request.app.state.sampling
 
 
-def _owner(request: Request) -> str:
-    user: Principal = request.user
-    return user.id
-
 
 def _decode(body: bytes, type_: type) -> Any:
     try:
@@ -87,12 +83,12 @@ async def dynamic_config(request: Request) -> dict[str, Any]:
 
 @post("/create_session", status_code=200)
 async def create_session(request: Request, data: P.CreateSessionRequest) -> P.CreateSessionResponse:
-    return await _svc(request).create_session(_owner(request), data)
+    return await _svc(request).create_session(caller_id(request), data)
 
 
 @post("/session_heartbeat", status_code=200)
 async def session_heartbeat(request: Request, data: P.SessionHeartbeatRequest) -> dict[str, str]:
-    return await _svc(request).heartbeat(_owner(request), data.session_id)
+    return await _svc(request).heartbeat(caller_id(request), data.session_id)
 
 
 @post("/sessions/{session_id:str}/finish", status_code=200)
@@ -100,7 +96,7 @@ async def finish_session(request: Request, session_id: str) -> dict[str, Any]:
     body = await request.body()
     req = _decode(body, P.FinishSessionRequest) if body.strip() else P.FinishSessionRequest()
     reason = req.reason.type if req.reason is not None else None
-    await _svc(request).finish_session(_owner(request), session_id, reason)
+    await _svc(request).finish_session(caller_id(request), session_id, reason)
     return {}
 
 
@@ -137,12 +133,12 @@ async def get_server_capabilities(request: Request) -> P.ServerCapabilitiesRespo
 @get("/sessions")
 async def list_sessions(request: Request, limit: int | None = None, offset: int | None = None,
                         access_scope: str | None = None) -> P.ListSessionsResponse:
-    return await _svc(request).list_sessions(_owner(request), limit, offset)
+    return await _svc(request).list_sessions(caller_id(request), limit, offset)
 
 
 @get("/sessions/{session_id:str}")
 async def get_session(request: Request, session_id: str, access_scope: str | None = None) -> P.GetSessionResponse:
-    return await _svc(request).get_session(_owner(request), session_id)
+    return await _svc(request).get_session(caller_id(request), session_id)
 
 
 # ===================================================================================== training
@@ -150,17 +146,17 @@ async def get_session(request: Request, session_id: str, access_scope: str | Non
 
 @post("/create_model", status_code=200)
 async def create_model(request: Request, data: P.CreateModelRequest) -> P.UntypedFuture:
-    return await _svc(request).create_model(_owner(request), data)
+    return await _svc(request).create_model(caller_id(request), data)
 
 
 @post("/get_info", status_code=200)
 async def get_info(request: Request, data: P.ModelIdRequest) -> P.GetInfoResponse:
-    return await _svc(request).get_info(_owner(request), data.model_id)
+    return await _svc(request).get_info(caller_id(request), data.model_id)
 
 
 @post("/unload_model", status_code=200)
 async def unload_model(request: Request, data: P.ModelIdRequest) -> P.UntypedFuture:
-    return await _svc(request).unload_model(_owner(request), data.model_id)
+    return await _svc(request).unload_model(caller_id(request), data.model_id)
 
 
 @post("/forward_backward", status_code=200, request_max_body_size=None)
@@ -170,7 +166,7 @@ async def forward_backward(request: Request) -> P.UntypedFuture:
     The body limit is enforced here rather than by Litestar so that an oversize request can still be
     attributed to its run and ``seq_id`` (read from the first bytes) and that number released: otherwise
     every later request of the run would wait for it."""
-    svc, owner = _svc(request), _owner(request)
+    svc, owner = _svc(request), caller_id(request)
     is_proto = _PROTO in (request.headers.get("content-type") or "")
     body = await _read_body(request, svc, owner, peek=is_proto)
     if is_proto:
@@ -190,7 +186,7 @@ async def forward_backward(request: Request) -> P.UntypedFuture:
 @post("/forward", status_code=200)
 async def forward(request: Request) -> P.UntypedFuture:
     """Pre-0.25 SDKs: forward pass only, JSON."""
-    svc, owner = _svc(request), _owner(request)
+    svc, owner = _svc(request), caller_id(request)
     req = await _decode_training(svc, owner, await request.body(), P.ForwardJsonRequest)
     return await svc.forward_backward(owner, req.model_id, req.seq_id,
                                       lambda: TrainingData(input_from_json(req.forward_input, svc.settings.limits), []),
@@ -199,27 +195,27 @@ async def forward(request: Request) -> P.UntypedFuture:
 
 @post("/optim_step", status_code=200)
 async def optim_step(request: Request) -> P.UntypedFuture:
-    svc, owner = _svc(request), _owner(request)
+    svc, owner = _svc(request), caller_id(request)
     return await svc.optim_step(owner, await _decode_training(svc, owner, await request.body(), P.OptimStepRequest))
 
 
 @post("/save_weights", status_code=200)
 async def save_weights(request: Request) -> P.UntypedFuture:
-    svc, owner = _svc(request), _owner(request)
+    svc, owner = _svc(request), caller_id(request)
     return await svc.save_weights(owner, await _decode_training(svc, owner, await request.body(),
                                                                 P.SaveWeightsRequest))
 
 
 @post("/save_weights_for_sampler", status_code=200)
 async def save_weights_for_sampler(request: Request) -> P.UntypedFuture:
-    svc, owner = _svc(request), _owner(request)
+    svc, owner = _svc(request), caller_id(request)
     req = await _decode_training(svc, owner, await request.body(), P.SaveWeightsForSamplerRequest)
     return await svc.save_weights_for_sampler(owner, req)
 
 
 @post("/save_weights_external", status_code=200)
 async def save_weights_external(request: Request) -> P.UntypedFuture:
-    svc, owner = _svc(request), _owner(request)
+    svc, owner = _svc(request), caller_id(request)
     req = await _decode_training(svc, owner, await request.body(), P.SaveWeightsExternalRequest)
     return await request.app.state.export.save_weights_external(owner, req)
 
@@ -232,7 +228,7 @@ async def external_weights_urls(request: Request, run_id: str, rest: str) -> P.E
         raise UserError("GET …/checkpoints/external_weights/<name>/external_weights_urls gives the download URLs "
                         "of exported weights (save_weights_external)", status=404)
     base = str(request.base_url).rstrip("/") + request.app.state.path_prefix
-    return await request.app.state.export.urls(_owner(request), run_id, name, base)
+    return await request.app.state.export.urls(caller_id(request), run_id, name, base)
 
 
 @get(f"/{FILES_ROUTE}/{{token:str}}/{{rel:path}}", opt={"exclude_from_auth": True}, media_type="application/octet-stream")
@@ -244,7 +240,7 @@ async def external_weights_file(request: Request, token: str, rel: str) -> File:
 
 @post("/load_weights", status_code=200)
 async def load_weights(request: Request) -> P.UntypedFuture:
-    svc, owner = _svc(request), _owner(request)
+    svc, owner = _svc(request), caller_id(request)
     return await svc.load_weights(owner, await _decode_training(svc, owner, await request.body(),
                                                                 P.LoadWeightsRequest))
 
@@ -306,17 +302,17 @@ async def _decode_training(svc: TinkerService, owner: str, body: bytes, type_: t
 @post("/create_sampling_session", status_code=200)
 async def create_sampling_session(request: Request, data: P.CreateSamplingSessionRequest
                                   ) -> P.CreateSamplingSessionResponse:
-    return await _sampling(request).create_sampling_session(_owner(request), data)
+    return await _sampling(request).create_sampling_session(caller_id(request), data)
 
 
 @get("/samplers/{sampler_id:str}")
 async def get_sampler(request: Request, sampler_id: str) -> P.GetSamplerResponse:
-    return await _sampling(request).get_sampler(_owner(request), sampler_id)
+    return await _sampling(request).get_sampler(caller_id(request), sampler_id)
 
 
 @post("/asample", status_code=200)
 async def asample(request: Request, data: P.SampleRequestIn) -> P.UntypedFuture:
-    return await _sampling(request).sample(_owner(request), data)
+    return await _sampling(request).sample(caller_id(request), data)
 
 
 # ===================================================================================== futures
@@ -324,23 +320,23 @@ async def asample(request: Request, data: P.SampleRequestIn) -> P.UntypedFuture:
 
 @post("/retrieve_futures", status_code=200)
 async def retrieve_futures(request: Request, data: P.FuturesRetrieveRequest) -> P.FuturesRetrieveResponse:
-    return await _sampling(request).retrieve_futures(_owner(request), data)
+    return await _sampling(request).retrieve_futures(caller_id(request), data)
 
 
 @post("/join_sampling_session", status_code=200)
 async def join_sampling_session(request: Request, data: P.JoinSamplingSessionRequest) -> P.JoinSamplingSessionResponse:
-    return await _sampling(request).join(_owner(request), data.sampling_session_id)
+    return await _sampling(request).join(caller_id(request), data.sampling_session_id)
 
 
 @post("/cancel_future", status_code=200)
 async def cancel_future(request: Request, data: P.CancelFutureRequest) -> None:
-    await _sampling(request).cancel(_owner(request), data.request_id)
+    await _sampling(request).cancel(caller_id(request), data.request_id)
 
 
 @post("/retrieve_future", status_code=200)
 async def retrieve_future(request: Request, data: P.FutureRetrieveRequest) -> Response:
     proto_ok = _PROTO in (request.headers.get("accept") or "")
-    body, media_type = await _svc(request).retrieve(_owner(request), data.request_id, proto_ok=proto_ok)
+    body, media_type = await _svc(request).retrieve(caller_id(request), data.request_id, proto_ok=proto_ok)
     return Response(content=body, media_type=media_type, status_code=200)
 
 
@@ -350,17 +346,17 @@ async def retrieve_future(request: Request, data: P.FutureRetrieveRequest) -> Re
 @get("/training_runs")
 async def list_training_runs(request: Request, limit: int | None = None, offset: int | None = None,
                              access_scope: str | None = None) -> P.TrainingRunsResponse:
-    return await _svc(request).list_training_runs(_owner(request), limit, offset)
+    return await _svc(request).list_training_runs(caller_id(request), limit, offset)
 
 
 @get("/training_runs/{run_id:str}")
 async def get_training_run(request: Request, run_id: str, access_scope: str | None = None) -> P.TrainingRunOut:
-    return await _svc(request).get_training_run(_owner(request), run_id)
+    return await _svc(request).get_training_run(caller_id(request), run_id)
 
 
 @get("/training_runs/{run_id:str}/checkpoints")
 async def list_checkpoints(request: Request, run_id: str) -> P.CheckpointsListResponse:
-    return await _svc(request).list_checkpoints(_owner(request), run_id)
+    return await _svc(request).list_checkpoints(caller_id(request), run_id)
 
 
 def _split_action(rest: str, actions: tuple[str, ...]) -> tuple[str, str | None]:
@@ -375,9 +371,9 @@ def _split_action(rest: str, actions: tuple[str, ...]) -> tuple[str, str | None]
 async def delete_checkpoint(request: Request, run_id: str, rest: str) -> None:
     checkpoint_id, action = _split_action(rest, ("publish",))
     if action == "publish":
-        await _svc(request).set_published(_owner(request), run_id, checkpoint_id, False)
+        await _svc(request).set_published(caller_id(request), run_id, checkpoint_id, False)
     else:
-        await _svc(request).delete_checkpoint(_owner(request), run_id, checkpoint_id)
+        await _svc(request).delete_checkpoint(caller_id(request), run_id, checkpoint_id)
 
 
 @post("/training_runs/{run_id:str}/checkpoints/{rest:path}", status_code=204)
@@ -386,7 +382,7 @@ async def checkpoint_action(request: Request, run_id: str, rest: str) -> None:
     if action != "publish":
         raise UserError(f"unknown checkpoint action; POST …/checkpoints/{checkpoint_id}/publish publishes it",
                         status=404)
-    await _svc(request).set_published(_owner(request), run_id, checkpoint_id, True)
+    await _svc(request).set_published(caller_id(request), run_id, checkpoint_id, True)
 
 
 @put("/training_runs/{run_id:str}/checkpoints/{rest:path}", status_code=204)
@@ -397,18 +393,18 @@ async def checkpoint_ttl(request: Request, run_id: str, rest: str) -> None:
                         status=404)
     body = await request.body()
     req = _decode(body, P.TtlRequest) if body.strip() else P.TtlRequest()
-    await _svc(request).set_ttl(_owner(request), run_id, checkpoint_id, req.ttl_seconds)
+    await _svc(request).set_ttl(caller_id(request), run_id, checkpoint_id, req.ttl_seconds)
 
 
 @get("/checkpoints")
 async def list_user_checkpoints(request: Request, limit: int | None = None, offset: int | None = None
                                 ) -> P.CheckpointsListResponse:
-    return await _svc(request).list_user_checkpoints(_owner(request), limit, offset)
+    return await _svc(request).list_user_checkpoints(caller_id(request), limit, offset)
 
 
 @post("/weights_info", status_code=200)
 async def weights_info(request: Request, data: P.WeightsInfoRequest) -> P.WeightsInfoResponse:
-    return await _svc(request).weights_info(_owner(request), data.tinker_path)
+    return await _svc(request).weights_info(caller_id(request), data.tinker_path)
 
 
 # SDK routes this server does not serve, and what the client would be asking for.
@@ -432,7 +428,7 @@ async def unsupported(request: Request, rest: str) -> Response:
         except (msgspec.ValidationError, msgspec.DecodeError):
             header = None
         if header is not None:
-            await _svc(request).plane.refuse_seq(_owner(request), header.model_id, header.seq_id)
+            await _svc(request).plane.refuse_seq(caller_id(request), header.model_id, header.seq_id)
     first = rest.strip("/").split("/", 1)[0]
     feature = _UNSUPPORTED.get(first)
     what = f"{feature} is not supported by this server" if feature else f"no such endpoint: {request.method} /{rest.strip('/')}"
