@@ -27,5 +27,18 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tinker_server(tmp_path_factory):
+    """The Tinker-compatible app (with its OpenAI-compatible surface) in-process over the real engines."""
+    pytest.importorskip("twinkle.server.tinker.testing", reason="the server packages are not installed")
+    from twinkle.common.models import TINY_MODEL_ID
+    from twinkle.server.tinker import TinkerSettings
+    from twinkle.server.tinker.testing import LocalTinkerServer
+
+    settings = TinkerSettings(checkpoint_dir=str(tmp_path_factory.mktemp("tinker-server") / "ckpt"))
+    with LocalTinkerServer(settings, TINY_MODEL_ID) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def keys():
     return KEYS

@@ -10,22 +10,10 @@ openai = pytest.importorskip("openai")
 from twinkle_client.openai import openai_client  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("twinkle.server.tinker.testing", reason="the server packages are not installed")
-    from twinkle.common.models import TINY_MODEL_ID
-    from twinkle.server.tinker import TinkerSettings
-    from twinkle.server.tinker.testing import LocalTinkerServer
-
-    settings = TinkerSettings(checkpoint_dir=str(tmp_path_factory.mktemp("openai-helper") / "ckpt"))
-    with LocalTinkerServer(settings, TINY_MODEL_ID) as srv:
-        yield srv
-
-
 @pytest.mark.parametrize("suffix", ["", "/api/v1", "/oai/api/v1/"])
-def test_the_client_reaches_the_oai_surface_from_any_of_the_servers_urls(server, monkeypatch, suffix):
+def test_the_client_reaches_the_oai_surface_from_any_of_the_servers_urls(tinker_server, monkeypatch, suffix):
     monkeypatch.setenv("TWINKLE_SERVER_TOKEN", "tml-openai-helper")
-    client, model = openai_client(server.base_url + suffix, checkpoint="tiny-qwen2")
+    client, model = openai_client(tinker_server.base_url + suffix, checkpoint="tiny-qwen2")
     assert type(client) is openai.OpenAI and str(client.base_url).rstrip("/").endswith("/oai/api/v1")
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
                                            temperature=0)

@@ -12,18 +12,6 @@ tinker = pytest.importorskip("tinker")
 from twinkle_client.tinker import service_client  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tinker_server(tmp_path_factory):
-    pytest.importorskip("twinkle.server.tinker.testing", reason="the server packages are not installed")
-    from twinkle.common.models import TINY_MODEL_ID
-    from twinkle.server.tinker import TinkerSettings
-    from twinkle.server.tinker.testing import LocalTinkerServer
-
-    settings = TinkerSettings(checkpoint_dir=str(tmp_path_factory.mktemp("tinker-helper") / "ckpt"))
-    with LocalTinkerServer(settings, TINY_MODEL_ID) as server:
-        yield server
-
-
 def _public_state(module):
     """The SDK's classes and functions (its lazily imported submodules may change as it is used)."""
     return {name: id(value) for name, value in list(vars(module).items())
