@@ -84,3 +84,55 @@ def test_only_loopback_or_an_admin_key_may_scrape(tmp_path):
         r = client.get("/metrics", headers={"Authorization": "Bearer tml-admin"})
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         assert 'twinkle_service_up{kind="model",model="m"} 0.0' in r.text
+
+
+def test_the_sdks_billing_methods_report_each_keys_usage_and_all_of_it_to_an_admin(tmp_path):
+    """Per key and UTC hour: training, prefill and sampled tokens and checkpoint saves, through the SDK's own
+    ``RestClient.get_billing_usage`` / ``get_current_checkpoint_storage_usage``."""
+    from datetime import datetime, timedelta, timezone
+
+    from twinkle.common.models import TINY_MODEL_ID
+    from twinkle.server.tinker import TinkerSettings
+    from twinkle.server.tinker.testing import LocalTinkerServer
+
+    users, admin = ("tml-usage-a", "tml-usage-b"), "tml-usage-admin"
+    settings = TinkerSettings(checkpoint_dir=str(tmp_path / "ckpt"), api_keys=list(users), admin_keys=[admin])
+    did = {}
+    with LocalTinkerServer(settings, TINY_MODEL_ID) as server:
+        for key, n in zip(users, (1, 2)):
+            sc = tinker.ServiceClient(base_url=server.base_url, api_key=key)
+            tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4).result()
+            data = [types.Datum(model_input=types.ModelInput.from_ints(list(range(1, 8))),
+                                loss_fn_inputs={"target_tokens": list(range(2, 9))})] * n
+            tc.forward_backward(data, "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+            tc.save_state("s").result()
+            out = tc.save_weights_and_get_sampling_client().sample(
+                types.ModelInput.from_ints([5, 6, 7, 8]), n, types.SamplingParams(max_tokens=3, stop=[])).result()
+            did[key] = {"training": 7 * n, "sampling_prefill": 4, "sampling_sample": sum(len(s.tokens) for s in
+                                                                                          out.sequences),
+                        "checkpoint": 2}
+            sc.close("success").result()
+        hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+        window = (hour - timedelta(hours=1), hour + timedelta(hours=1))
+
+        def totals(key):
+            usage = tinker.RestClient(base_url=server.base_url, api_key=key).get_billing_usage(*window).result()
+            out = {}
+            for e in usage.data:
+                info = e.event_info
+                amount = info.count if info.type == "checkpoint" else info.token_count
+                out.setdefault(e.user_id, {}).setdefault(info.type, 0)
+                out[e.user_id][info.type] += amount
+            return out
+
+        mine = [totals(key) for key in users]
+        assert [list(m.values()) for m in mine] == [[did[users[0]]], [did[users[1]]]]  # one key each, exact
+        everyone = totals(admin)
+        assert sorted(everyone.values(), key=lambda d: d["training"]) == [did[users[0]], did[users[1]]]
+        storage = tinker.RestClient(base_url=server.base_url, api_key=users[0]).get_current_checkpoint_storage_usage()
+        rows = storage.result().data
+        assert len(rows) == 1 and rows[0].checkpoint_count == 1 and rows[0].size_bytes > 0
+        with pytest.raises(tinker.BadRequestError, match="hour"):
+            tinker.RestClient(base_url=server.base_url, api_key=users[0]).get_billing_usage(
+                hour + timedelta(minutes=5), hour + timedelta(hours=1)).result()

@@ -45,6 +45,7 @@ from .futures import Busy, Futures, Work
 from .ports import ModelPort, SamplerPort
 from .settings import CentralSettings
 from .state import CheckpointRecord, FutureRecord, Page, RunRecord, SamplerRecord, SessionRecord, Store
+from .usage import UsageLedger
 
 log = logging.getLogger("twinkle.server")
 
@@ -108,7 +109,9 @@ class ControlPlane:
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._started = asyncio.Event()
-        self.observers: list[Callable[[Any, Any], None]] = []  # told of every request's outcome (metrics)
+        self.usage_ledger = UsageLedger(lambda: self.store)
+        # told of every request's outcome: usage accounting, metrics
+        self.observers: list[Callable[[Any, Any], None]] = [self.usage_ledger.finished]
 
     # =============================================================================== lifecycle
 
@@ -363,6 +366,7 @@ class ControlPlane:
             raise
         if seq_id is not None:
             work = self._through_replica_loss(owner, run, seq_id, port, work)
+        meta = {**(meta or {}), "session_id": run.session_id, "base_model": run.base_model}  # usage attribution
         return await self.futures.submit(owner=owner, kind=kind, work=work, model_id=run.id, seq_id=seq_id,
                                          meta=meta, touch_run=run.id)
 

@@ -169,7 +169,7 @@ class OpenAIServing:
                                 topk_sample_logprobs=top or 0)
         port = self.plane.sampler_port(base, field="model")
         record = await self.plane.submit(owner, "sample", lambda: port.sample(request),
-                                         meta={"prompt_tokens": len(prompt)})
+                                         meta={"prompt_tokens": len(prompt), "base_model": base})
         while not record.terminal:
             record = await self.plane.futures.wait(record.request_id, owner) or record
         if record.status != "done":

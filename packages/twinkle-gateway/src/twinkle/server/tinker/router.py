@@ -40,6 +40,7 @@ from .export import EXTERNAL, FILES_ROUTE, TinkerExport
 from .proto import parse_forward_backward, peek_header
 from .convert import input_from_json
 from .stability import StabilityRecords, TrainingData
+from .usage import TinkerUsage
 from .sampling import TinkerSampling
 from .serving import TinkerService
 from .settings import TinkerSettings
@@ -402,6 +403,16 @@ async def list_user_checkpoints(request: Request, limit: int | None = None, offs
     return await _svc(request).list_user_checkpoints(caller_id(request), limit, offset)
 
 
+@get("/billing/usage/events")
+async def billing_usage_events(request: Request, starting_on: str, ending_before: str) -> dict[str, Any]:
+    return await request.app.state.usage.events(request.user, starting_on, ending_before)
+
+
+@get("/billing/usage/checkpoints/current")
+async def billing_checkpoint_storage(request: Request, project_id: str | None = None) -> dict[str, Any]:
+    return await request.app.state.usage.storage(request.user)
+
+
 @post("/weights_info", status_code=200)
 async def weights_info(request: Request, data: P.WeightsInfoRequest) -> P.WeightsInfoResponse:
     return await _svc(request).weights_info(caller_id(request), data.tinker_path)
@@ -413,7 +424,6 @@ _UNSUPPORTED = {
     "copy_weights": "copying weights between projects (copy_weights)",
     "auth": "JWT and key management (auth/...)",
     "audit": "the audit log (admin)",
-    "billing": "billing and usage (admin)",
 }
 
 
@@ -441,7 +451,8 @@ ROUTES = [
     forward, optim_step, save_weights, save_weights_for_sampler, save_weights_external, external_weights_urls,
     external_weights_file, load_weights, create_sampling_session,
     get_sampler, asample, join_sampling_session, retrieve_futures, cancel_future, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
-    delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info, unsupported,
+    delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info, billing_usage_events,
+    billing_checkpoint_storage, unsupported,
 ]
 
 
@@ -543,7 +554,8 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
         lifespan=[plane.lifespan],
         state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service,
                      "sampling": sampling, "export": export, "path_prefix": path_prefix,
-                     "oai": OpenAIServing(plane), "metrics": metrics, "plane": plane}),
+                     "oai": OpenAIServing(plane), "metrics": metrics, "plane": plane,
+                     "usage": TinkerUsage(plane)}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=debug,

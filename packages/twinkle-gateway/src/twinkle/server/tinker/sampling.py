@@ -121,7 +121,8 @@ class TinkerSampling:
 
         ids = [f"seq-{secrets.token_hex(8)}" for _ in range(num_samples)]
         record = await self.plane.submit(owner, "sample", work, dedupe=dedupe,
-                                         meta={"sample_sequence_ids": ids, "prompt_tokens": len(prompt)})
+                                         meta={"sample_sequence_ids": ids, "prompt_tokens": len(prompt),
+                                               "session_id": session_id, "base_model": base_model})
         return P.UntypedFuture(request_id=record.request_id,
                                sample_sequence_ids=list((record.meta or {}).get("sample_sequence_ids") or ids))
 

@@ -111,6 +111,16 @@ CREATE TABLE IF NOT EXISTS sampled_sequences (
 );
 CREATE INDEX IF NOT EXISTS sampled_sequences_owner ON sampled_sequences(owner, last_used);
 CREATE INDEX IF NOT EXISTS sampled_sequences_used ON sampled_sequences(last_used);
+CREATE TABLE IF NOT EXISTS usage_hourly (
+    owner      TEXT NOT NULL,
+    hour       INTEGER NOT NULL,
+    session_id TEXT NOT NULL DEFAULT '',
+    base_model TEXT NOT NULL DEFAULT '',
+    kind       TEXT NOT NULL,
+    quantity   INTEGER NOT NULL,
+    PRIMARY KEY (owner, hour, session_id, base_model, kind)
+);
+CREATE INDEX IF NOT EXISTS usage_hourly_hour ON usage_hourly(hour);
 """
 
 # Columns added after a table's first release: (table, column, definition), added to older databases at open.

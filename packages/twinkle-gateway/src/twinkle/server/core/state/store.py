@@ -686,3 +686,25 @@ class Store:
     async def expire_sequences(self, used_before: float) -> int:
         return await self._call(lambda: self.conn.execute(
             "DELETE FROM sampled_sequences WHERE last_used < ?", (used_before,)).rowcount)
+
+    # --------------------------------------------------------------------------------- usage
+
+    def add_usage_background(self, owner: str, hour: int, session_id: str | None, base_model: str | None,
+                             kind: str, quantity: int) -> None:
+        """Add ``quantity`` to one hourly usage bucket (queued behind the store's other writes)."""
+        self.submit_background(lambda: self.conn.execute(
+            "INSERT INTO usage_hourly(owner, hour, session_id, base_model, kind, quantity) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(owner, hour, session_id, base_model, kind) DO UPDATE SET quantity = quantity + excluded.quantity",
+            (owner, hour, session_id or "", base_model or "", kind, quantity)))
+
+    async def usage_buckets(self, owner: str | None, start_hour: int, end_hour: int
+                            ) -> list[tuple[str, int, str, str, str, int]]:
+        """``(owner, hour, session_id, base_model, kind, quantity)`` with ``start_hour <= hour < end_hour``, of one
+        owner (None: every owner), oldest first."""
+        sql = ("SELECT owner, hour, session_id, base_model, kind, quantity FROM usage_hourly WHERE hour >= ? AND "
+               "hour < ?")
+        args: tuple = (start_hour, end_hour)
+        if owner is not None:
+            sql += " AND owner = ?"
+            args += (owner,)
+        return await self._call(lambda: self.conn.execute(sql + " ORDER BY hour, owner", args).fetchall())

@@ -1,0 +1,74 @@
+"""Usage on the routes the Tinker SDK's billing methods read (``RestClient`` / ``AdminClient``
+``get_billing_usage``, ``get_current_checkpoint_storage_usage``): the caller's own usage, every key's for an
+admin key. Hourly buckets come from ``core.usage.UsageLedger``; no prices (``estimated_cost_usd`` is null: a
+self-hosted server has no rate card); storage events are not reported (storage is current bytes, not
+gigabyte-hours; see ``checkpoints/current``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from twinkle.common.wire import UserError
+
+from ..auth import Principal
+from ..core import ControlPlane
+from ..core.usage import HOUR_S
+
+_MAX_WINDOW_S = 14 * 86400
+_GIB = 1024 ** 3
+
+
+def _hour(value: str, field: str) -> int:
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UserError(f"expected an ISO 8601 time, got {value!r}", field=field) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    seconds = t.timestamp()
+    if seconds % HOUR_S:
+        raise UserError("must be aligned to a UTC hour boundary", field=field)
+    return int(seconds)
+
+
+def _iso(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class TinkerUsage:
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    async def events(self, user: Principal, starting_on: str, ending_before: str) -> dict[str, Any]:
+        start, end = _hour(starting_on, "starting_on"), _hour(ending_before, "ending_before")
+        if not start < end <= start + _MAX_WINDOW_S:
+            raise UserError("the window must be non-empty and at most 14 days", field="ending_before")
+        if start > datetime.now(timezone.utc).timestamp():
+            raise UserError("must not be in the future", field="starting_on")
+        rows = await self.plane.store.usage_buckets(None if user.admin else user.id, start, end)
+        data, sessions = [], {}
+        for owner, hour, session_id, base_model, kind, quantity in rows:
+            info: dict[str, Any] = {"type": kind}
+            if kind == "checkpoint":
+                info["count"] = quantity
+            else:
+                info["token_count"] = quantity
+                if kind == "sampling_prefill":
+                    info["cached"] = False
+            data.append({"bucket_start": _iso(hour), "bucket_end": _iso(hour + HOUR_S), "base_model": base_model or None,
+                         "user_id": owner, "user_name": owner, "session_id": session_id or None, "event_info": info})
+            if session_id and session_id not in sessions:
+                s = await self.plane.store.get_session(session_id)
+                meta = s.user_metadata if s is not None else None
+                sessions[session_id] = {"user_metadata": {str(k): str(v) for k, v in meta.items()} if meta else None}
+        return {"data": data, "sessions": sessions, "cost_data_through": None}
+
+    async def storage(self, user: Principal) -> dict[str, Any]:
+        usage = await self.plane.store.usage([] if user.admin else [user.id])
+        rows = [(owner, u) for owner, u in usage.items() if user.admin or owner == user.id]
+        return {"effective_rate_usd_per_gigabyte_month": None, "data": [
+            {"org_user_urn": owner, "user_name": owner, "checkpoint_count": u["checkpoints"],
+             "size_bytes": u["checkpoint_bytes"], "size_gigabytes": u["checkpoint_bytes"] / _GIB}
+            for owner, u in sorted(rows)]}
