@@ -133,6 +133,23 @@ def test_the_sdks_billing_methods_report_each_keys_usage_and_all_of_it_to_an_adm
         storage = tinker.RestClient(base_url=server.base_url, api_key=users[0]).get_current_checkpoint_storage_usage()
         rows = storage.result().data
         assert len(rows) == 1 and rows[0].checkpoint_count == 1 and rows[0].size_bytes > 0
+        # the audit log: who created, read, published and deleted what, per key; everything for an admin
+        a = tinker.RestClient(base_url=server.base_url, api_key=users[0])
+        path = a.list_user_checkpoints().result().checkpoints[0].tinker_path
+        a.publish_checkpoint_from_tinker_path(path).result()
+        tinker.ServiceClient(base_url=server.base_url, api_key=users[1]).create_training_client_from_state(path).result()
+        a.delete_checkpoint_from_tinker_path(path).result()
+        events = [(e.event, e.event_details.get("actor"), e.tinker_path) for e in a.get_audit_log().result().entries]
+        alice, bob = (next(e.user_id for e in tinker.RestClient(base_url=server.base_url, api_key=k).get_billing_usage(
+            *window).result().data) for k in users)
+        assert [e for e in events if e[2] == path] == [
+            ("checkpoint_create", alice, path), ("checkpoint_publish", alice, path), ("checkpoint_read", bob, path),
+            ("checkpoint_delete", alice, path)]
+        assert events[0][0] == "training_run_create"
+        b_events = tinker.RestClient(base_url=server.base_url, api_key=users[1]).get_audit_log("checkpoints").result()
+        assert all(e.event_details["owner"] == bob for e in b_events.entries)  # only what is about its resources
+        assert {e.event_details["owner"] for e in
+                tinker.RestClient(base_url=server.base_url, api_key=admin).get_audit_log().result().entries} == {alice, bob}
         with pytest.raises(tinker.BadRequestError, match="hour"):
             tinker.RestClient(base_url=server.base_url, api_key=users[0]).get_billing_usage(
                 hour + timedelta(minutes=5), hour + timedelta(hours=1)).result()

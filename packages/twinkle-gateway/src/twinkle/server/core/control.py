@@ -306,7 +306,16 @@ class ControlPlane:
 
     async def record_run(self, run: RunRecord) -> RunRecord:
         await self.store.create_run(run)
+        self.audit(run.owner, "training_run_create", actor=run.owner, model_id=run.id, base_model=run.base_model)
         return run
+
+    def audit(self, owner: str, event: str, **details: Any) -> None:
+        """Record who did what to ``owner``'s resource (``details`` holds ``actor`` and what it was about)."""
+        self.store.add_audit_background(time.time(), owner, event, details)
+
+    def audit_checkpoint(self, c: CheckpointRecord, event: str, actor: str, **details: Any) -> None:
+        self.audit(c.owner, event, actor=actor, model_id=c.run_id, tinker_path=f"tinker://{c.run_id}/{c.kind}/{c.name}",
+                   **details)
 
     async def list_runs(self, owner: str, limit: int, offset: int
                         ) -> tuple[Page, dict[tuple[str, str], CheckpointRecord]]:
@@ -325,7 +334,7 @@ class ControlPlane:
                 await port.delete_run(run.id, owner)
         if checkpoints:
             for c in await self.store.list_checkpoints(run.id):
-                await self.delete_checkpoint(c)
+                await self.delete_checkpoint(c, actor=owner)
         await self.store.delete_run(run.id)
 
     async def usage(self) -> dict[str, dict[str, int]]:
@@ -474,6 +483,7 @@ class ControlPlane:
                                   created=time.time(), size_bytes=size, expires_at=expires,
                                   user_metadata=user_metadata, base_model=run.base_model, lora=run.lora)
         await self.store.put_checkpoint(record)
+        self.audit_checkpoint(record, "checkpoint_create", owner)
         return record
 
     async def visible_checkpoint(self, owner: str, ref: CheckpointRef, *, field: str,
@@ -516,12 +526,18 @@ class ControlPlane:
     async def user_checkpoints(self, owner: str, limit: int, offset: int) -> Page:
         return await self.store.list_user_checkpoints(owner, limit, offset)
 
-    async def delete_checkpoint(self, c: CheckpointRecord) -> None:
+    async def delete_checkpoint(self, c: CheckpointRecord, *, actor: str | None = None) -> None:
+        """Delete a checkpoint: by its owner, or (``actor`` None) by the server when it expired."""
         await self.store.delete_checkpoint(c.run_id, c.kind, c.name)
         await asyncio.to_thread(self.layout.remove, c.path)
+        self.audit_checkpoint(c, "checkpoint_delete", actor or "server", reason="deleted" if actor else "expired")
 
     async def update_checkpoint(self, c: CheckpointRecord, **changes: Any) -> None:
         await self.store.update_checkpoint(c.run_id, c.kind, c.name, **changes)
+        if "public" in changes:
+            self.audit_checkpoint(c, "checkpoint_publish" if changes["public"] else "checkpoint_unpublish", c.owner)
+        if "expires_at" in changes:
+            self.audit_checkpoint(c, "checkpoint_ttl_set", c.owner, expires_at=changes["expires_at"])
 
     # =============================================================================== sampling sessions
 

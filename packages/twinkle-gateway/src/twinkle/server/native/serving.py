@@ -250,7 +250,7 @@ class NativeService:
         validate_name(name, field="name")
         c = await self.plane.own_checkpoint(owner, run_id, kind, name, field="uri",
                                             uri=f"{SCHEME}{run_id}/{kind}/{name}")
-        await self.plane.delete_checkpoint(c)
+        await self.plane.delete_checkpoint(c, actor=owner)
 
     # =============================================================================== futures
 

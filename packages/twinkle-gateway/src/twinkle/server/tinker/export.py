@@ -66,6 +66,7 @@ class TinkerExport:
         """One signed URL per file of the caller's external weights checkpoint, valid for ``download_url_ttl_s``."""
         c = await self.plane.own_checkpoint(owner, run_id, EXTERNAL, name, field="checkpoint_id",
                                             uri=CheckpointRef(run_id=run_id, kind=EXTERNAL, name=name).uri)
+        self.plane.audit_checkpoint(c, "checkpoint_read", owner, purpose="download")
         expires = int(time.time() + self.settings.download_url_ttl_s)
         secret = await self._key()
         urls = {}

@@ -408,6 +408,11 @@ async def billing_usage_events(request: Request, starting_on: str, ending_before
     return await request.app.state.usage.events(request.user, starting_on, ending_before)
 
 
+@get("/audit")
+async def audit_log(request: Request, event_type: str = "all", day: str | None = None) -> dict[str, Any]:
+    return await request.app.state.usage.audit(request.user, event_type, day)
+
+
 @get("/billing/usage/checkpoints/current")
 async def billing_checkpoint_storage(request: Request, project_id: str | None = None) -> dict[str, Any]:
     return await request.app.state.usage.storage(request.user)
@@ -423,7 +428,6 @@ _UNSUPPORTED = {
     "create_custom_loss": "server-side custom losses (create_custom_loss)",
     "copy_weights": "copying weights between projects (copy_weights)",
     "auth": "JWT and key management (auth/...)",
-    "audit": "the audit log (admin)",
 }
 
 
@@ -452,7 +456,7 @@ ROUTES = [
     external_weights_file, load_weights, create_sampling_session,
     get_sampler, asample, join_sampling_session, retrieve_futures, cancel_future, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
     delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info, billing_usage_events,
-    billing_checkpoint_storage, unsupported,
+    billing_checkpoint_storage, audit_log, unsupported,
 ]
 
 

@@ -42,6 +42,8 @@ class TinkerSampling:
         if req.sampling_session_seq_id < 0:
             raise UserError("must be >= 0", field="sampling_session_seq_id")
         base_model, ckpt = await self._sampling_target(owner, req.base_model, req.model_path)
+        if ckpt is not None:
+            self.plane.audit_checkpoint(ckpt, "checkpoint_read", owner, purpose="sample")
         sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
         model_path = req.model_path if ckpt is not None else None
         record = SamplerRecord(id=sampler_id, owner=owner, session_id=req.session_id, base_model=base_model,

@@ -279,6 +279,7 @@ class TinkerService:
                            ) -> tuple[CheckpointRef, CheckpointRecord, str, bool]:
         ref = parse_uri(req.path, field="path", kinds=("weights",))
         ckpt = await self.plane.visible_checkpoint(owner, ref, field="path")
+        self.plane.audit_checkpoint(ckpt, "checkpoint_read", owner, purpose="load")
         include_optimizer = bool(req.optimizer)
         if req.optimizer_config is not None:
             if include_optimizer:
@@ -355,7 +356,7 @@ class TinkerService:
                                                uri=f"tinker://{run_id}/{checkpoint_id}")
 
     async def delete_checkpoint(self, owner: str, run_id: str, checkpoint_id: str) -> None:
-        await self.plane.delete_checkpoint(await self._own_checkpoint(owner, run_id, checkpoint_id))
+        await self.plane.delete_checkpoint(await self._own_checkpoint(owner, run_id, checkpoint_id), actor=owner)
 
     async def set_published(self, owner: str, run_id: str, checkpoint_id: str, public: bool) -> None:
         await self.plane.update_checkpoint(await self._own_checkpoint(owner, run_id, checkpoint_id), public=public)

@@ -1,4 +1,4 @@
-"""Usage on the routes the Tinker SDK's billing methods read (``RestClient`` / ``AdminClient``
+"""Usage and the audit log on the routes the Tinker SDK's billing and audit methods read (``RestClient`` / ``AdminClient``
 ``get_billing_usage``, ``get_current_checkpoint_storage_usage``): the caller's own usage, every key's for an
 admin key. Hourly buckets come from ``core.usage.UsageLedger``; no prices (``estimated_cost_usd`` is null: a
 self-hosted server has no rate card); storage events are not reported (storage is current bytes, not
@@ -7,7 +7,7 @@ gigabyte-hours; see ``checkpoints/current``).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from twinkle.common.wire import UserError
@@ -72,3 +72,25 @@ class TinkerUsage:
             {"org_user_urn": owner, "user_name": owner, "checkpoint_count": u["checkpoints"],
              "size_bytes": u["checkpoint_bytes"], "size_gigabytes": u["checkpoint_bytes"] / _GIB}
             for owner, u in sorted(rows)]}
+
+    async def audit(self, user: Principal, event_type: str, day: str | None) -> dict[str, Any]:
+        """The day's audit entries (UTC; default today) about the caller's resources, or everyone's for an admin
+        key. ``event_type``: ``all`` or ``checkpoints`` (this server has no projects, teams or organizations)."""
+        prefixes = {"all": "", "checkpoints": "checkpoint_", "projects": "project_", "teams": "team_",
+                    "organizations": "organization_"}
+        if event_type not in prefixes:
+            raise UserError(f"unknown event_type {event_type!r}; one of {', '.join(prefixes)}", field="event_type")
+        try:
+            start_day = date.fromisoformat(day) if day else datetime.now(timezone.utc).date()
+        except ValueError:
+            raise UserError(f"expected a date like 2026-12-03, got {day!r}", field="day") from None
+        start = datetime(start_day.year, start_day.month, start_day.day, tzinfo=timezone.utc).timestamp()
+        rows = await self.plane.store.audit_entries(None if user.admin else user.id, prefixes[event_type], start,
+                                                    start + 86400, self.plane.settings.limits.max_page_size)
+        return {"entries": [{"timestamp": _iso_precise(t), "event": event, "event_details": {"owner": owner, **details},
+                             "model_id": details.get("model_id"), "tinker_path": details.get("tinker_path"),
+                             "purpose": details.get("purpose")} for t, owner, event, details in rows]}
+
+
+def _iso_precise(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")

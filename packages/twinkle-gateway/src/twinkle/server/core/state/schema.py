@@ -121,6 +121,14 @@ CREATE TABLE IF NOT EXISTS usage_hourly (
     PRIMARY KEY (owner, hour, session_id, base_model, kind)
 );
 CREATE INDEX IF NOT EXISTS usage_hourly_hour ON usage_hourly(hour);
+CREATE TABLE IF NOT EXISTS audit_log (
+    time    REAL NOT NULL,
+    owner   TEXT NOT NULL,
+    event   TEXT NOT NULL,
+    details TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_owner ON audit_log(owner, time);
+CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log(time);
 """
 
 # Columns added after a table's first release: (table, column, definition), added to older databases at open.

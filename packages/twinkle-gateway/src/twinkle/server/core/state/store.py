@@ -708,3 +708,22 @@ class Store:
             sql += " AND owner = ?"
             args += (owner,)
         return await self._call(lambda: self.conn.execute(sql + " ORDER BY hour, owner", args).fetchall())
+
+    # --------------------------------------------------------------------------------- audit log
+
+    def add_audit_background(self, now: float, owner: str, event: str, details: dict[str, Any]) -> None:
+        """One audit entry: ``owner`` is the key whose resource it is about (the actor is in ``details``)."""
+        self.submit_background(lambda: self.conn.execute(
+            "INSERT INTO audit_log(time, owner, event, details) VALUES (?,?,?,?)", (now, owner, event, _dumps(details))))
+
+    async def audit_entries(self, owner: str | None, prefix: str, start: float, end: float, limit: int
+                            ) -> list[tuple[float, str, str, dict[str, Any]]]:
+        """``(time, owner, event, details)`` in ``[start, end)`` whose event starts with ``prefix``, of one owner
+        (None: all), oldest first."""
+        sql = "SELECT time, owner, event, details FROM audit_log WHERE time >= ? AND time < ? AND event LIKE ?"
+        args: tuple = (start, end, prefix.replace("%", "") + "%")
+        if owner is not None:
+            sql += " AND owner = ?"
+            args += (owner,)
+        return await self._call(lambda: [(t, o, e, _loads(d)) for t, o, e, d in self.conn.execute(
+            sql + " ORDER BY time LIMIT ?", (*args, limit)).fetchall()])
