@@ -153,3 +153,28 @@ def test_the_sdks_billing_methods_report_each_keys_usage_and_all_of_it_to_an_adm
         with pytest.raises(tinker.BadRequestError, match="hour"):
             tinker.RestClient(base_url=server.base_url, api_key=users[0]).get_billing_usage(
                 hour + timedelta(minutes=5), hour + timedelta(hours=1)).result()
+
+
+def test_a_runs_history_has_one_row_per_step(server):
+    """Loss summed over the passes since the previous step, their tokens, learning rate, gradient norm."""
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=KEYS[0])
+    tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4).result()
+    datum = types.Datum(model_input=types.ModelInput.from_ints(list(range(1, 9))),
+                        loss_fn_inputs={"target_tokens": list(range(2, 10))})
+    losses = []
+    for step in range(3):
+        passes = [tc.forward_backward([datum], "cross_entropy").result() for _ in range(step + 1)]
+        losses.append(sum(p.metrics["loss:sum"] for p in passes))
+        tc.optim_step(types.AdamParams(learning_rate=1e-3 * (step + 1))).result()
+    run_id = tc.model_id
+    url = f"{server.base_url}/api/v1/training_runs/{run_id}/history"
+    rows = httpx.get(url, headers={"X-API-Key": KEYS[0]}, timeout=30).json()["steps"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["tokens"] for r in rows] == [8, 16, 24]
+    assert [r["learning_rate"] for r in rows] == pytest.approx([1e-3, 2e-3, 3e-3])
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-6)
+    assert all(r["grad_norm"] > 0 and r["time"] > 0 for r in rows)
+    later = httpx.get(url, params={"after_step": 2}, headers={"X-API-Key": KEYS[0]}, timeout=30).json()["steps"]
+    assert [r["step"] for r in later] == [3]
+    assert httpx.get(url, headers={"X-API-Key": KEYS[1]}, timeout=30).status_code == 404  # another key's run
+    sc.close("success").result()

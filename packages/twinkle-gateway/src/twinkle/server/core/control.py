@@ -45,7 +45,7 @@ from .futures import Busy, Futures, Work
 from .ports import ModelPort, SamplerPort
 from .settings import CentralSettings
 from .state import CheckpointRecord, FutureRecord, Page, RunRecord, SamplerRecord, SessionRecord, Store
-from .usage import UsageLedger
+from .usage import RunHistory, UsageLedger
 
 log = logging.getLogger("twinkle.server")
 
@@ -109,9 +109,9 @@ class ControlPlane:
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._started = asyncio.Event()
-        self.usage_ledger = UsageLedger(lambda: self.store)
-        # told of every request's outcome: usage accounting, metrics
-        self.observers: list[Callable[[Any, Any], None]] = [self.usage_ledger.finished]
+        # told of every request's outcome: usage accounting, run histories, metrics
+        self.observers: list[Callable[[Any, Any], None]] = [UsageLedger(lambda: self.store).finished,
+                                                             RunHistory(lambda: self.store).finished]
 
     # =============================================================================== lifecycle
 
@@ -322,6 +322,14 @@ class ControlPlane:
         """A page of the caller's runs and the newest checkpoint of each kind of each."""
         page = await self.store.list_runs(owner, limit, offset)
         return page, await self.store.latest_checkpoints([r.id for r in page.items])
+
+    async def run_history(self, owner: str, run_id: str, after_step: int, limit: int | None) -> list[dict[str, Any]]:
+        """The caller's run's steps after ``after_step`` (``core.usage.RunHistory``), at most a page."""
+        run = await self.run(owner, run_id, field="training_run_id")
+        limit, _ = self.page(limit, 0, default=self.settings.limits.max_page_size)
+        rows = await self.store.run_steps(run.id, after_step, limit)
+        keys = ("step", "time", "loss", "tokens", "learning_rate", "grad_norm")
+        return [dict(zip(keys, row)) for row in rows]
 
     async def latest_checkpoints(self, run_id: str) -> dict[tuple[str, str], CheckpointRecord]:
         return await self.store.latest_checkpoints([run_id])

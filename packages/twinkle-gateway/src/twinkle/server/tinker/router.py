@@ -355,6 +355,13 @@ async def get_training_run(request: Request, run_id: str, access_scope: str | No
     return await _svc(request).get_training_run(caller_id(request), run_id)
 
 
+@get("/training_runs/{run_id:str}/history")
+async def training_run_history(request: Request, run_id: str, after_step: int = 0, limit: int | None = None
+                               ) -> dict[str, Any]:
+    """An extension (no SDK method): one row per optimizer step — loss, tokens, learning rate, gradient norm."""
+    return {"steps": await _svc(request).plane.run_history(caller_id(request), run_id, after_step, limit)}
+
+
 @get("/training_runs/{run_id:str}/checkpoints")
 async def list_checkpoints(request: Request, run_id: str) -> P.CheckpointsListResponse:
     return await _svc(request).list_checkpoints(caller_id(request), run_id)
@@ -454,7 +461,8 @@ ROUTES = [
     get_server_capabilities, api_key_me, list_sessions, get_session, create_model, get_info, unload_model, forward_backward,
     forward, optim_step, save_weights, save_weights_for_sampler, save_weights_external, external_weights_urls,
     external_weights_file, load_weights, create_sampling_session,
-    get_sampler, asample, join_sampling_session, retrieve_futures, cancel_future, retrieve_future, list_training_runs, get_training_run, list_checkpoints,
+    get_sampler, asample, join_sampling_session, retrieve_futures, cancel_future, retrieve_future, list_training_runs,
+    get_training_run, training_run_history, list_checkpoints,
     delete_checkpoint, checkpoint_action, checkpoint_ttl, list_user_checkpoints, weights_info, billing_usage_events,
     billing_checkpoint_storage, audit_log, unsupported,
 ]

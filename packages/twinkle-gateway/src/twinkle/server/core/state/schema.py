@@ -129,6 +129,16 @@ CREATE TABLE IF NOT EXISTS audit_log (
 );
 CREATE INDEX IF NOT EXISTS audit_log_owner ON audit_log(owner, time);
 CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log(time);
+CREATE TABLE IF NOT EXISTS run_steps (
+    run_id        TEXT NOT NULL,
+    step          INTEGER NOT NULL,
+    time          REAL NOT NULL,
+    loss          REAL,
+    tokens        INTEGER NOT NULL,
+    learning_rate REAL,
+    grad_norm     REAL,
+    PRIMARY KEY (run_id, step)
+);
 """
 
 # Columns added after a table's first release: (table, column, definition), added to older databases at open.

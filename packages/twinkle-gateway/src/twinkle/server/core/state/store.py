@@ -305,7 +305,11 @@ class Store:
         return await self._call(go)
 
     async def delete_run(self, run_id: str) -> None:
-        await self._call(lambda: self.conn.execute("DELETE FROM runs WHERE id=?", (run_id,)))
+        def go(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM runs WHERE id=?", (run_id,))
+            conn.execute("DELETE FROM run_steps WHERE run_id=?", (run_id,))
+
+        await self._call(self._tx, go)
 
     # --------------------------------------------------------------------------------- checkpoints
 
@@ -727,3 +731,17 @@ class Store:
             args += (owner,)
         return await self._call(lambda: [(t, o, e, _loads(d)) for t, o, e, d in self.conn.execute(
             sql + " ORDER BY time LIMIT ?", (*args, limit)).fetchall()])
+
+    # --------------------------------------------------------------------------------- run history
+
+    def add_step_background(self, run_id: str, step: int, now: float, loss: float | None, tokens: int,
+                            learning_rate: float | None, grad_norm: float | None) -> None:
+        self.submit_background(lambda: self.conn.execute(
+            "INSERT OR REPLACE INTO run_steps(run_id, step, time, loss, tokens, learning_rate, grad_norm) "
+            "VALUES (?,?,?,?,?,?,?)", (run_id, step, now, loss, tokens, learning_rate, grad_norm)))
+
+    async def run_steps(self, run_id: str, after_step: int, limit: int) -> list[tuple]:
+        """``(step, time, loss, tokens, learning_rate, grad_norm)`` of a run's steps after ``after_step``."""
+        return await self._call(lambda: self.conn.execute(
+            "SELECT step, time, loss, tokens, learning_rate, grad_norm FROM run_steps WHERE run_id=? AND step > ? "
+            "ORDER BY step LIMIT ?", (run_id, after_step, limit)).fetchall())
