@@ -178,3 +178,20 @@ def test_a_runs_history_has_one_row_per_step(server):
     assert [r["step"] for r in later] == [3]
     assert httpx.get(url, headers={"X-API-Key": KEYS[1]}, timeout=30).status_code == 404  # another key's run
     sc.close("success").result()
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_server_exposes():
+    import json
+    import re
+    from pathlib import Path
+
+    from twinkle.server.core.metrics import Metrics
+
+    dashboard = Path(__file__).resolve().parents[3] / "deploy" / "grafana" / "twinkle-dashboard.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b(twinkle_[a-z_]+)", e)}
+    metrics = Metrics("test")
+    metrics.request_seconds.labels("sample", "done").observe(0.1)  # histogram series exist once observed
+    exposed = {s.name for family in metrics.registry.collect() for s in family.samples} | {
+        f.name for f in metrics.registry.collect()} | {f.name + "_total" for f in metrics.registry.collect()}
+    assert used and used <= exposed, used - exposed
