@@ -7,6 +7,7 @@ what the plan promises: each worker process runs with the ``CUDA_VISIBLE_DEVICES
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -103,6 +104,18 @@ def test_workers_get_their_planned_gpus(tmp_path):
                 losses.append(run.forward_backward(data).metrics["loss:sum"])
                 run.optim_step(learning_rate=1e-2)
             assert losses[-1] < losses[0]
+
+        # Operators see the live cluster from the command line: applications, replicas, queues, adapters.
+        status = subprocess.run([sys.executable, "-m", "twinkle.server", "status", "--address", head.address,
+                                 "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        apps = {a["name"]: a for a in json.loads(status.stdout)["applications"]}
+        assert all(a["status"] == "RUNNING" and a["replicas"] == {"RUNNING": 1} for a in apps.values()), apps
+        model = next(a for a in apps.values() if (a.get("info") or {}).get("kind") == "model")
+        assert model["health"]["runs"] == 1 and model["health"]["workers_alive"] == 2
+        table = subprocess.run([sys.executable, "-m", "twinkle.server", "status", "--address", head.address],
+                               env=env, capture_output=True, text=True, timeout=120).stdout
+        assert "APPLICATION" in table and "1/1 resident" in table, table
 
         stop = subprocess.run([sys.executable, "-m", "twinkle.server", "stop", "--address", head.address],
                               env=env, capture_output=True, text=True, timeout=120)

@@ -5,6 +5,7 @@
     twinkle-server print-config server.yaml [--format yaml|json] [-t tinker]
     twinkle-server plan server.yaml [--topology cluster.yaml]     # placement table; live cluster if no file
     twinkle-server stop                                             # shut down Serve apps on the running cluster
+    twinkle-server status [--format text|json]                      # applications, replicas, queues, adapters
 
 Exit codes: 0 ok, 2 invalid config or placement, 1 anything else.
 """
@@ -22,7 +23,7 @@ from twinkle.common.topology import TopologyError
 from .auth import AuthConfigError
 from .launcher import LaunchError
 
-_SUBCOMMANDS = ("launch", "check-config", "print-config", "plan", "stop")
+_SUBCOMMANDS = ("launch", "check-config", "print-config", "plan", "stop", "status")
 
 
 def _launch_parser(prog: str) -> argparse.ArgumentParser:
@@ -73,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--address", default="auto")
             args = p.parse_args(argv)
             return _stop(args.address)
+        if command == "status":
+            p.add_argument("--address", default="auto")
+            p.add_argument("--format", choices=["text", "json"], default="text")
+            args = p.parse_args(argv)
+            from .status import cluster_status, format_status
+
+            report = cluster_status(args.address)
+            print(json.dumps(report, indent=2) if args.format == "json" else format_status(report))
+            return 0 if report["applications"] else 1
         _config_arg(p)
         if command == "print-config":
             p.add_argument("--format", choices=["yaml", "json"], default="yaml")
