@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any
+from typing import Any, AsyncIterator
 
 import msgspec
 from litestar import Litestar
@@ -18,6 +18,7 @@ from ray import serve
 from twinkle.common.binding import bind_component, start_workers, with_workers_alive
 from twinkle.common.component import ComponentSpec
 from twinkle.common.wire import SampleOutput, SampleRequest, ServiceHealth, ServiceInfo
+from twinkle.common.workers import InProcessWorker
 
 from .app import create_sampler_app
 
@@ -49,6 +50,21 @@ class SamplerManagement:
         self._inflight[i] += 1
         try:
             return await self.workers[i].call("sample", req)
+        finally:
+            self._inflight[i] -= 1
+
+    async def sample_stream(self, req: SampleRequest) -> AsyncIterator[Any]:
+        """``SamplerService.sample_stream`` of a worker in this replica (tokens as they are sampled); a worker in
+        another process answers once, with its whole output."""
+        i = self._pick()
+        self._inflight[i] += 1
+        try:
+            worker = self.workers[i]
+            if isinstance(worker, InProcessWorker):
+                async for item in worker.target.sample_stream(req):
+                    yield item
+            else:
+                yield await worker.call("sample", req)
         finally:
             self._inflight[i] -= 1
 

@@ -25,7 +25,7 @@ Contract every engine keeps:
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twinkle.common.models import served_model_name
 from twinkle.common.wire import SampleOutput, SampleRequest, ServiceInfo
@@ -34,6 +34,9 @@ from .adapters import AdapterCache
 from .params import DEFAULT_MAX_NUM_SAMPLES, Limits, ResolvedRequest, resolve_request
 
 SAMPLER_TYPES = ("torch", "vllm")
+
+# (request index, sample index, token, raw logprob): one sampled token, as soon as it is known
+TokenSink = Callable[[int, int, int, float], None]
 
 
 class SamplerEngine(abc.ABC):
@@ -59,8 +62,11 @@ class SamplerEngine(abc.ABC):
         return resolve_request(request, self.limits)
 
     @abc.abstractmethod
-    async def generate(self, requests: Sequence[SampleRequest]) -> list[SampleOutput]:
-        """Sample every request; one output per request, in order. Raises the first request's error."""
+    async def generate(self, requests: Sequence[SampleRequest], tokens: TokenSink | None = None
+                       ) -> list[SampleOutput]:
+        """Sample every request; one output per request, in order. Raises the first request's error.
+        ``tokens(request_index, sample_index, token, logprob)`` is called on the caller's event loop as each token
+        is sampled, where the engine can (the torch engine does; others report nothing before the end)."""
 
     def stats(self) -> dict[str, Any]:
         return {"adapters": dict(self.adapters.stats)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import msgspec
 
@@ -40,11 +40,12 @@ class SamplerService:
         self._in_flight = 0
         self._tokenizer_id: str | None = None
 
-    async def sample(self, req: SampleRequest) -> SampleOutput:
+    async def sample(self, req: SampleRequest, tokens: Any = None) -> SampleOutput:
+        """``tokens(request index, sample index, token, logprob)``: told of each token as it is sampled."""
         self.engine.resolve(req)  # validate here, so a bad request never reaches the engine's queue
         self._in_flight += 1
         try:
-            (out,) = await self.engine.generate([req])
+            (out,) = await self.engine.generate([req], tokens=tokens)
         except asyncio.CancelledError:  # the caller went away (cancel_future): not a failure of the sampler
             raise
         except BaseException:
@@ -54,6 +55,23 @@ class SamplerService:
             self._in_flight -= 1
         self._served += 1
         return out
+
+    async def sample_stream(self, req: SampleRequest) -> AsyncIterator[tuple[int, int, float] | SampleOutput]:
+        """``sample``, telling each token as it is sampled: ``(sample index, token, logprob)`` tuples, then the
+        ``SampleOutput``. Closing the iterator early cancels the request (its rows leave the batch)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self.sample(req, tokens=lambda _i, s, t, lp: queue.put_nowait((s, t, lp))))
+        task.add_done_callback(lambda _t: queue.put_nowait(None))
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+            yield await task
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def health(self) -> ServiceHealth:
         return ServiceHealth(

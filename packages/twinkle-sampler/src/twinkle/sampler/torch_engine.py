@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import logging
 import random
@@ -45,7 +46,7 @@ from twinkle.common.models import resolve_model_path
 from twinkle.common.wire import SampledSequence, SampleOutput, SampleRequest, ServiceInfo, TopK
 
 from .adapters import AdapterCache, adapter_files
-from .engine import SamplerEngine
+from .engine import SamplerEngine, TokenSink
 from .lora import MultiLoRA
 from .params import DEFAULT_MAX_NUM_SAMPLES, ResolvedRequest, StopStrings
 
@@ -69,6 +70,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    sink: Any = None  # (sample index, token, logprob) -> None, called on ``loop`` as tokens are sampled
 
 
 def _deliver(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -155,7 +157,8 @@ class TorchEngine(SamplerEngine):
 
     # -- public ------------------------------------------------------------------------------------------
 
-    async def generate(self, requests: Sequence[SampleRequest]) -> list[SampleOutput]:
+    async def generate(self, requests: Sequence[SampleRequest], tokens: TokenSink | None = None
+                       ) -> list[SampleOutput]:
         resolved = [self.resolve(r) for r in requests]  # every request is valid before any is queued
         keys = []
         for r in resolved:
@@ -164,7 +167,9 @@ class TorchEngine(SamplerEngine):
         if self._closed:
             raise RuntimeError("the sampler engine is closed")
         loop = asyncio.get_running_loop()
-        jobs = [_Job(r, k, loop, loop.create_future()) for r, k in zip(resolved, keys)]
+        jobs = [_Job(r, k, loop, loop.create_future(),
+                     sink=None if tokens is None else functools.partial(tokens, i))
+                for i, (r, k) in enumerate(zip(resolved, keys))]
         with self._cv:
             self._pending.extend(jobs)
             self._cv.notify_all()
@@ -405,6 +410,9 @@ class TorchEngine(SamplerEngine):
                 t = tok_l[b]
                 tokens[r].append(t)
                 lps[r].append(lp_l[b])
+                job = jobs[row_job[r]]
+                if job.sink is not None and not job.future.done():
+                    job.loop.call_soon_threadsafe(job.sink, sample_idx[r], t, lp_l[b])
                 if topks[r] is not None:
                     vals, idx = raw[b].topk(rreq[r].topk_sample)
                     topks[r].ids.append(idx.tolist())

@@ -267,7 +267,8 @@ class VLLMEngine(SamplerEngine):
 
     # -- sampling ---------------------------------------------------------------------------------------
 
-    async def generate(self, requests: Sequence[SampleRequest]) -> list[SampleOutput]:
+    async def generate(self, requests: Sequence[SampleRequest], tokens: Any = None) -> list[SampleOutput]:
+        # ``tokens`` is not called: outputs are read when a request finishes (see the class docstring)
         resolved = [refuse_unsupported(self.resolve(r)) for r in requests]
         for r in resolved:
             if r.adapter_path:

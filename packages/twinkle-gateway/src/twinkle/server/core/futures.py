@@ -376,6 +376,9 @@ class Futures:
     def running(self) -> int:
         return len(self._running)
 
+    def is_running(self, request_id: str) -> bool:
+        return request_id in self._running
+
     async def close(self) -> None:
         """Cancel running work; each cancelled request is recorded as failed (``server``)."""
         self._closing = True

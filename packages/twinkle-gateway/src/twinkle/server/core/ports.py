@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import abc
 
+import contextlib
 import inspect
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from twinkle.common.wire import (
     AdamParams,
@@ -32,6 +33,7 @@ from twinkle.common.wire import (
     SampleOutput,
     SampleRequest,
     remote_call,
+    remote_error,
 )
 
 
@@ -99,6 +101,14 @@ class SamplerPort(_Forwarding):
     async def sample(self, req: SampleRequest) -> SampleOutput:
         return await self._call("sample", req)
 
+    def sample_stream(self, req: SampleRequest) -> AsyncIterator[Any]:
+        """``(sample index, token, logprob)`` as tokens are sampled (where the service can tell them), then the
+        ``SampleOutput``; closing it early cancels the request."""
+        return self._stream("sample_stream", req)
+
+    def _stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
+        raise NotImplementedError
+
 
 class _Port(ModelPort, SamplerPort):
     """A port to either kind of service: the peer decides which methods it answers."""
@@ -115,6 +125,14 @@ class LocalPort(_Port):
         if inspect.isawaitable(out):
             out = await out
         return out
+
+    async def _stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
+        method = getattr(self.service, name, None)
+        if method is None:  # a service that cannot tell tokens early: its whole answer, once
+            yield await self._call(name.removesuffix("_stream"), *args)
+            return
+        async for item in method(*args):
+            yield item
 
     def __repr__(self) -> str:
         return f"LocalPort({type(self.service).__name__})"
@@ -140,6 +158,22 @@ class HandlePort(_Port):
 
     async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return await remote_call(getattr(self.handle, name).remote(*args, **kwargs))
+
+    async def _stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
+        """A streaming handle call (the deployment's method is an async generator); closing this cancels it."""
+        responses = getattr(self.handle.options(stream=True), name).remote(*args)
+        try:
+            while True:
+                try:
+                    item = await responses.__anext__()
+                except StopAsyncIteration:
+                    return
+                except Exception as e:  # noqa: BLE001 - the remote side's own exception, as remote_call gives it
+                    raise remote_error(e) from None
+                yield item
+        finally:
+            with contextlib.suppress(Exception):  # done already, or the replica is gone
+                responses.cancel()
 
 
 def _is_handle(obj: Any) -> bool:

@@ -11,8 +11,10 @@ Semantics: ``temperature`` default 1 (0 = greedy), ``top_p`` default 1, ``top_k`
 ``max_tokens`` default 16 for completions and 256 for chats (capped by the context window), ``stop`` strings
 end a choice *before* the stop string (OpenAI's rule; the engine reports the token that completed it),
 ``seed`` makes sampling repeatable, ``logprobs`` are the raw model distribution's (as Tinker's). Streaming
-sends one chunk per token and a final one (``stream_options.include_usage`` adds the usage chunk); the
-engines return whole sequences, so a stream starts once its completion is sampled.
+ends with a chunk per choice carrying its ``finish_reason`` (``stream_options.include_usage`` adds the usage
+chunk); the torch engine tells tokens as it samples them, so a stream without logprobs sends each choice's text as it grows
+(holding back what could still begin a stop string); with logprobs, or on an engine that answers only at the
+end (vLLM, or sampler workers in other processes), the chunks come once the completion is sampled.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from twinkle.common.wire import NotFoundError, SampleOutput, SampleRequest, Samp
 from twinkle.processor.encoding import render_chat, validate_messages
 
 from ..core import ControlPlane, result_value
+from ..core.state import FutureRecord
 from ..core.checkpoints import SCHEMES, parse_uri
 from . import protocol as P
 
@@ -72,6 +75,9 @@ class OpenAIServing:
             prompt = await asyncio.to_thread(tokenizer.encode, req.prompt)
         else:
             prompt = list(req.prompt)
+        if req.stream and req.logprobs is None:
+            started = await self._start_live(owner, req, base, adapter, prompt, req.max_tokens)
+            return self._live(owner, req, tokenizer, prompt, started, chat=False)
         out = await self._sample(owner, req, base, adapter, prompt, req.max_tokens,
                                  req.logprobs if req.logprobs is not None else None)
         rendered = [_render(tokenizer, seq, _stops(req.stop)) for seq in out.sequences]
@@ -98,8 +104,11 @@ class OpenAIServing:
         _, prompt = await asyncio.to_thread(render_chat, tokenizer, messages, True)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
-        out = await self._sample(owner, req, base, adapter, list(prompt),
-                                 _CHAT_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, top)
+        max_tokens = _CHAT_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if req.stream and not req.logprobs:
+            started = await self._start_live(owner, req, base, adapter, list(prompt), max_tokens)
+            return self._live(owner, req, tokenizer, list(prompt), started, chat=True)
+        out = await self._sample(owner, req, base, adapter, list(prompt), max_tokens, top)
         rendered = [_render(tokenizer, seq, _stops(req.stop)) for seq in out.sequences]
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         usage = _usage(prompt, out)
@@ -151,6 +160,14 @@ class OpenAIServing:
     async def _sample(self, owner: str, req: P.CompletionRequest | P.ChatCompletionRequest, base: str,
                       adapter: str | None, prompt: list[int], max_tokens: int | None, top: int | None
                       ) -> SampleOutput:
+        record = await self._submit(owner, req, base, adapter, prompt, max_tokens, top, None)
+        return await self._outcome(owner, record)
+
+    async def _submit(self, owner: str, req: P.CompletionRequest | P.ChatCompletionRequest, base: str,
+                      adapter: str | None, prompt: list[int], max_tokens: int | None, top: int | None,
+                      live: asyncio.Queue | None) -> FutureRecord:
+        """Submit the sample as a future (admission, accounting); with ``live``, its tokens are put there as the
+        sampler tells them, then None."""
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise UserError("is not supported (only 0)", field=name)
@@ -168,8 +185,26 @@ class OpenAIServing:
         request = SampleRequest(prompt=prompt, sampling_params=params, num_samples=req.n, adapter_path=adapter,
                                 topk_sample_logprobs=top or 0)
         port = self.plane.sampler_port(base, field="model")
-        record = await self.plane.submit(owner, "sample", lambda: port.sample(request),
-                                         meta={"prompt_tokens": len(prompt), "base_model": base})
+
+        async def telling() -> SampleOutput:
+            assert live is not None
+            out = None
+            try:
+                async for item in port.sample_stream(request):
+                    if isinstance(item, tuple):
+                        live.put_nowait(item)
+                    else:
+                        out = item
+            finally:
+                live.put_nowait(None)
+            if out is None:
+                raise RuntimeError("the sampler's stream ended without its output")
+            return out
+
+        return await self.plane.submit(owner, "sample", (lambda: port.sample(request)) if live is None else telling,
+                                       meta={"prompt_tokens": len(prompt), "base_model": base})
+
+    async def _outcome(self, owner: str, record: FutureRecord) -> SampleOutput:
         while not record.terminal:
             record = await self.plane.futures.wait(record.request_id, owner) or record
         if record.status != "done":
@@ -178,7 +213,74 @@ class OpenAIServing:
             raise RuntimeError(record.error or "the sampler failed")
         return result_value(record)
 
+    async def _start_live(self, owner: str, req: Any, base: str, adapter: str | None, prompt: list[int],
+                          max_tokens: int | None) -> tuple[FutureRecord, asyncio.Queue, Any]:
+        """Submit a streamed sample and wait for its first token, so that a request the sampler refuses is
+        still an HTTP error, not an error inside a stream that already answered 200."""
+        live: asyncio.Queue = asyncio.Queue()
+        record = await self._submit(owner, req, base, adapter, prompt, max_tokens, None, live)
+        first = await live.get()
+        if first is None:
+            await self._outcome(owner, record)  # raises the sampler's error, if it failed
+        return record, live, first
+
     # ------------------------------------------------------------------------------- streaming
+
+    async def _live(self, owner: str, req: Any, tokenizer: Any, prompt: list[int],
+                    started: tuple[FutureRecord, asyncio.Queue, Any], *, chat: bool) -> AsyncIterator[bytes]:
+        """Chunks as the sampler tells tokens: each choice's text grows by what its new token adds, holding back
+        what could still be the start of a stop string (or half a character); the final chunks settle each
+        choice on the finished output. Closing the stream early cancels the request."""
+        record, live, item = started
+        cid, created = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": req.model}
+        stops = _stops(req.stop)
+        hold = max((len(x) for x in stops), default=1) - 1
+        tokens: list[list[int]] = [[] for _ in range(req.n)]
+        sent, stopped = [0] * req.n, [False] * req.n
+
+        def chunk(i: int, text: str | None, finish: str | None = None) -> bytes:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                return _event({**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]})
+            return _event({**head, "choices": [{"index": i, "text": text or "", "finish_reason": finish,
+                                                "logprobs": None}]})
+
+        try:
+            if chat:
+                for i in range(req.n):
+                    yield _event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                       "finish_reason": None}]})
+            while item is not None:
+                i, token, _logprob = item
+                if not stopped[i]:
+                    tokens[i].append(token)
+                    text = tokenizer.decode(tokens[i], skip_special_tokens=True)
+                    cut = min((k for k in (text.find(x, max(0, sent[i] - hold)) for x in stops) if k >= 0),
+                              default=-1)
+                    if cut >= 0:
+                        text, stopped[i], safe = text[:cut], True, cut
+                    else:
+                        safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
+                    if safe > sent[i]:
+                        yield chunk(i, text[sent[i]:safe])
+                        sent[i] = safe
+                item = await live.get()
+            out = await self._outcome(owner, record)
+            for i, seq in enumerate(out.sequences):
+                r = _render(tokenizer, seq, stops)
+                if len(r.text) > sent[i]:
+                    yield chunk(i, r.text[sent[i]:])
+                yield chunk(i, None, r.finish_reason)
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield _event({**head, "choices": [], "usage": msgspec.to_builtins(_usage(prompt, out))})
+            yield b"data: [DONE]\n\n"
+        except UserError as e:
+            yield _event(P.error_body(str(e), type_="invalid_request_error", param=e.field))
+        finally:
+            if self.plane.futures.is_running(record.request_id):  # the client left before the end
+                await self.plane.futures.cancel(record.request_id, owner, frozenset({"sample"}))
 
     async def _stream_completion(self, cid: str, created: int, req: P.CompletionRequest, rendered: list[_Rendered],
                                  usage: P.Usage) -> AsyncIterator[bytes]:
