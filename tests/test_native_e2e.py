@@ -126,7 +126,7 @@ def test_the_openai_surface_serves_native_checkpoints(base_url, alice, trained):
     sampler_ckpt = run.save("oai-final", kind="sampler")
     client, model = openai_client(base_url, ALICE, checkpoint=sampler_ckpt.uri, max_retries=0)
     assert {model, "tiny-qwen2"} <= {m.id for m in client.models.list().data}
-    out = client.completions.create(model=model, prompt="Q: What is the capital of France?\nA:", max_tokens=3,
+    out = client.completions.create(model=model, prompt="Q: What is the capital of France?\nA:", max_tokens=8,
                                     temperature=0)
     assert out.choices[0].text.startswith(" Paris")
     bob, _ = openai_client(base_url, BOB, max_retries=0)
