@@ -252,10 +252,21 @@ class OpenAIServing:
                 for i in range(req.n):
                     yield _event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                        "finish_reason": None}]})
-            while item is not None:
-                i, token, _logprob = item
-                if not stopped[i]:
-                    tokens[i].append(token)
+            ended = item is None
+            while not ended:
+                # every token told so far, then one chunk per choice that grew (a busy loop sends fewer, longer
+                # chunks instead of falling behind the sampler)
+                grew: set[int] = set()
+                while item is not None:
+                    i, token, _logprob = item
+                    if not stopped[i]:
+                        tokens[i].append(token)
+                        grew.add(i)
+                    if live.empty():
+                        break
+                    item = live.get_nowait()
+                ended = item is None
+                for i in sorted(grew):
                     text = tokenizer.decode(tokens[i], skip_special_tokens=True)
                     cut = min((k for k in (text.find(x, max(0, sent[i] - hold)) for x in stops) if k >= 0),
                               default=-1)
@@ -266,7 +277,9 @@ class OpenAIServing:
                     if safe > sent[i]:
                         yield chunk(i, text[sent[i]:safe])
                         sent[i] = safe
-                item = await live.get()
+                if not ended:
+                    item = await live.get()
+                    ended = item is None
             out = await self._outcome(owner, record)
             for i, seq in enumerate(out.sequences):
                 r = _render(tokenizer, seq, stops)
