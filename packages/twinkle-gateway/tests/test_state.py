@@ -306,3 +306,24 @@ async def test_a_database_from_before_inflight_sessions_opens_and_gains_the_colu
         assert (await store.get_sampler("s:sample:1")).inflight is True
     finally:
         await store.close()
+
+
+async def test_recorded_sequences_are_bounded_by_tokens_too(store):
+    def seq(i, n):
+        return SequenceRecord(id=f"seq-{i}", owner="p-a", session_id="s", tokens=[1] * n, logprobs=[-1.0] * n)
+
+    await store.record_sequences([seq(1, 40)], 100.0, keep_per_owner=10, keep_tokens_per_owner=100)
+    await store.record_sequences([seq(2, 40)], 101.0, keep_per_owner=10, keep_tokens_per_owner=100)
+    # a third one overflows the 100-token budget: the least recently used (seq-1) goes
+    assert await store.record_sequences([seq(3, 40)], 102.0, keep_per_owner=10, keep_tokens_per_owner=100) == 1
+    assert sorted(await store.use_sequences("p-a", ["seq-1", "seq-2", "seq-3"], 103.0)) == ["seq-2", "seq-3"]
+
+
+async def test_accounting_is_pruned_after_its_retention(store):
+    store.add_audit_background(10.0, "p-a", "checkpoint_create", {"actor": "p-a"})
+    store.add_audit_background(500.0, "p-a", "checkpoint_delete", {"actor": "p-a"})
+    store.add_usage_background("p-a", 0, "s", "tiny", "training", 5)
+    store.add_usage_background("p-a", 3600, "s", "tiny", "training", 7)
+    assert await store.prune_accounting(audit_before=100.0, usage_before=3600.0) == 2
+    assert [e[2] for e in await store.audit_entries(None, "", 0.0, 1e9, 10)] == ["checkpoint_delete"]
+    assert [b[5] for b in await store.usage_buckets(None, 0, 10**9)] == [7]

@@ -593,7 +593,8 @@ class ControlPlane:
         settings = self.settings
         pruned = await self.store.prune_futures(now - settings.future_ttl_s, now - settings.fetched_result_ttl_s)
         closed = await self.store.expire_sessions(now - settings.session_timeout_s, now)
-        counts = {"checkpoints": len(expired), "futures": pruned, "sessions": len(closed)}
+        accounting = await self.store.prune_accounting(now - settings.audit_retention_s, now - settings.usage_retention_s)
+        counts = {"checkpoints": len(expired), "futures": pruned, "sessions": len(closed), "accounting": accounting}
         for task in self._housekeeping:
             counts.update(await task(now))
         return counts

@@ -52,6 +52,10 @@ class CentralSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     """Checkpoints one API key may keep (named ones; ephemeral sampler weights are trimmed per run)."""
     max_checkpoint_bytes_per_key: int = 1 << 40
     """Bytes of checkpoints one API key may keep; a save past it is refused until checkpoints are deleted."""
+    audit_retention_s: float = 90 * 86400.0
+    """How long audit log entries are kept (90 days)."""
+    usage_retention_s: float = 400 * 86400.0
+    """How long hourly usage buckets are kept (400 days: a year of monthly reports)."""
     replica_wait_s: float = 45.0
     """How long a numbered request whose model replica died waits for a new replica before it fails."""
 

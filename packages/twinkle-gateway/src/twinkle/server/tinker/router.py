@@ -545,7 +545,8 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
     """
     plane = ControlPlane(settings, models=models, samplers=samplers)
     stability = StabilityRecords(plane, keep_per_key=settings.max_recorded_sequences_per_key,
-                                 ttl_s=settings.recorded_sequence_ttl_s)
+                                 ttl_s=settings.recorded_sequence_ttl_s,
+                                 keep_tokens_per_key=settings.max_recorded_tokens_per_key)
     service = TinkerService(settings, plane, stability)
     sampling = TinkerSampling(settings, plane, stability)
     export = TinkerExport(settings, plane, service)

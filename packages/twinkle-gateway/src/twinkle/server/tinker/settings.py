@@ -27,6 +27,9 @@ class TinkerSettings(CentralSettings, kw_only=True, frozen=True, forbid_unknown_
     """Sequences sampled with ``record_stability_info`` are kept this long after their last use (Tinker: a day)."""
     max_recorded_sequences_per_key: int = 100_000
     """Recorded sequences one API key keeps; past it, its least recently used ones are dropped."""
+    max_recorded_tokens_per_key: int = 20_000_000
+    """Sampled tokens of the recorded sequences one API key keeps (~160 MB with their logprobs); past it, its
+    least recently used sequences are dropped."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,5 +39,6 @@ class TinkerSettings(CentralSettings, kw_only=True, frozen=True, forbid_unknown_
             raise ValueError("max_body_bytes must be positive")
         if self.download_url_ttl_s <= 0:
             raise ValueError("download_url_ttl_s must be positive")
-        if self.recorded_sequence_ttl_s <= 0 or self.max_recorded_sequences_per_key < 1:
+        if (self.recorded_sequence_ttl_s <= 0 or self.max_recorded_sequences_per_key < 1
+                or self.max_recorded_tokens_per_key < 1):
             raise ValueError("recorded_sequence_ttl_s and max_recorded_sequences_per_key must be positive")

@@ -11,7 +11,7 @@ policy ``q`` of the loss (``twinkle.model.losses.stable_reinforce``), whatever `
 As Tinker documents: recorded sequences belong to the session that sampled them (a run of another session,
 or another key, cannot name them) and are kept for a day after their last use; each training request that
 names one restarts its day. A key keeps at most ``max_recorded_sequences_per_key``; past it, its least
-recently used ones are dropped first.
+recently used ones are dropped first, and likewise past ``max_recorded_tokens_per_key`` sampled tokens.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ class TrainingData(NamedTuple):
 
 
 class StabilityRecords:
-    def __init__(self, plane: "ControlPlane", *, keep_per_key: int, ttl_s: float) -> None:
+    def __init__(self, plane: "ControlPlane", *, keep_per_key: int, ttl_s: float,
+                 keep_tokens_per_key: int | None = None) -> None:
         self.plane = plane
         self.keep_per_key = keep_per_key
+        self.keep_tokens_per_key = keep_tokens_per_key
         self.ttl_s = ttl_s
         plane.add_housekeeping(self._expire)
 
@@ -55,7 +57,8 @@ class StabilityRecords:
         records = [SequenceRecord(id=sid, owner=owner, session_id=session_id, tokens=seq.tokens,
                                   logprobs=seq.logprobs)
                    for sid, seq in zip(sequence_ids, out.sequences, strict=True)]
-        await self.plane.store.record_sequences(records, time.time(), keep_per_owner=self.keep_per_key)
+        await self.plane.store.record_sequences(records, time.time(), keep_per_owner=self.keep_per_key,
+                                                keep_tokens_per_owner=self.keep_tokens_per_key)
 
     async def with_recorded_logprobs(self, owner: str, run: RunRecord, data: TrainingData) -> ForwardBackwardInput:
         """The request with each datum's ``logprobs`` taken from the recorded sequences its provenance names;

@@ -648,9 +648,10 @@ class Store:
 
     # --------------------------------------------------------------------------------- sampled sequences
 
-    async def record_sequences(self, records: list[SequenceRecord], now: float, *, keep_per_owner: int) -> int:
-        """Store sampled sequences; an owner past ``keep_per_owner`` loses its least recently used ones.
-        Returns how many were dropped."""
+    async def record_sequences(self, records: list[SequenceRecord], now: float, *, keep_per_owner: int,
+                               keep_tokens_per_owner: int | None = None) -> int:
+        """Store sampled sequences; an owner past ``keep_per_owner`` sequences or ``keep_tokens_per_owner`` tokens
+        loses its least recently used ones. Returns how many were dropped."""
 
         def go(conn: sqlite3.Connection) -> int:
             conn.executemany(
@@ -663,6 +664,11 @@ class Store:
                 dropped += conn.execute(
                     "DELETE FROM sampled_sequences WHERE id IN (SELECT id FROM sampled_sequences WHERE owner=? "
                     "ORDER BY last_used DESC LIMIT -1 OFFSET ?)", (owner, keep_per_owner)).rowcount
+                if keep_tokens_per_owner is not None:  # int32 tokens: 4 bytes each
+                    dropped += conn.execute(
+                        "DELETE FROM sampled_sequences WHERE id IN (SELECT id FROM (SELECT id, SUM(length(tokens)) "
+                        "OVER (ORDER BY last_used DESC, id) AS kept FROM sampled_sequences WHERE owner=?) "
+                        "WHERE kept > ?)", (owner, 4 * keep_tokens_per_owner)).rowcount
             return dropped
 
         return await self._call(self._tx, go)
@@ -745,3 +751,12 @@ class Store:
         return await self._call(lambda: self.conn.execute(
             "SELECT step, time, loss, tokens, learning_rate, grad_norm FROM run_steps WHERE run_id=? AND step > ? "
             "ORDER BY step LIMIT ?", (run_id, after_step, limit)).fetchall())
+
+    async def prune_accounting(self, audit_before: float, usage_before: float) -> int:
+        """Drop audit entries older than ``audit_before`` and usage buckets older than ``usage_before``."""
+
+        def go(conn: sqlite3.Connection) -> int:
+            n = conn.execute("DELETE FROM audit_log WHERE time < ?", (audit_before,)).rowcount
+            return n + conn.execute("DELETE FROM usage_hourly WHERE hour < ?", (int(usage_before),)).rowcount
+
+        return await self._call(self._tx, go)
