@@ -550,3 +550,10 @@ def test_config_error_survives_pickling():
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.path, copy.line, copy.source, str(copy)) == (error.path, error.line, error.source, str(error))
     assert isinstance(copy, ConfigError)
+
+
+def test_log_format_is_text_json_or_refused():
+    assert load_config_text(BASE).log_format == "text"
+    assert load_config_text("log_format: json\n" + BASE).log_format == "json"
+    err = _load_error("log_format: xml\n" + BASE)
+    assert "log_format" in str(err)

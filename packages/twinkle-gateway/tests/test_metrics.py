@@ -195,3 +195,39 @@ def test_the_grafana_dashboard_reads_only_metrics_the_server_exposes():
     exposed = {s.name for family in metrics.registry.collect() for s in family.samples} | {
         f.name for f in metrics.registry.collect()} | {f.name + "_total" for f in metrics.registry.collect()}
     assert used and used <= exposed, used - exposed
+
+
+def test_an_internal_error_is_logged_under_the_correlation_id_its_client_sees(tmp_path):
+    """The id in an error body finds the traceback: a ``correlation_id`` field on the log record (a JSON line
+    with ``log_format: json``), with the failed request's id."""
+    import json
+    import logging
+
+    from litestar.testing import TestClient
+
+    from twinkle.common.http import JsonLogFormatter
+    from twinkle.server.core.ports import LocalPort
+    from twinkle.server.tinker import TinkerSettings, create_tinker_app
+
+    class Broken:
+        async def create_run(self, *args, **kwargs):
+            raise RuntimeError("disk on fire")
+
+    app = create_tinker_app(TinkerSettings(checkpoint_dir=str(tmp_path / "ckpt")), {"m": LocalPort(Broken())}, {},
+                            path_prefix="/api/v1")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("twinkle").addHandler(handler)
+    with TestClient(app) as client:
+        headers = {"X-API-Key": "tml-logs"}
+        sid = client.post("/api/v1/create_session", json={"tags": [], "sdk_version": "t"}, headers=headers).json()
+        fut = client.post("/api/v1/create_model", headers=headers, json={
+            "session_id": sid["session_id"], "model_seq_id": 0, "base_model": "m", "lora_config": {"rank": 2}}).json()
+        body = client.post("/api/v1/retrieve_future", json={"request_id": fut["request_id"]}, headers=headers).json()
+    cid = body["error"].split("correlation id ")[1].rstrip(")")
+    logging.getLogger("twinkle").removeHandler(handler)
+    record = next(r for r in records if getattr(r, "correlation_id", None) == cid)
+    assert record.request_id == fut["request_id"] and "disk on fire" not in body["error"]
+    line = json.loads(JsonLogFormatter().format(record))
+    assert line["correlation_id"] == cid and line["request_id"] == fut["request_id"] and "disk on fire" in line["exc_text"]

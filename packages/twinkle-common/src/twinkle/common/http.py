@@ -9,7 +9,7 @@ traceback goes to the server log only — never to the client.
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
 from typing import Any, Awaitable, Callable, TypeVar
 
 from litestar import Litestar, Request, Response, get
@@ -45,9 +45,34 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the traceback if any, and every ``extra`` field
+    (``correlation_id``, ``request_id``): the launcher's side of ``log_format: json``."""
+
+    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out: dict[str, Any] = {"asctime": self.formatTime(record), "levelname": record.levelname,
+                               "name": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exc_text"] = self.formatException(record.exc_info)
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        return json.dumps(out, default=str)
+
+
+def log_internal_error(logger: logging.Logger, what: str, exc: BaseException, **context: Any) -> str:
+    """Log an unexpected error with its traceback under a new correlation id, and return the id: the client sees
+    only the id, the operator finds the traceback by it (a ``correlation_id`` field in JSON logs, with
+    ``context`` such as the ``request_id``)."""
+    cid = secrets.token_hex(6)
+    logger.error("%s, correlation id %s", what, cid, exc_info=exc, extra={"correlation_id": cid, **context})
+    return cid
+
+
 def _internal_error(request: Request, exc: Exception) -> Response:
-    cid = uuid.uuid4().hex[:12]
-    log.error("internal error %s on %s %s", cid, request.method, request.url.path, exc_info=exc)
+    cid = log_internal_error(log, f"internal error on {request.method} {request.url.path}", exc)
     return Response({"detail": f"internal server error (correlation id {cid})"},
                     status_code=HTTP_500_INTERNAL_SERVER_ERROR)
 

@@ -104,6 +104,11 @@ def launch_server(
         if config_path is None:
             raise ValueError("launch_server needs config_path or config")
         config = load_config(config_path)
+    if config.log_format == "json":
+        from twinkle.common.http import JsonLogFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     if server_type:
         config = config.with_server_type(server_type)
     config.check_deployable()
@@ -346,7 +351,9 @@ def _deploy(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str])
         route_prefix = app.route_prefix
         if app.import_path == "server":
             route_prefix = central_mount(app.route_prefix, config.server_type)[0]
-        targets.append(serve.RunTarget(target=target, name=app.name, route_prefix=route_prefix))
+        logging_config = {"encoding": "JSON"} if config.log_format == "json" else None
+        targets.append(serve.RunTarget(target=target, name=app.name, route_prefix=route_prefix,
+                                       logging_config=logging_config))
     serve.run_many(targets, wait_for_applications_running=True)
 
 

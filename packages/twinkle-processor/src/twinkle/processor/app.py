@@ -22,14 +22,13 @@ so a bad row there is still a plain 400; a bad row on a later page ends the stre
 from __future__ import annotations
 
 import logging
-import secrets
 from typing import Any, AsyncIterator
 
 import msgspec
 from litestar import Litestar, Request, post
 from litestar.response import Stream
 from twinkle.common.authority import Authority, principal_of
-from twinkle.common.http import component_app
+from twinkle.common.http import component_app, log_internal_error
 from twinkle.common.native import MAX_BODY_BYTES, MiB, decode
 from twinkle.common.wire import UserError, remote_call
 
@@ -96,8 +95,7 @@ async def _pages(processor: Any, req: EncodeRequest, first: EncodeResponse) -> A
             yield msgspec.json.encode({"error": {"detail": str(e), "field": e.field, "status": e.status}}) + b"\n"
             return
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
-            cid = secrets.token_hex(6)
-            log.error("encode stream failed, correlation id %s", cid, exc_info=e)
+            cid = log_internal_error(log, "encode stream failed", e)
             yield msgspec.json.encode({"error": {"detail": f"internal server error (correlation id {cid})",
                                                  "field": None, "status": 500}}) + b"\n"
             return

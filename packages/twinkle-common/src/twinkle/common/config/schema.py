@@ -587,6 +587,10 @@ class ServerConfig(_Strict):
     """Root of the checkpoint store, on a filesystem every node sees; None lets the launcher choose."""
     state_db: NonEmptyStr | None = None
     """Where the gateway keeps sessions, runs and futures (an SQLite file path); None lets the launcher choose."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines of the launcher and every replica: text, or JSON objects, one per line (Ray Serve's JSON
+    encoding: time, level, message, Serve's request id; an unexpected error adds its ``correlation_id``, the
+    one in the client's error body, and the ``request_id`` of the request it failed)."""
     applications: list[Application] = []
 
     def __post_init__(self) -> None:

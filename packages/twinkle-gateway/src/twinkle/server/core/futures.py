@@ -35,6 +35,7 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 
+from twinkle.common.http import log_internal_error
 from twinkle.common.wire import ForwardBackwardOutput, OptimStepOutput, SampleOutput, ServiceUnavailable, UserError
 
 from .state import FutureRecord, Store
@@ -207,8 +208,8 @@ class Futures:
         except ServiceUnavailable as e:
             status, error, category = "failed", str(e), "server"
         except Exception as e:  # noqa: BLE001 - every failure must end the future
-            cid = secrets.token_hex(6)
-            log.error("request %s (%s) failed, correlation id %s", record.request_id, record.kind, cid, exc_info=e)
+            cid = log_internal_error(log, f"request {record.request_id} ({record.kind}) failed", e,
+                                     request_id=record.request_id)
             status, error, category = "failed", f"internal server error (correlation id {cid})", "server"
         now = round(time.time(), 6)  # whole microseconds: the completion cursor of retrieve_futures
         done = FutureRecord(

@@ -7,7 +7,6 @@ OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the st
 from __future__ import annotations
 
 import logging
-import secrets
 from typing import Any
 
 import msgspec
@@ -15,6 +14,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.response import Stream
 
+from twinkle.common.http import log_internal_error
 from twinkle.common.wire import NotFoundError, UserError
 
 from ..auth import caller_id
@@ -97,8 +97,7 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
-    cid = secrets.token_hex(6)
-    log.error("internal error %s on %s %s", cid, request.method, request.url.path, exc_info=exc)
+    cid = log_internal_error(log, f"internal error on {request.method} {request.url.path}", exc)
     return _error(f"internal server error (correlation id {cid})", 500, "server_error")
 
 

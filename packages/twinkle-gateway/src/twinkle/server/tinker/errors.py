@@ -12,7 +12,6 @@ Why it matters to the SDK (``tinker-protocol.md`` §2.3, §2.5):
 from __future__ import annotations
 
 import logging
-import secrets
 from typing import Any
 
 import msgspec
@@ -20,6 +19,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
+from twinkle.common.http import log_internal_error
 from twinkle.common.wire import UserError
 
 log = logging.getLogger("twinkle.server.tinker")
@@ -75,8 +75,7 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
-    cid = secrets.token_hex(6)
-    log.error("internal error %s on %s %s", cid, request.method, request.url.path, exc_info=exc)
+    cid = log_internal_error(log, f"internal error on {request.method} {request.url.path}", exc)
     return _json(f"internal server error (correlation id {cid})", HTTP_500_INTERNAL_SERVER_ERROR)
 
 
