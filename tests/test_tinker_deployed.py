@@ -26,6 +26,7 @@ def deployed(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinker-deployed")
     port = free_port()
     text = (REPO / "deploy" / "local-tinker.yaml").read_text().replace("port: 8000", f"port: {port}")
+    text = "log_format: json\n" + text  # the whole suite runs with structured logs
     text = text.replace("    import_path: server\n    args:\n",
                         f"    import_path: server\n    args:\n      max_body_bytes: {MAX_BODY}\n", 1)
     cfg = root / "local-tinker.yaml"
@@ -228,6 +229,13 @@ def test_openai_n_stop_ownership_and_errors(deployed, trained_checkpoint):
     with pytest.raises(openai.BadRequestError) as e:  # refused before any tokenizer work
         client.completions.create(model=path, prompt="x" * 2_000_000, max_tokens=1)
     assert e.value.body["param"] == "prompt"
+
+
+def test_the_launcher_logs_json_lines(deployed):
+    import json
+
+    lines = [line for line in (deployed[2] / "server.log").read_text().splitlines() if line.startswith("{")]
+    assert any(json.loads(line).get("message", "").startswith("placement plan") for line in lines)
 
 
 def test_metrics_at_the_server_root_count_each_keys_tokens(deployed, trained_checkpoint):
