@@ -156,7 +156,8 @@ def trained_checkpoint(deployed):
     for _ in range(5):
         tc.forward_backward([datum], "cross_entropy").result()
         tc.optim_step(types.AdamParams(learning_rate=3e-3)).result()
-    return sc, tc.save_weights_for_sampler("oai").result().path
+    yield sc, tc.save_weights_for_sampler("oai").result().path
+    sc.close("success").result()
 
 
 def _oai(base: str, key: str = "tml-oai-alice"):

@@ -137,7 +137,9 @@ def test_the_sdks_billing_methods_report_each_keys_usage_and_all_of_it_to_an_adm
         a = tinker.RestClient(base_url=server.base_url, api_key=users[0])
         path = a.list_user_checkpoints().result().checkpoints[0].tinker_path
         a.publish_checkpoint_from_tinker_path(path).result()
-        tinker.ServiceClient(base_url=server.base_url, api_key=users[1]).create_training_client_from_state(path).result()
+        reader = tinker.ServiceClient(base_url=server.base_url, api_key=users[1])
+        reader.create_training_client_from_state(path).result()
+        reader.close("success").result()
         a.delete_checkpoint_from_tinker_path(path).result()
         events = [(e.event, e.event_details.get("actor"), e.tinker_path) for e in a.get_audit_log().result().entries]
         alice, bob = (next(e.user_id for e in tinker.RestClient(base_url=server.base_url, api_key=k).get_billing_usage(
