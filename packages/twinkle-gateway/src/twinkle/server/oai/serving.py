@@ -20,6 +20,7 @@ end (vLLM, or sampler workers in other processes), the chunks come once the comp
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -27,18 +28,20 @@ from typing import Any
 
 import msgspec
 
+from twinkle.common.http import log_internal_error
 from twinkle.common.limits import check_sampling
 from twinkle.common.models import load_tokenizer
 from twinkle.common.wire import NotFoundError, SampleOutput, SampleRequest, SamplingParams, UserError
 from twinkle.processor.encoding import render_chat, validate_messages
 
 from ..core import ControlPlane, result_value
-from ..core.state import FutureRecord
 from ..core.checkpoints import SCHEMES, parse_uri
+from ..core.state import FutureRecord
 from . import protocol as P
 
 _MAX_TOP_LOGPROBS = 20
 _CHAT_DEFAULT_MAX_TOKENS = 256
+log = logging.getLogger("twinkle.server.oai")
 _MAX_CHARS_PER_TOKEN = 64
 
 
@@ -291,6 +294,9 @@ class OpenAIServing:
             yield b"data: [DONE]\n\n"
         except UserError as e:
             yield _event(P.error_body(str(e), type_="invalid_request_error", param=e.field))
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, like OpenAI
+            cid = log_internal_error(log, f"stream {record.request_id} failed", e, request_id=record.request_id)
+            yield _event(P.error_body(f"internal server error (correlation id {cid})", type_="server_error"))
         finally:
             if self.plane.futures.is_running(record.request_id):  # the client left before the end
                 await self.plane.futures.cancel(record.request_id, owner, frozenset({"sample"}))
