@@ -167,10 +167,13 @@ def caller_id(request: Any) -> str:
     return user.id
 
 
-def _bearer(value: str | None) -> str | None:
-    """The key of ``Authorization: Bearer <key>`` (what OpenAI clients send)."""
-    scheme, _, key = (value or "").partition(" ")
-    return (key.strip() or None) if scheme.lower() == "bearer" else None
+def request_key(headers: Any) -> str | None:
+    """The API key a request carries: ``X-API-Key``, else ``Authorization: Bearer <key>`` (OpenAI clients)."""
+    key = headers.get(API_KEY_HEADER)
+    if key:
+        return key
+    scheme, _, bearer = (headers.get("authorization") or "").partition(" ")
+    return (bearer.strip() or None) if scheme.lower() == "bearer" else None
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
@@ -192,8 +195,7 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         keyring: KeyRing | None = getattr(connection.app.state, "keyring", None)
         if keyring is None:
             raise ServiceUnavailableException(detail="the server is still starting; retry in a moment")
-        principal = keyring.authenticate(connection.headers.get(API_KEY_HEADER)
-                                         or _bearer(connection.headers.get("authorization")))
+        principal = keyring.authenticate(request_key(connection.headers))
         return AuthenticationResult(user=principal, auth=None)
 
     def _is_public(self, scope: Any) -> bool:

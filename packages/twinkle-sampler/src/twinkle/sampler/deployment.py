@@ -8,6 +8,7 @@ in the replica itself; GPU workers are pinned Ray actors (see ``twinkle.common.w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from typing import Any, AsyncIterator
 
@@ -45,28 +46,29 @@ class SamplerManagement:
         n = len(self.workers)
         return min(range(n), key=lambda i: (self._inflight[i], (i - turn) % n))
 
-    async def sample(self, req: SampleRequest) -> SampleOutput:
+    @contextlib.contextmanager
+    def _worker(self):
+        """The worker with the least in-flight work, counted as busy while the caller uses it."""
         i = self._pick()
         self._inflight[i] += 1
         try:
-            return await self.workers[i].call("sample", req)
+            yield self.workers[i]
         finally:
             self._inflight[i] -= 1
+
+    async def sample(self, req: SampleRequest) -> SampleOutput:
+        with self._worker() as worker:
+            return await worker.call("sample", req)
 
     async def sample_stream(self, req: SampleRequest) -> AsyncIterator[Any]:
         """``SamplerService.sample_stream`` of a worker in this replica (tokens as they are sampled); a worker in
         another process answers once, with its whole output."""
-        i = self._pick()
-        self._inflight[i] += 1
-        try:
-            worker = self.workers[i]
+        with self._worker() as worker:
             if isinstance(worker, InProcessWorker):
                 async for item in worker.target.sample_stream(req):
                     yield item
             else:
                 yield await worker.call("sample", req)
-        finally:
-            self._inflight[i] -= 1
 
     async def health(self) -> ServiceHealth:
         """The workers' counters added up; degraded while some worker does not answer, down when none does."""

@@ -26,7 +26,8 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..auth import API_KEY_HEADER, _bearer
+from ..auth import request_key
+from .usage import trained_tokens
 
 if TYPE_CHECKING:
     from .state import FutureRecord
@@ -65,8 +66,7 @@ class Metrics:
         if record.status != "done" or value is None:
             return
         if record.kind == "forward_backward":
-            trained = sum(len(out["logprobs"].data) for out in value.loss_fn_outputs if "logprobs" in out)
-            self.tokens.labels(record.owner, "trained").inc(trained)
+            self.tokens.labels(record.owner, "trained").inc(trained_tokens(value))
         elif record.kind == "sample":
             self.tokens.labels(record.owner, "sampled").inc(sum(len(s.tokens) for s in value.sequences))
             self.tokens.labels(record.owner, "prefilled").inc(int((record.meta or {}).get("prompt_tokens") or 0))
@@ -132,7 +132,7 @@ async def metrics_route(request: Request) -> Response:
     """Prometheus text format; loopback clients need no key, others an admin key."""
     if not _loopback(request):
         keyring = request.app.state.keyring
-        key = request.headers.get(API_KEY_HEADER) or _bearer(request.headers.get("authorization"))
+        key = request_key(request.headers)
         if keyring is None or key is None:
             raise NotAuthorizedException(detail="/metrics needs an admin key from outside this host")
         if not keyring.authenticate(key).admin:

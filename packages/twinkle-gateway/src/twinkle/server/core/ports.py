@@ -107,7 +107,8 @@ class SamplerPort(_Forwarding):
         return self._stream("sample_stream", req)
 
     def _stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
-        raise NotImplementedError
+        """Each concrete port (``LocalPort``, ``HandlePort``) streams its own way; this class only forwards."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stream {name}")
 
 
 class _Port(ModelPort, SamplerPort):

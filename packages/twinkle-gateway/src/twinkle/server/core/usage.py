@@ -23,6 +23,11 @@ HOUR_S = 3600
 CHECKPOINT_KINDS = frozenset({"save_weights", "save_weights_for_sampler", "save_weights_external"})
 
 
+def trained_tokens(out: Any) -> int:
+    """Tokens a forward/backward result covered: one logprob per input token of each datum."""
+    return sum(len(o["logprobs"].data) for o in out.loss_fn_outputs if "logprobs" in o)
+
+
 class UsageLedger:
     def __init__(self, store_of: Any) -> None:
         self._store_of = store_of  # () -> Store: the plane opens its store after the observers are wired
@@ -40,7 +45,7 @@ class UsageLedger:
                                            quantity)
 
         if record.kind in ("forward_backward", "forward"):
-            add("training", sum(len(out["logprobs"].data) for out in value.loss_fn_outputs if "logprobs" in out))
+            add("training", trained_tokens(value))
         elif record.kind == "sample":
             add("sampling_prefill", int(meta.get("prompt_tokens") or 0))
             add("sampling_sample", sum(len(s.tokens) for s in value.sequences))
@@ -59,7 +64,7 @@ class RunHistory:
         if record.kind == "forward_backward":
             acc = self._since_step.setdefault(record.model_id, [0.0, 0])
             acc[0] += float(value.metrics.get("loss:sum", 0.0))
-            acc[1] += sum(len(out["logprobs"].data) for out in value.loss_fn_outputs if "logprobs" in out)
+            acc[1] += trained_tokens(value)
         elif record.kind == "optim_step":
             metrics = value.metrics or {}
             step = metrics.get("step:max")
