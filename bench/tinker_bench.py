@@ -129,12 +129,12 @@ class PeftStep:
 
 
 class ServiceStep:
-    def __init__(self, rank: int, rows: list[list[int]]) -> None:
+    def __init__(self, rank: int, rows: list[list[int]], state_dir: str | None = None) -> None:
         from twinkle.common.wire import AdamParams, Datum, ForwardBackwardInput, LoraConfig, TensorData
         from twinkle.model.service import ModelService
 
         self.loop = asyncio.new_event_loop()
-        self.svc = ModelService(MODEL_ID)
+        self.svc = ModelService(MODEL_ID, state_dir=state_dir)
         self.loop.run_until_complete(self.svc.create_run("bench", "me", LoraConfig(rank=rank, seed=0)))
         data = [Datum(model_input=r[:-1], loss_fn_inputs={
             "target_tokens": TensorData(data=r[1:], dtype="int64"),
@@ -194,6 +194,38 @@ def timed(step, n: int) -> list[float]:
     return out
 
 
+def cpu_per_step(step, n: int) -> dict[str, float]:
+    """CPU time (ms) each Ray process of the deployed stack, and this process, spends per server step, over
+    ``n`` server steps alone: where the machine's cores go while a step runs (on a 2-core box, Serve's
+    processes take CPU the model replica's torch threads would use)."""
+    import psutil
+
+    def cpu() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.pid == os.getpid():
+                name = "bench process (SDK client)"
+            elif cmd.startswith("ray::"):
+                name = cmd.split()[0].removeprefix("ray::")
+            elif "/ray/core/" in cmd or "ray/dashboard" in cmd or "ray/_private" in cmd:
+                name = "Ray's own daemons (GCS, raylet, dashboard, log monitor)"
+            else:
+                continue
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            out[name] = out.get(name, 0.0) + (t.user + t.system) * 1000
+        return out
+
+    before = cpu()
+    for _ in range(n):
+        step()
+    after = cpu()
+    return {k: (v - before.get(k, 0.0)) / n for k, v in after.items()}
+
+
 def retrieve_latency(base_url: str, n: int) -> list[float]:
     """p50 of ``retrieve_future`` for a finished request, over one keep-alive connection."""
     import httpx
@@ -251,7 +283,10 @@ def main() -> None:
         if not args.deploy:
             assert server.stdout.readline().strip() == "READY", "the server did not start"
         base_url = f"http://127.0.0.1:{port}"
-        methods = {"peft": PeftStep(args.rank, rows), "service": ServiceStep(args.rank, rows),
+        # Like for like: a deployed model application keeps its runs durable (``durable_runs``, on by default),
+        # so the in-process service it is compared with writes the same state after each step.
+        state_dir = os.path.join(root, "service-runs") if args.deploy else None
+        methods = {"peft": PeftStep(args.rank, rows), "service": ServiceStep(args.rank, rows, state_dir),
                    "server": SdkStep(base_url, args.rank, rows)}
         for m in methods.values():
             timed(m.step, args.warmup)
@@ -260,6 +295,7 @@ def main() -> None:
         for _ in range(args.steps):
             for name, m in methods.items():
                 times[name] += timed(m.step, 1)
+        cpu = cpu_per_step(methods["server"].step, min(10, args.steps)) if args.deploy else {}
         polls = retrieve_latency(base_url, args.polls)
         spans = methods["server"].spans
         methods["server"].close()
@@ -278,7 +314,8 @@ def main() -> None:
     split = _server_split(db, spans)
     where = "deployed on Ray Serve (deploy/local-tinker.yaml)" if args.deploy else "in a separate process"
     print(f"supervised step, {args.batch}x{args.seq} tokens, LoRA rank {args.rank}, tiny-qwen2 on "
-          f"{os.cpu_count()} CPU(s); {args.steps} steps each, interleaved step by step; server {where}")
+          f"{os.cpu_count()} CPU(s); {args.steps} steps each, interleaved step by step; server {where}; "
+          f"in-process service {'with durable run state, as deployed' if state_dir else 'in memory, as served'}")
     for k in methods:
         q = statistics.quantiles(times[k], n=10)
         print(f"  {k:8s} median {med[k]:8.1f} ms   (p10 {q[0]:.1f}, p90 {q[-1]:.1f})")
@@ -289,11 +326,17 @@ def main() -> None:
     print(f"  server step split by the server's timestamps (medians): SDK+HTTP to recorded {split[0]:.1f} ms, "
           f"Model service {split[1]:.1f} ms (in-process service: {med['service']:.1f} ms), finished to client "
           f"{split[2]:.1f} ms -> outside the service {split[0] + split[2]:.1f} ms/step")
+    if cpu:
+        print(f"  CPU per server step ({os.cpu_count()} cores), by process:")
+        for name, ms in sorted(cpu.items(), key=lambda kv: -kv[1]):
+            if ms >= 1:
+                print(f"    {ms:7.1f} ms  {name}")
     q = statistics.quantiles(polls, n=100)
     print(f"retrieve_future of a finished request: p50 {statistics.median(polls):.2f} ms, p90 {q[89]:.2f} ms, "
           f"p99 {q[98]:.2f} ms ({len(polls)} polls, keep-alive)")
     print(json.dumps({"median_ms": med, "paired_overhead_ms": paired, "gateway_ms": gateway,
-                      "outside_service_ms": split[0] + split[2], "retrieve_p50_ms": statistics.median(polls)}))
+                      "outside_service_ms": split[0] + split[2], "retrieve_p50_ms": statistics.median(polls),
+                      "cpu_ms_per_server_step": cpu}))
 
 
 def _server_split(db_path: str, spans: list[tuple[float, float]]) -> tuple[float, float, float]:

@@ -217,3 +217,85 @@ def test_native_routes_resume_a_restored_run_one_request_at_a_time(backend, tiny
         assert client.get("/runs/dur-5", headers=key).json()["step"] == 2
     with contextlib.suppress(Exception):
         asyncio.run(second.close())
+
+
+# --- several replicas over one state directory: a run is served by the replica holding its lease ----------
+
+
+@pytest.fixture(scope="module")
+def other_backend(tiny_model_id):
+    """A second replica's model (its own adapters), beside the module's ``backend``."""
+    from twinkle.model.transformers_backend import TransformersBackend
+
+    other = TransformersBackend(tiny_model_id, device="cpu")
+    yield other
+    other.close()
+
+
+def _replica(backend, model_id, state_dir, holder: str) -> ModelService:
+    return ModelService(model_id, backend=backend, adapter_timeout_s=None, state_dir=str(state_dir), holder=holder)
+
+
+async def test_a_run_moves_between_replicas_and_the_one_it_left_steps_aside(backend, other_backend, tiny_model_id,
+                                                                          tmp_path):
+    from twinkle.common.wire import RunMoved
+
+    ref = await _reference_losses(backend, tiny_model_id, tmp_path, "move-ref", 4)
+    a = _replica(backend, tiny_model_id, tmp_path, "replica-a")
+    b = _replica(other_backend, tiny_model_id, tmp_path, "replica-b")
+    try:
+        await a.create_run("move-1", "alice", LORA)
+        assert _loss(await a.forward_backward("move-1", "alice", 1, make_batch([5, 3], 0))) == ref[0]
+        await a.optim_step("move-1", "alice", 2, ADAM)
+        assert await a.held_runs() == ["move-1"]
+
+        # The router sends the run to b (a was thought lost): b restores it at the last step and takes it.
+        assert _loss(await b.forward_backward("move-1", "alice", 3, make_batch([5, 3], 1))) == pytest.approx(
+            ref[1], abs=1e-5)
+        await b.optim_step("move-1", "alice", 4, ADAM)
+
+        # a still holds its copy; it now steps aside instead of training a run b serves.
+        with pytest.raises(RunMoved):
+            await a.forward_backward("move-1", "alice", 5, make_batch([5, 3], 2))
+        assert await a.held_runs() == [] and not backend.has_run("move-1")
+
+        assert _loss(await b.forward_backward("move-1", "alice", 5, make_batch([5, 3], 2))) == pytest.approx(
+            ref[2], abs=1e-5)
+        await b.optim_step("move-1", "alice", 6, ADAM)
+        assert (await b.run_info("move-1", "alice")).step == 3
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_replica_that_lost_its_run_mid_step_neither_saves_nor_acknowledges_it(backend, other_backend,
+                                                                                    tiny_model_id, tmp_path):
+    from twinkle.common.wire import RunMoved
+    from twinkle.model.durability import RunStateStore
+
+    a = _replica(backend, tiny_model_id, tmp_path, "replica-a")
+    b = _replica(other_backend, tiny_model_id, tmp_path, "replica-b")
+    try:
+        await a.create_run("move-2", "alice", LORA)
+        await a.forward_backward("move-2", "alice", 1, make_batch([5, 3], 0))
+        await a.optim_step("move-2", "alice", 2, ADAM)
+        await a.forward_backward("move-2", "alice", 3, make_batch([5, 3], 1))
+        assert (await b.run_info("move-2", "alice")).step == 1  # b takes the run (a restore)
+
+        # a's step 2 was computed from its own gradients, but the run is b's now: never saved, never answered.
+        with pytest.raises(RunMoved):
+            await a.optim_step("move-2", "alice", 4, ADAM)
+        saved, _ = RunStateStore(str(tmp_path)).read("move-2")
+        assert (saved.step, saved.next_seq) == (1, 3)
+        assert not backend.has_run("move-2")
+
+        # Sent again, the step reaches b, which never saw the forward_backward it needs: refused, not stepped.
+        with pytest.raises(ResyncNeeded):
+            await b.optim_step("move-2", "alice", 4, ADAM)
+        await b.settle("move-2", "alice", [(3, "forward_backward")])
+        with pytest.raises(UserError, match="lost"):
+            await b.optim_step("move-2", "alice", 4, ADAM)
+        assert (await b.run_info("move-2", "alice")).step == 1
+    finally:
+        await a.close()
+        await b.close()

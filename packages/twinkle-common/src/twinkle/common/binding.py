@@ -51,12 +51,19 @@ def deployment_options(deployment: Any | None, default_name: str) -> tuple[str, 
     return name, options
 
 
-def bind_component(cls: type, spec: ComponentSpec, deployment: Any | None, default_name: str):
-    """Return the Serve ``Application`` for one component."""
+def bind_component(cls: type, spec: ComponentSpec, deployment: Any | None, default_name: str,
+                   **extra_options: Any):
+    """Return the Serve ``Application`` for one component (``extra_options``: the component's own)."""
     from ray import serve
 
     name, options = deployment_options(deployment, default_name)
-    return serve.deployment(cls).options(name=name, **options).bind(spec)
+    return serve.deployment(cls).options(name=name, **options, **extra_options).bind(spec)
+
+
+def route_by_run(handle: Any, run_id: str) -> Any:
+    """``handle`` with its calls routed to the replica serving training run ``run_id`` (the model
+    application's router reads the run from the request's ``multiplexed_model_id``)."""
+    return handle.options(multiplexed_model_id=run_id)
 
 
 def start_workers(spec: ComponentSpec, target: str, args_for) -> list[InProcessWorker | RayWorker]:

@@ -28,6 +28,8 @@ class ComponentSpec(msgspec.Struct, frozen=True):
     # For a model/sampler/processor: the central server application, which authenticates their callers and
     # keeps their checkpoints' records (reached through a Serve handle; see ``twinkle.common.authority``).
     central: "PeerApp | None" = None
+    # The most replicas Serve may run of this application (the YAML's num_replicas or autoscaling max).
+    max_replicas: int = 1
 
 
 class PeerApp(msgspec.Struct, frozen=True):

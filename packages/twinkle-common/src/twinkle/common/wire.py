@@ -12,6 +12,9 @@ Conventions (the Tinker ones, so both protocols share one engine):
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from typing import Any, Literal
 
 import msgspec
@@ -199,6 +202,12 @@ class ServiceUnavailable(Exception):
     took effect is unknown to the caller; only a call that is safe to repeat may be sent again."""
 
 
+class RunMoved(ServiceUnavailable):
+    """The run is now served by another replica of its model application (it was restored there after this
+    replica was thought lost, or the replicas changed). Nothing ran here: send the call again, and the
+    router finds the run's new replica."""
+
+
 _LOST_PROCESS = ("RayActorError", "NodeDiedError", "WorkerCrashedError", "OwnerDiedError")
 
 
@@ -210,6 +219,21 @@ async def remote_call(awaitable):
         return await awaitable
     except Exception as e:  # noqa: BLE001 - re-raised as the remote side's own exception
         raise remote_error(e) from None
+
+
+async def following_run(call, wait_s: float = 5.0):
+    """``remote_call(call())``, sent again while the run it is about moves to another replica (``RunMoved``:
+    nothing ran; Serve's routers learn the run's new replica within about a second)."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            return await remote_call(call())
+        except RunMoved:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def remote_error(e: BaseException) -> BaseException:

@@ -272,7 +272,7 @@ def worker_specs(plan: PlacementPlan, app_name: str) -> list[WorkerSpec]:
                 node_ip=p.node_ip,
                 cuda_visible_devices=p.visible_devices if gpu else None,
                 num_gpus=p.gpu_fraction if gpu else 0.0,
-                num_cpus=0.0 if gpu else 0.0,
+                num_cpus=0.0,
                 threads=None if gpu else max(1, (os.cpu_count() or 1) // max(1, len(placements))),
             )
         )
@@ -309,6 +309,7 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
                 peers=peers if app.import_path == "server" else [],
                 http_host=config.http_options.host,
                 central=central if app.import_path != "server" else None,
+                max_replicas=app.deployment.max_replicas() or 1,
             )
         )
     return specs

@@ -8,7 +8,9 @@ one ``ModelWorker`` per planned rank, started by ``start_workers`` like every co
 - otherwise (GPU ranks, ``dp_size`` > 1, or a worker planned on another node) each rank is a pinned Ray
   actor in a torch.distributed group, driven by a ``DataParallelBackend``.
 
-The central server calls the service's methods through this deployment's handle (``_HANDLE_API``).
+The central server calls the service's methods through this deployment's handle (``_HANDLE_API``), each
+call about a run routed to the replica serving it (``routing``). With several replicas, the native HTTP
+routes, which reach whichever replica the proxy picks, send a call about a run on to that run's replica.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import msgspec
 from litestar import Litestar
 from ray import serve
 
-from twinkle.common.binding import bind_component, count_alive, start_workers, with_workers_alive
+from twinkle.common.binding import bind_component, count_alive, route_by_run, start_workers, with_workers_alive
 from twinkle.common.component import ComponentSpec
-from twinkle.common.wire import ServiceHealth, ServiceInfo
+from twinkle.common.wire import ServiceHealth, ServiceInfo, following_run
 from twinkle.common.workers import InProcessWorker, WorkerSpec, free_port_on_node
 
 from .app import create_model_app
 from .backend import TrainingBackend
+from .routing import router_options
 
 _WORKER = "twinkle.model.distributed:ModelWorker"
 _HANDLE_API = (
@@ -81,7 +84,12 @@ class ModelManagement:
             backend=backend,
             max_tokens_per_datum=spec.args.get("max_length"),
             state_dir=run_state_dir(spec),
+            holder=serve.get_replica_context().replica_id.unique_id,
         )
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What Serve's routers are told of this replica every ``ROUTING_STATS_PERIOD_S``: the runs it serves."""
+        return {"runs": dict.fromkeys(await self.service.held_runs(), True)}
 
     async def info(self) -> ServiceInfo:
         info = await self.service.info()
@@ -95,7 +103,34 @@ class ModelManagement:
         from twinkle.common.authority import central_authority
         from twinkle.common.models import served_model_name
 
-        return create_model_app(self, central_authority(self.spec), model_name=served_model_name(self.spec.args["model_id"]))
+        model = self if self.spec.max_replicas == 1 else _RunRouted(self)
+        return create_model_app(model, central_authority(self.spec), model_name=served_model_name(self.spec.args["model_id"]))
+
+
+class _RunRouted:
+    """This deployment as the native routes use it when it has several replicas: a call about a run goes
+    through the deployment's handle to the replica serving the run (here, if the proxy already routed it by
+    run); other calls are answered here."""
+
+    def __init__(self, local: "ModelManagement") -> None:
+        self._local = local
+        self._handle = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _RUN_CALLS:
+            return getattr(self._local, name)
+
+        async def call(run_id: str, *args: Any, **kwargs: Any) -> Any:
+            if serve.get_multiplexed_model_id() == run_id:
+                return await getattr(self._local, name)(run_id, *args, **kwargs)
+            if self._handle is None:
+                context = serve.get_replica_context()
+                self._handle = serve.get_deployment_handle(context.deployment, context.app_name)
+            routed = getattr(route_by_run(self._handle, run_id), name)
+            return await following_run(lambda: routed.remote(run_id, *args, **kwargs))
+
+        return call
+
 
 
 def _delegate(name: str):
@@ -113,5 +148,8 @@ for _name in _HANDLE_API:
 ModelManagement = serve.ingress()(ModelManagement)
 
 
+_RUN_CALLS = frozenset(_HANDLE_API) - {"list_runs", "info", "health"}
+
+
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
-    return bind_component(ModelManagement, spec, deployment, default_name)
+    return bind_component(ModelManagement, spec, deployment, default_name, **router_options())

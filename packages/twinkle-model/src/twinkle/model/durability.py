@@ -6,6 +6,7 @@ multi-node cluster, so a replica restarted on another node finds it too)::
     <run_id>/                  a state checkpoint (``checkpoints.write_snapshot``: PEFT files, optimizer,
                                twinkle_state.json) that stock peft also loads
     <run_id>/twinkle_run.json  who owns the run and where its request numbering stands (``SavedRun``)
+    .leases/<run_id>           which replica serves the run (``RunLeases``; one line naming it)
 
 What is saved: the state after each acknowledged ``optim_step`` and ``load_state``, and at creation. What is
 not: gradients accumulated since the last step (the service tells the client when a restart lost them).
@@ -26,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 
 import msgspec
-from twinkle.common.wire import LoraConfig, OptimStepOutput
+from twinkle.common.wire import LoraConfig, OptimStepOutput, RunMoved
 
 from . import checkpoints as ckpt
 
@@ -51,6 +52,46 @@ class SavedRun(msgspec.Struct, kw_only=True):
     result: OptimStepOutput | None = None
 
 
+class RunLeases:
+    """Which replica of a model application serves each run: the one that created or restored it last holds
+    its lease, a file under ``<root>/.leases/`` that names it. A replica checks the lease before each request
+    touches a run it holds and before each write of the run's state; when another replica has taken the run
+    it steps aside (``RunMoved``), so two replicas never both train a run or overwrite each other's state.
+    ``holder`` must be unique per replica process (Serve's replica id is)."""
+
+    def __init__(self, root: str, holder: str) -> None:
+        self.dir = os.path.join(os.path.abspath(root), ".leases")
+        self.holder = holder
+
+    def _path(self, run_id: str) -> str:
+        if not isinstance(run_id, str) or not _SAFE_ID.fullmatch(run_id):
+            raise ValueError(f"run id {run_id!r} cannot name a lease")
+        return os.path.join(self.dir, run_id)
+
+    def claim(self, run_id: str) -> None:
+        """Take the run (whoever held it). Atomic: a reader sees the old holder or the new one."""
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = f"{self._path(run_id)}.{self.holder}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.holder)
+        os.replace(tmp, self._path(run_id))
+
+    def holder_of(self, run_id: str) -> str | None:
+        try:
+            with open(self._path(run_id)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def holds(self, run_id: str) -> bool:
+        return self.holder_of(run_id) == self.holder
+
+    def release(self, run_id: str) -> None:
+        if self.holds(run_id):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._path(run_id))
+
+
 @dataclass
 class _Pending:
     snapshot: ckpt.RunSnapshot
@@ -61,8 +102,9 @@ class _Pending:
 class RunStateStore:
     """Saves and finds runs' state under ``root`` (see the module docstring). Use from one event loop."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, leases: RunLeases | None = None) -> None:
         self.root = os.path.abspath(root)
+        self.leases = leases
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinkle-durable")
         self._pending: dict[str, _Pending] = {}
         self._writers: dict[str, asyncio.Task] = {}
@@ -134,6 +176,8 @@ class RunStateStore:
             self._writers.pop(run_id, None)
 
     def _write(self, run_id: str, snapshot: ckpt.RunSnapshot, saved: SavedRun) -> None:
+        if self.leases is not None and not self.leases.holds(run_id):
+            raise RunMoved(f"run {run_id} is now served by another replica; this replica's state of it is not saved")
         os.makedirs(self.root, exist_ok=True)
         ckpt.write_snapshot(self.path(run_id), snapshot, extra_files={RUN_FILE: msgspec.json.encode(saved)})
 
@@ -151,6 +195,8 @@ class RunStateStore:
         path = self.path(run_id)
         if path is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, ckpt.remove_directory, path)
+            if self.leases is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.leases.release, run_id)
 
     async def close(self) -> None:
         """Finish pending writes, then stop the writer thread."""

@@ -18,7 +18,9 @@ Idleness never deletes anything: an idle user never loses work. ``delete_run`` i
 Durable runs (``state_dir``, see ``durability.py``): a run's state is saved after its creation, each
 ``optim_step`` and each ``load_state``, before that request is answered (the write runs off the model thread,
 so the next request computes meanwhile). A replica that restarts finds every saved run on first use, at its
-last acknowledged step, for the same owner under the same id. Requests numbered after that step ran on the
+last acknowledged step, for the same owner under the same id. With several replicas (``holder`` names this
+one), each run is served by the replica holding its lease (``RunLeases``): one that finds its run taken by
+another replica drops its copy and answers ``RunMoved``, which the caller sends again to the run's new replica. Requests numbered after that step ran on the
 lost replica: the front end says which of them finished (``settle``) and they are used up; when one of them
 was a ``forward_backward``, the next ``optim_step`` fails (409) instead of stepping on partial gradients. A
 repeat of the saved step's ``seq_id`` gets its recorded answer; older ones are refused, never run twice.
@@ -45,13 +47,14 @@ from twinkle.common.wire import (
     OptimStepOutput,
     ResyncNeeded,
     RunInfo,
+    RunMoved,
     ServiceHealth,
     ServiceInfo,
     UserError,
 )
 
 from .backend import FusedItem, TrainingBackend, validate_lora
-from .durability import RunStateStore, SavedRun
+from .durability import RunLeases, RunStateStore, SavedRun
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -96,12 +99,14 @@ class ModelService:
         max_tokens_per_datum: int | None = None,
         token_budget: int | None = None,
         state_dir: str | None = None,
+        holder: str | None = None,
     ) -> None:
         """``fuse_batches``: run different users' concurrent forward_backward requests in one pass (faster with
         several users; equal to separate passes only up to float rounding). ``adapter_timeout_s`` None or <= 0
         disables offloading. ``sweep_interval_s`` defaults to a tenth of the timeout, between 1 s and 60 s.
         ``max_tokens_per_datum`` (the YAML's ``max_length``) and ``token_budget`` go to the backend built here.
-        ``state_dir``: where runs are kept durable (None: runs live in memory only)."""
+        ``state_dir``: where runs are kept durable (None: runs live in memory only). ``holder``: this replica's
+        unique name when replicas share ``state_dir`` (runs are then leased, see the module docstring)."""
         if backend is None:
             from .transformers_backend import TransformersBackend
 
@@ -122,7 +127,8 @@ class ModelService:
             max_batch=max_fused,
         )
         self._runs: dict[str, _RunRecord] = {}
-        self.durable = RunStateStore(state_dir) if state_dir else None
+        self.leases = RunLeases(state_dir, holder) if state_dir and holder else None
+        self.durable = RunStateStore(state_dir, self.leases) if state_dir else None
         self._restoring: dict[str, asyncio.Future] = {}
         self._saving: dict[str, asyncio.Future] = {}
         self._sweeper: asyncio.Task | None = None
@@ -153,6 +159,8 @@ class ModelService:
         try:
             rec.lora = await self.scheduler.run_exclusive(lambda: self.backend.create_adapter(run_id, lora))
             rec.ready = True
+            if self.leases is not None:
+                await asyncio.to_thread(self.leases.claim, run_id)
             if self.durable is not None:
                 snap = await self.scheduler.run_exclusive(lambda: self.backend.snapshot(run_id))
                 await self.durable.save(run_id, snap, self._saved(rec, snap.step, first_seq_id))
@@ -377,6 +385,10 @@ class ModelService:
     async def _resolve(self, run_id: str, owner: str) -> _RunRecord:
         """The owner's run: live, or restored from its saved state on first use after a restart."""
         rec = self._runs.get(run_id)
+        if rec is not None and self.leases is not None and run_id not in self._restoring \
+                and not await asyncio.to_thread(self.leases.holds, run_id):
+            await self._step_aside(run_id)
+            raise self._moved(run_id)
         if rec is None and self.durable is not None:
             rec = await self._restore(run_id)
         if rec is None or rec.owner != owner:
@@ -401,8 +413,37 @@ class ModelService:
         finally:
             del self._restoring[run_id]
 
+    @staticmethod
+    def _moved(run_id: str) -> RunMoved:
+        return RunMoved(f"training run {run_id!r} is now served by another replica")
+
+    async def held_runs(self) -> list[str]:
+        """The runs this replica serves now (what its router is told); any whose lease another replica took
+        meanwhile are dropped first."""
+        if self.leases is not None:
+            for run_id in list(self._runs):
+                if run_id not in self._restoring and not await asyncio.to_thread(self.leases.holds, run_id):
+                    await self._step_aside(run_id)
+        return sorted(self._runs)
+
+    async def _step_aside(self, run_id: str) -> None:
+        """Drop this replica's copy of a run another replica took: its waiting requests never ran here and
+        fail with ``RunMoved`` (sent again by the caller); gradients accumulated here are lost, which the new
+        replica reports as for a restart."""
+        rec = self._runs.pop(run_id, None)
+        if rec is None:
+            return
+        self.scheduler.remove_run(run_id, self._moved(run_id))
+        if rec.ready:
+            with contextlib.suppress(NotFoundError):
+                await self.scheduler.run_exclusive(lambda: self.backend.delete_adapter(run_id))
+        log.warning("run %s is now served by another replica; this replica dropped its copy", run_id)
+
     async def _restore_saved(self, run_id: str) -> _RunRecord | None:
         loaded = await asyncio.to_thread(self.durable.read, run_id)
+        if loaded is not None and run_id not in self._runs and self.leases is not None:
+            await asyncio.to_thread(self.leases.claim, run_id)
+            loaded = await asyncio.to_thread(self.durable.read, run_id)  # what the last holder saved before
         if loaded is None or run_id in self._runs:
             return self._runs.get(run_id)
         saved, path = loaded
@@ -458,6 +499,11 @@ class ModelService:
             return
         try:
             await asyncio.shield(save)
+        except RunMoved:
+            # Another replica took the run before this step was saved: for the run's owner it never happened
+            # (sent again, it reaches the new replica, which reports the gradients it needed as lost).
+            await self._step_aside(run_id)
+            raise
         except Exception:  # noqa: BLE001
             log.exception("could not save the state of run %s; it is not durable until its next step", run_id)
         finally:

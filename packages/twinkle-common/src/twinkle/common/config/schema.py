@@ -166,6 +166,14 @@ class Deployment(_Strict):
         if self.placement_group_strategy is not None and self.placement_group_bundles is None:
             raise _fail("placement_group_strategy", "needs placement_group_bundles")
 
+    def max_replicas(self) -> int | None:
+        """The most replicas Serve may run (None: ``num_replicas: auto``, Serve decides)."""
+        if self.num_replicas == "auto":
+            return None
+        if self.autoscaling_config is not None:
+            return self.autoscaling_config.max_replicas or 1
+        return self.num_replicas or 1
+
     def serve_options(self) -> dict[str, Any]:
         """The keyword arguments for ``serve.deployment(...).options(...)``, without ``name``.
 
@@ -677,8 +685,11 @@ class ServerConfig(_Strict):
         - the megatron backend (``use_megatron: true``) is not in this release;
         - tensor, pipeline, context and expert parallelism (``device_mesh.tp_size`` … ``ep_size`` > 1) need a
           backend that implements them — the transformers backend and the samplers run data parallel only;
-        - one replica of the server (its store is one SQLite writer), model (runs live in the replica) and
-          sampler application; more (``num_replicas``, ``autoscaling_config.max_replicas``) is refused.
+        - one replica of the server application (its store is one SQLite writer);
+        - several replicas of a model or sampler application only where each replica's worker runs in the
+          replica itself (CPU, one worker): a replica of an application with GPU or multi-worker groups
+          would need devices of its own, which this release does not plan; a model application's runs move
+          between replicas through their durable state, so it also needs ``durable_runs``.
         """
         problems: list[ConfigError] = []
         for index, app in enumerate(self.applications):
@@ -699,22 +710,32 @@ class ServerConfig(_Strict):
                                               f"parallelism, which {serving} in this release do not implement "
                                               "(they run dp_size data-parallel workers); set it to 1"))
             if app.import_path in ("server", "model", "sampler") and app.deployment is not None:
-                problems.extend(_single_replica(app.deployment, f"{at}.deployments[0]", app.import_path))
+                problems.extend(_replicas_supported(app.deployment, f"{at}.deployments[0]", app.import_path, args,
+                                                    f"{at}.args"))
         if problems:
             raise ConfigError.collect(problems)
 
 
-def _single_replica(deployment: Deployment, at: str, kind: str) -> list[ConfigError]:
-    why = {"server": "its state store has one writer", "model": "training runs live in the replica",
-           "sampler": "sampling sessions are served by one replica"}[kind]
-    replicas = deployment.num_replicas
-    if replicas == "auto" or (isinstance(replicas, int) and replicas > 1):
-        return [_fail(f"{at}.num_replicas", f"{replicas!r}: a {kind} application runs one replica in this release "
-                      f"({why})")]
-    scaling = deployment.autoscaling_config
-    if scaling is not None and (scaling.max_replicas or 1) > 1:
-        return [_fail(f"{at}.autoscaling_config.max_replicas", f"{scaling.max_replicas}: a {kind} application "
-                      f"runs one replica in this release ({why})")]
+def _replicas_supported(deployment: Deployment, at: str, kind: str, args: Any, args_at: str) -> list[ConfigError]:
+    """Problems with running ``deployment.max_replicas()`` replicas of a ``kind`` application."""
+    most = deployment.max_replicas()
+    if most == 1:
+        return []
+    key = f"{at}.autoscaling_config.max_replicas" if deployment.autoscaling_config is not None else f"{at}.num_replicas"
+    asked = deployment.num_replicas if most is None or deployment.autoscaling_config is None else most
+    if most is None:
+        return [_fail(key, '"auto": give num_replicas or autoscaling_config.max_replicas, so that the replicas '
+                      "this application may run are known")]
+    if kind == "server":
+        return [_fail(key, f"{asked!r}: the server application runs one replica (its state store has one writer)")]
+    mesh = getattr(args, "device_mesh", None)
+    if args.device_type not in (None, "cpu") or (mesh is not None and mesh.world_size > 1):
+        return [_fail(key, f"{asked!r}: several replicas of a {kind} application are supported where each "
+                      "replica's worker runs in the replica (device_type CPU, one worker); GPU or multi-worker "
+                      "groups would need devices of their own per replica, which this release does not plan")]
+    if kind == "model" and not args.durable_runs:
+        return [_fail(f"{args_at}.durable_runs", f"false, with {asked!r} replicas: runs move between a model "
+                      "application's replicas through their durable state; keep durable_runs: true")]
     return []
 
 

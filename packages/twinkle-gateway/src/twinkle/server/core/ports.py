@@ -22,6 +22,7 @@ import contextlib
 import inspect
 from typing import Any, AsyncIterator, Callable
 
+from twinkle.common.binding import route_by_run
 from twinkle.common.wire import (
     AdamParams,
     CheckpointInfo,
@@ -32,6 +33,7 @@ from twinkle.common.wire import (
     RunInfo,
     SampleOutput,
     SampleRequest,
+    following_run,
     remote_call,
     remote_error,
 )
@@ -53,46 +55,50 @@ class _Forwarding(abc.ABC):
 
 
 class ModelPort(_Forwarding):
-    """The async API of ``twinkle.model.service.ModelService`` (``info()`` answers its ``ModelInfo``)."""
+    """The async API of ``twinkle.model.service.ModelService`` (``info()`` answers its ``ModelInfo``). A call
+    about a run goes through ``_run_call``, which a port to several replicas routes to the run's replica."""
+
+    async def _run_call(self, name: str, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._call(name, run_id, *args, **kwargs)
 
     async def create_run(self, run_id: str, owner: str, lora: LoraConfig) -> RunInfo:
-        return await self._call("create_run", run_id, owner, lora)
+        return await self._run_call("create_run", run_id, owner, lora)
 
     async def forward_backward(self, run_id: str, owner: str, seq_id: int | None, inp: ForwardBackwardInput,
                                forward_only: bool = False) -> ForwardBackwardOutput:
-        return await self._call("forward_backward", run_id, owner, seq_id, inp, forward_only=forward_only)
+        return await self._run_call("forward_backward", run_id, owner, seq_id, inp, forward_only=forward_only)
 
     async def optim_step(self, run_id: str, owner: str, seq_id: int | None, params: AdamParams) -> OptimStepOutput:
-        return await self._call("optim_step", run_id, owner, seq_id, params)
+        return await self._run_call("optim_step", run_id, owner, seq_id, params)
 
     async def save_state(self, run_id: str, owner: str, seq_id: int | None, path: str,
                          include_optimizer: bool = True) -> CheckpointInfo:
-        return await self._call("save_state", run_id, owner, seq_id, path, include_optimizer=include_optimizer)
+        return await self._run_call("save_state", run_id, owner, seq_id, path, include_optimizer=include_optimizer)
 
     async def save_sampler_weights(self, run_id: str, owner: str, seq_id: int | None, path: str) -> CheckpointInfo:
-        return await self._call("save_sampler_weights", run_id, owner, seq_id, path)
+        return await self._run_call("save_sampler_weights", run_id, owner, seq_id, path)
 
     async def load_state(self, run_id: str, owner: str, seq_id: int | None, path: str, include_optimizer: bool,
                          create: bool = False) -> RunInfo:
-        return await self._call("load_state", run_id, owner, seq_id, path, include_optimizer, create=create)
+        return await self._run_call("load_state", run_id, owner, seq_id, path, include_optimizer, create=create)
 
     async def delete_run(self, run_id: str, owner: str) -> Any:
-        return await self._call("delete_run", run_id, owner)
+        return await self._run_call("delete_run", run_id, owner)
 
     async def run_info(self, run_id: str, owner: str) -> RunInfo:
-        return await self._call("run_info", run_id, owner)
+        return await self._run_call("run_info", run_id, owner)
 
     async def list_runs(self, owner: str) -> Any:
         return await self._call("list_runs", owner)
 
     async def skip(self, run_id: str, owner: str, seq_id: int, reason: str) -> None:
-        return await self._call("skip", run_id, owner, seq_id, reason)
+        return await self._run_call("skip", run_id, owner, seq_id, reason)
 
     async def outcome(self, run_id: str, owner: str, seq_id: int) -> Any:
-        return await self._call("outcome", run_id, owner, seq_id)
+        return await self._run_call("outcome", run_id, owner, seq_id)
 
     async def settle(self, run_id: str, owner: str, finished: list[tuple[int, str]]) -> list[int]:
-        return await self._call("settle", run_id, owner, finished)
+        return await self._run_call("settle", run_id, owner, finished)
 
 
 class SamplerPort(_Forwarding):
@@ -159,6 +165,10 @@ class HandlePort(_Port):
 
     async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return await remote_call(getattr(self.handle, name).remote(*args, **kwargs))
+
+    async def _run_call(self, name: str, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(route_by_run(self.handle, run_id), name)
+        return await following_run(lambda: method.remote(run_id, *args, **kwargs))
 
     async def _stream(self, name: str, *args: Any) -> AsyncIterator[Any]:
         """A streaming handle call (the deployment's method is an async generator); closing this cancels it."""

@@ -1,0 +1,107 @@
+"""Two replicas of the model application: runs spread over both, and a killed replica's runs move to the other.
+
+``deploy/local-tinker.yaml`` with ``num_replicas: 2`` on the model application, the official SDK. Several
+keys' runs train; each run's replica (its lease, ``<checkpoint_dir>/.runs/<app>/.leases/<run>``) is read
+from disk. One replica is SIGKILLed: every run trains on, and every run's losses equal a reference run's on
+the same data from the same seed, so no step was lost or applied twice wherever the run went.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from _cluster import REPO, base_env, free_port
+from test_fault_injection import CALL_TIMEOUT_S, Stack, _batch, _descendants, _step
+
+tinker = pytest.importorskip("tinker")
+
+pytestmark = pytest.mark.acceptance
+
+APP = "models-tiny-qwen2"
+KEYS = ("tml-replicas-alice", "tml-replicas-bob", "tml-replicas-carol")
+RUNS_PER_KEY = 2
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replicas")
+    port = free_port()
+    text = (REPO / "deploy" / "local-tinker.yaml").read_text().replace("port: 8000", f"port: {port}")
+    text = text.replace("      - name: ModelManagement\n", "      - name: ModelManagement\n        num_replicas: 2\n", 1)
+    cfg = root / "replicas.yaml"
+    cfg.write_text(text)
+    stack = Stack(f"http://127.0.0.1:{port}", cfg, base_env(TWINKLE_CHECKPOINT_DIR=str(root / "ckpt")), root)
+    try:
+        stack.launch()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _replica_pids(stack: Stack) -> dict[int, str]:
+    """pid -> command line of the model application's live replica processes."""
+    found = {}
+    for pid in _descendants(stack.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"ServeReplica:{APP}" in cmd:
+            found[pid] = cmd
+    return found
+
+
+def _holders(stack: Stack, run_ids: list[str]) -> dict[str, str]:
+    leases = stack.root / "ckpt" / ".runs" / APP / ".leases"
+    return {run_id: (leases / run_id).read_text() for run_id in run_ids}
+
+
+def _wait_for_two_replicas(stack: Stack, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(_replica_pids(stack)) < 2:
+        assert time.monotonic() < deadline, "Serve did not bring the model application back to two replicas"
+        time.sleep(1)
+
+
+def test_runs_spread_over_two_replicas_and_survive_one_being_killed(stack):
+    _wait_for_two_replicas(stack)
+    clients = [tinker.ServiceClient(base_url=stack.base, api_key=key) for key in KEYS]
+    try:
+        reference = clients[0].create_lora_training_client(base_model="tiny-qwen2", rank=4, seed=5).result()
+        expected = [_step(reference, _batch(i, rows=8)) for i in range(4)]
+
+        runs = [sc.create_lora_training_client(base_model="tiny-qwen2", rank=4, seed=5)
+                for sc in clients for _ in range(RUNS_PER_KEY)]
+        runs = [r.result(timeout=CALL_TIMEOUT_S) for r in runs]
+        losses: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+        for step in range(2):
+            for i, tc in enumerate(runs):
+                losses[i].append(_step(tc, _batch(step, rows=8)))
+
+        ids = [tc.model_id for tc in runs]
+        before = _holders(stack, ids)
+        assert len(set(before.values())) == 2, f"the runs did not spread over both replicas: {before}"
+
+        victim_pid, victim_cmd = next(iter(_replica_pids(stack).items()))
+        os.kill(victim_pid, signal.SIGKILL)
+        for step in (2, 3):
+            for i, tc in enumerate(runs):
+                losses[i].append(_step(tc, _batch(step, rows=8)))
+
+        for i, got in losses.items():
+            assert got == pytest.approx(expected, abs=1e-5), (i, got, expected)
+        after = _holders(stack, ids)
+        moved = [run_id for run_id in ids if after[run_id] != before[run_id]]
+        assert moved, "no run changed replica although one replica was killed"
+        assert len(set(after.values()) - set(before.values())) <= 1
+        print(f"{len(ids)} runs of {len(KEYS)} keys over 2 replicas "
+              f"({sorted(list(before.values()).count(h) for h in set(before.values()))}); "
+              f"{len(moved)} moved after a kill, every loss equals the reference")
+    finally:
+        for sc in clients:
+            sc.close("success").result()
