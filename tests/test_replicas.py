@@ -1,6 +1,7 @@
-"""Two replicas of the model application: runs spread over both, and a killed replica's runs move to the other.
+"""Two replicas of the model and of the sampler application: runs spread over both model replicas, and a killed
+replica's runs move to the other; sampling goes on through a sampler replica's death.
 
-``deploy/local-tinker.yaml`` with ``num_replicas: 2`` on the model application, the official SDK. Several
+``deploy/local-tinker.yaml`` with ``num_replicas: 2`` on the model and sampler applications, the official SDK. Several
 keys' runs train; each run's replica (its lease, ``<checkpoint_dir>/.runs/<app>/.leases/<run>``) is read
 from disk. One replica is SIGKILLed: every run trains on, and every run's losses equal a reference run's on
 the same data from the same seed, so no step was lost or applied twice wherever the run went.
@@ -22,6 +23,7 @@ tinker = pytest.importorskip("tinker")
 pytestmark = pytest.mark.acceptance
 
 APP = "models-tiny-qwen2"
+SAMPLER = "sampler-tiny-qwen2"
 KEYS = ("tml-replicas-alice", "tml-replicas-bob", "tml-replicas-carol")
 RUNS_PER_KEY = 2
 
@@ -31,7 +33,8 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
     port = free_port()
     text = (REPO / "deploy" / "local-tinker.yaml").read_text().replace("port: 8000", f"port: {port}")
-    text = text.replace("      - name: ModelManagement\n", "      - name: ModelManagement\n        num_replicas: 2\n", 1)
+    for deployment in ("ModelManagement", "SamplerManagement"):
+        text = text.replace(f"      - name: {deployment}\n", f"      - name: {deployment}\n        num_replicas: 2\n", 1)
     cfg = root / "replicas.yaml"
     cfg.write_text(text)
     stack = Stack(f"http://127.0.0.1:{port}", cfg, base_env(TWINKLE_CHECKPOINT_DIR=str(root / "ckpt")), root)
@@ -42,8 +45,8 @@ def stack(tmp_path_factory):
         stack.stop()
 
 
-def _replica_pids(stack: Stack) -> dict[int, str]:
-    """pid -> command line of the model application's live replica processes."""
+def _replica_pids(stack: Stack, app: str = APP) -> dict[int, str]:
+    """pid -> command line of an application's live replica processes."""
     found = {}
     for pid in _descendants(stack.proc.pid):
         try:
@@ -51,7 +54,7 @@ def _replica_pids(stack: Stack) -> dict[int, str]:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if f"ServeReplica:{APP}" in cmd:
+        if f"ServeReplica:{app}:" in cmd:
             found[pid] = cmd
     return found
 
@@ -61,10 +64,10 @@ def _holders(stack: Stack, run_ids: list[str]) -> dict[str, str]:
     return {run_id: (leases / run_id).read_text() for run_id in run_ids}
 
 
-def _wait_for_two_replicas(stack: Stack, timeout_s: float = 180) -> None:
+def _wait_for_two_replicas(stack: Stack, app: str = APP, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
-    while len(_replica_pids(stack)) < 2:
-        assert time.monotonic() < deadline, "Serve did not bring the model application back to two replicas"
+    while len(_replica_pids(stack, app)) < 2:
+        assert time.monotonic() < deadline, f"Serve did not bring {app} back to two replicas"
         time.sleep(1)
 
 
@@ -105,3 +108,27 @@ def test_runs_spread_over_two_replicas_and_survive_one_being_killed(stack):
     finally:
         for sc in clients:
             sc.close("success").result()
+
+
+def test_sampling_goes_on_when_a_sampler_replica_is_killed(stack):
+    from tinker import types
+
+    _wait_for_two_replicas(stack, SAMPLER)
+    sc = tinker.ServiceClient(base_url=stack.base, api_key=KEYS[0])
+    try:
+        tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4, seed=5).result()
+        _step(tc, _batch(0, rows=8))
+        sampler = tc.save_weights_and_get_sampling_client("replicas").result(timeout=CALL_TIMEOUT_S)
+        prompt = types.ModelInput.from_ints([11, 12, 13, 14])
+        params = types.SamplingParams(max_tokens=6, temperature=0.0)
+
+        def greedy() -> list[list[int]]:
+            return [sampler.sample(prompt, num_samples=1, sampling_params=params).result(timeout=CALL_TIMEOUT_S)
+                    .sequences[0].tokens for _ in range(4)]
+
+        first = greedy()
+        assert all(tokens == first[0] for tokens in first)  # whichever replica answered, the same adapter
+        os.kill(next(iter(_replica_pids(stack, SAMPLER))), signal.SIGKILL)
+        assert greedy() == first
+    finally:
+        sc.close("success").result()

@@ -87,10 +87,6 @@ class ModelManagement:
             holder=serve.get_replica_context().replica_id.unique_id,
         )
 
-    async def record_routing_stats(self) -> dict[str, Any]:
-        """What Serve's routers are told of this replica every ``ROUTING_STATS_PERIOD_S``: the runs it serves."""
-        return {"runs": dict.fromkeys(await self.service.held_runs(), True)}
-
     async def info(self) -> ServiceInfo:
         info = await self.service.info()
         workers = await asyncio.gather(*(w.describe() for w in self.workers))
@@ -152,4 +148,4 @@ _RUN_CALLS = frozenset(_HANDLE_API) - {"list_runs", "info", "health"}
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
-    return bind_component(ModelManagement, spec, deployment, default_name, **router_options())
+    return bind_component(ModelManagement, spec, deployment, default_name, **router_options(run_state_dir(spec)))

@@ -103,7 +103,8 @@ class ModelService:
     ) -> None:
         """``fuse_batches``: run different users' concurrent forward_backward requests in one pass (faster with
         several users; equal to separate passes only up to float rounding). ``adapter_timeout_s`` None or <= 0
-        disables offloading. ``sweep_interval_s`` defaults to a tenth of the timeout, between 1 s and 60 s.
+        disables offloading. ``sweep_interval_s`` (idle offload, and dropping runs another replica took) defaults
+        to a tenth of the timeout, between 1 s and 60 s.
         ``max_tokens_per_datum`` (the YAML's ``max_length``) and ``token_budget`` go to the backend built here.
         ``state_dir``: where runs are kept durable (None: runs live in memory only). ``holder``: this replica's
         unique name when replicas share ``state_dir`` (runs are then leased, see the module docstring)."""
@@ -119,6 +120,8 @@ class ModelService:
         self.fuse_batches = fuse_batches
         if sweep_interval_s is None and self.adapter_timeout_s is not None:
             sweep_interval_s = min(60.0, max(1.0, self.adapter_timeout_s / 10))
+        if sweep_interval_s is None and state_dir and holder:
+            sweep_interval_s = 60.0
         self.sweep_interval_s = sweep_interval_s
         self.scheduler = Scheduler(
             gap_timeout_s=gap_timeout_s,
@@ -142,13 +145,20 @@ class ModelService:
         validate_lora(lora)
         if not isinstance(run_id, str) or not run_id:
             raise UserError("run_id must be a non-empty string", field="run_id")
+        if self.durable is not None and self.durable.path(run_id) is None:
+            raise UserError("run_id may hold letters, digits and _ . : - only (at most 200)", field="run_id")
         exists = UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
         if self.durable is not None and await asyncio.to_thread(self.durable.read, run_id):
             raise exists
         if run_id in self._runs:
             raise exists
+        if self.leases is not None:  # before the run exists here, so no lease check can find it unleased
+            await asyncio.to_thread(self.leases.claim, run_id)
+            if run_id in self._runs:
+                raise exists
         held = sum(1 for r in self._runs.values() if r.owner == owner)
         if held >= self.adapter_limit_per_owner:
+            await self._release_lease(run_id)
             raise UserError(
                 f"adapter limit reached: this API key already holds {held} training runs on this model "
                 f"(per_token_adapter_limit = {self.adapter_limit_per_owner}); delete a run before creating another"
@@ -159,8 +169,6 @@ class ModelService:
         try:
             rec.lora = await self.scheduler.run_exclusive(lambda: self.backend.create_adapter(run_id, lora))
             rec.ready = True
-            if self.leases is not None:
-                await asyncio.to_thread(self.leases.claim, run_id)
             if self.durable is not None:
                 snap = await self.scheduler.run_exclusive(lambda: self.backend.snapshot(run_id))
                 await self.durable.save(run_id, snap, self._saved(rec, snap.step, first_seq_id))
@@ -170,8 +178,14 @@ class ModelService:
             if rec.ready:
                 with contextlib.suppress(Exception):
                     await self.scheduler.run_exclusive(lambda: self.backend.delete_adapter(run_id))
+            await self._release_lease(run_id)
             raise
         return self._info(rec)
+
+    async def _release_lease(self, run_id: str) -> None:
+        if self.leases is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.leases.release, run_id)
 
     async def delete_run(self, run_id: str, owner: str) -> None:
         self._ensure_started()
@@ -378,6 +392,7 @@ class ModelService:
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             try:
+                await self.held_runs()
                 await self.offload_idle()
             except Exception:
                 log.exception("idle offload failed")
@@ -418,11 +433,12 @@ class ModelService:
         return RunMoved(f"training run {run_id!r} is now served by another replica")
 
     async def held_runs(self) -> list[str]:
-        """The runs this replica serves now (what its router is told); any whose lease another replica took
-        meanwhile are dropped first."""
+        """The runs this replica serves now; those another replica took meanwhile are dropped first (the
+        sweeper calls this, so a copy nobody routes to any more does not hold memory)."""
         if self.leases is not None:
-            for run_id in list(self._runs):
-                if run_id not in self._restoring and not await asyncio.to_thread(self.leases.holds, run_id):
+            for run_id, rec in list(self._runs.items()):
+                if rec.ready and run_id not in self._restoring \
+                        and not await asyncio.to_thread(self.leases.holds, run_id):
                     await self._step_aside(run_id)
         return sorted(self._runs)
 
@@ -430,13 +446,11 @@ class ModelService:
         """Drop this replica's copy of a run another replica took: its waiting requests never ran here and
         fail with ``RunMoved`` (sent again by the caller); gradients accumulated here are lost, which the new
         replica reports as for a restart."""
-        rec = self._runs.pop(run_id, None)
-        if rec is None:
+        if self._runs.pop(run_id, None) is None:
             return
         self.scheduler.remove_run(run_id, self._moved(run_id))
-        if rec.ready:
-            with contextlib.suppress(NotFoundError):
-                await self.scheduler.run_exclusive(lambda: self.backend.delete_adapter(run_id))
+        with contextlib.suppress(NotFoundError):
+            await self.scheduler.run_exclusive(lambda: self.backend.delete_adapter(run_id))
         log.warning("run %s is now served by another replica; this replica dropped its copy", run_id)
 
     async def _restore_saved(self, run_id: str) -> _RunRecord | None:
