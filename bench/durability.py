@@ -10,6 +10,11 @@ both awaited). Steps alternate between the two services so load drift hits both 
 Prints the step time durable vs not (goal <= 1.05x), the median write of one run's state, and its size.
 The time from a replica's death to the next successful step is measured on a deployed stack by
 ``tests/test_fault_injection.py`` (it prints the figure).
+
+With ``--replicas``, instead: aggregate training throughput of ``--runs`` concurrent runs (one official-SDK
+client each, in threads) on ``deploy/local-tinker.yaml`` deployed with one model replica, then with two —
+steps per second in both and their ratio. The figure matters on machines with a device per replica; a 2-core
+box has no spare cores for a second replica, so expect little there.
 """
 
 from __future__ import annotations
@@ -87,6 +92,74 @@ async def main(args: argparse.Namespace) -> dict:
     }
 
 
+def replicas_throughput(args: argparse.Namespace) -> dict:
+    import concurrent.futures
+    import json as _json
+    import signal
+    import subprocess
+
+    import tinker
+    from tinker import types
+    from tinker_bench import deploy
+    from twinkle.server._uvicorn import free_port
+
+    data = [types.Datum(model_input=types.ModelInput.from_ints(list(range(10, 10 + args.seq))),
+                        loss_fn_inputs={"target_tokens": list(range(11, 11 + args.seq)), "weights": [1.0] * args.seq})
+            for _ in range(args.batch)]
+    adam = types.AdamParams(learning_rate=1e-4)
+    out: dict = {"runs": args.runs, "steps_per_run": args.steps, "batch": f"{args.batch}x{args.seq}"}
+    for replicas in (1, 2):
+        root = tempfile.mkdtemp(prefix=f"twinkle-replicas-{replicas}-")
+        port = free_port()
+        server = deploy(port, root, lambda t: t.replace(
+            "      - name: ModelManagement\n", f"      - name: ModelManagement\n        num_replicas: {replicas}\n", 1))
+        try:
+            _wait_running(replicas, subprocess, _json)
+            clients = [tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}", api_key=f"tml-bench-{i}")
+                       for i in range(args.runs)]
+            runs = [c.create_lora_training_client(base_model="tiny-qwen2", rank=args.rank, seed=i).result()
+                    for i, c in enumerate(clients)]
+
+            def train(tc, n: int) -> None:
+                for _ in range(n):
+                    fb, op = tc.forward_backward(data, "cross_entropy"), tc.optim_step(adam)
+                    fb.result()
+                    op.result()
+
+            with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+                list(pool.map(lambda tc: train(tc, 2), runs))  # warm-up
+                t0 = time.perf_counter()
+                list(pool.map(lambda tc: train(tc, args.steps), runs))
+                elapsed = time.perf_counter() - t0
+            leases = os.path.join(root, "ckpt", ".runs", "models-tiny-qwen2", ".leases")
+            holders = [open(os.path.join(leases, tc.model_id)).read() for tc in runs]
+            out[f"steps_per_s_{replicas}"] = round(len(runs) * args.steps / elapsed, 3)
+            out[f"runs_per_replica_{replicas}"] = sorted(holders.count(h) for h in set(holders))
+            for c in clients:
+                c.close("success").result()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+    out["ratio"] = round(out["steps_per_s_2"] / out["steps_per_s_1"], 3)
+    return out
+
+
+def _wait_running(replicas: int, subprocess, json, timeout_s: float = 300) -> None:
+    """Until ``twinkle-server status`` shows the model application with ``replicas`` running replicas (runs
+    created before the second one runs would all stay on the first)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = subprocess.run([sys.executable, "-m", "twinkle.server", "status", "--format", "json"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            apps = {a["name"]: a for a in json.loads(done.stdout)["applications"]}
+            model = apps.get("models-tiny-qwen2")
+            if model and model["replicas"].get("RUNNING", 0) >= replicas:
+                return
+        time.sleep(2)
+    raise RuntimeError(f"the model application did not reach {replicas} running replicas")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -95,7 +168,17 @@ if __name__ == "__main__":
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--replicas", action="store_true", help="aggregate steps/s with two model replicas vs one")
+    ap.add_argument("--runs", type=int, default=4, help="concurrent runs (with --replicas)")
     a = ap.parse_args()
+    if a.replicas:
+        out = replicas_throughput(a)
+        print(json.dumps(out) if a.json else
+              f"{out['runs']} concurrent runs ({out['batch']}, {out['steps_per_run']} steps each, official SDK, "
+              f"deploy/local-tinker.yaml): 1 model replica {out['steps_per_s_1']} steps/s, 2 replicas "
+              f"{out['steps_per_s_2']} steps/s (runs per replica {out['runs_per_replica_2']}) -> "
+              f"{out['ratio']:.2f}x on {os.cpu_count()} cores")
+        sys.exit(0)
     out = asyncio.run(main(a))
     if a.json:
         print(json.dumps(out))

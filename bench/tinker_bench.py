@@ -48,13 +48,16 @@ MODEL_ID = "builtin://tiny-qwen2"
 # ----------------------------------------------------------------------------------------- server process
 
 
-def deploy(port: int, root: str) -> subprocess.Popen:
-    """``deploy/local-tinker.yaml`` on a free port, its state under ``root``; returns once it answers."""
+def deploy(port: int, root: str, edit=None) -> subprocess.Popen:
+    """``deploy/local-tinker.yaml`` (changed by ``edit(text)`` if given) on a free port, its state under
+    ``root``; returns once it answers."""
     import httpx
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(repo, "deploy", "local-tinker.yaml")) as f:
         text = f.read().replace("port: 8000", f"port: {port}")
+    if edit is not None:
+        text = edit(text)
     text += f"checkpoint_dir: {os.path.join(root, 'ckpt')}\n"
     cfg = os.path.join(root, "local-tinker.yaml")
     with open(cfg, "w") as f:

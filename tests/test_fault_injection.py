@@ -49,8 +49,9 @@ def stack(tmp_path_factory):
 class Stack:
     """One deployed stack; ``launch()`` again after ``stop()`` restarts it on the same port and storage."""
 
-    def __init__(self, base: str, cfg, env: dict, root) -> None:
-        self.base, self.cfg, self.env, self.root = base, cfg, env, root
+    def __init__(self, base: str, cfg, env: dict, root,
+                 health: tuple[str, ...] = ("/api/v1/healthz", f"{MODEL_PREFIX}/healthz")) -> None:
+        self.base, self.cfg, self.env, self.root, self.health = base, cfg, env, root, health
         self.proc: subprocess.Popen | None = None
         self.launches = 0
 
@@ -59,8 +60,8 @@ class Stack:
         log = open(self.root / f"server-{self.launches}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "twinkle.server", "--config", str(self.cfg)],
                                      env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
-        wait_http(f"{self.base}/api/v1/healthz", 300, self.proc)
-        wait_http(f"{self.base}{MODEL_PREFIX}/healthz", 120, self.proc)
+        for path in self.health:
+            wait_http(f"{self.base}{path}", 300, self.proc)
 
     def stop(self) -> int | None:
         return None if self.proc is None else terminate(self.proc, timeout_s=90)

@@ -48,13 +48,46 @@ def test_parallelism_the_backend_lacks_is_refused_not_run_as_data_parallel(tmp_p
     assert field in err and "data-parallel" in err and "Traceback" not in err
 
 
-def test_more_than_one_replica_of_a_stateful_app_is_refused(tmp_path, capsys):
+def _with_replicas(deployment: str, setting: str, replace: tuple[str, str] | None = None) -> str:
     text = (REPO / "deploy" / "local-tinker.yaml").read_text().replace(
-        "      - name: TinkerCompatServer\n", "      - name: TinkerCompatServer\n        num_replicas: 2\n", 1)
+        f"      - name: {deployment}\n", f"      - name: {deployment}\n        {setting}\n", 1)
+    return text.replace(*replace, 1) if replace else text
+
+
+def test_more_than_one_replica_of_the_server_is_refused(tmp_path, capsys):
+    path = tmp_path / "replicas.yaml"
+    path.write_text(_with_replicas("TinkerCompatServer", "num_replicas: 2"))
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "applications[0].deployments[0].num_replicas" in err and "one writer" in err
+
+
+@pytest.mark.parametrize("deployment,setting", [
+    ("ModelManagement", "num_replicas: 2"), ("SamplerManagement", "num_replicas: 3"),
+    ("ModelManagement", "autoscaling_config: {min_replicas: 1, max_replicas: 4}")])
+def test_several_model_or_sampler_replicas_with_in_replica_cpu_workers_are_accepted(tmp_path, deployment, setting):
+    path = tmp_path / "replicas.yaml"
+    path.write_text(_with_replicas(deployment, setting))
+    assert main(["check-config", str(path)]) == 0
+
+
+@pytest.mark.parametrize("setting,replace,field,words", [
+    ("num_replicas: 2", ("durable_runs: true", "durable_runs: false"), "args.durable_runs", "durable state"),
+    ("num_replicas: 2", ("dp_size: 1", "dp_size: 2"), "deployments[0].num_replicas", "devices of their own"),
+    ('num_replicas: "auto"', None, "deployments[0].num_replicas", "max_replicas"),
+    ("autoscaling_config: {max_replicas: 2}", ("dp_size: 1", "dp_size: 2"),
+     "deployments[0].autoscaling_config.max_replicas", "devices of their own")])
+def test_model_replicas_that_cannot_be_honoured_are_refused(tmp_path, capsys, setting, replace, field, words):
+    text = _with_replicas("ModelManagement", setting, replace)
+    if replace and replace[0] == "durable_runs: true":
+        text = text.replace("      use_megatron: false\n", "      use_megatron: false\n      durable_runs: false\n", 1)
+    else:
+        text = text.replace("ranks: 1\n", "ranks: 2\n", 1) if replace else text
     path = tmp_path / "replicas.yaml"
     path.write_text(text)
     assert main(["check-config", str(path)]) == 2
-    assert "deployments[0].num_replicas" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"applications[1].{field}" in err and words in err and "Traceback" not in err
 
 
 def test_check_config_reports_the_line_of_a_mistake(tmp_path, capsys):

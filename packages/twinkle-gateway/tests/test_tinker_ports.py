@@ -53,6 +53,11 @@ class _Handle:
 
     def __init__(self, error=None):
         self.error = error
+        self.routed: list[str] = []
+
+    def options(self, *, multiplexed_model_id: str):
+        self.routed.append(multiplexed_model_id)
+        return self
 
     def __getattr__(self, name):
         async def call(*args, **kwargs):
@@ -75,7 +80,30 @@ async def test_handle_port_calls_remote_and_resolves_lazily():
     assert await port.save_state("r", "o", 5, "/p", include_optimizer=False) == (
         "save_state", ("r", "o", 5, "/p"), {"include_optimizer": False})
     assert await port.sample("req") == ("sample", ("req",), {})
+    assert await port.list_runs("o") == ("list_runs", ("o",), {})
     assert made == [1]
+    assert port.handle.routed == ["r"]  # a call about a run goes to the run's replica; the others do not name one
+
+
+async def test_handle_port_sends_a_call_again_while_its_run_moves_between_replicas():
+    from twinkle.common.wire import RunMoved
+
+    class Moving(_Handle):
+        attempts = 0
+
+        def __getattr__(self, name):
+            async def call(*args, **kwargs):
+                self.attempts += 1
+                if self.attempts < 3:
+                    raise RunMoved("training run 'r' is now served by another replica")
+                return (name, args)
+
+            return _Method(call)
+
+    handle = Moving()
+    port = HandlePort(lambda: handle)
+    assert await port.optim_step("r", "o", 4, None) == ("optim_step", ("r", "o", 4, None))
+    assert handle.routed == ["r"] and handle.attempts == 3  # routed once, sent until it reached the run
     with pytest.raises(TypeError):
         HandlePort(42)
 

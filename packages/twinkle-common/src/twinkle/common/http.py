@@ -15,9 +15,9 @@ from typing import Any, Awaitable, Callable, TypeVar
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 
-from .wire import ServiceHealth, ServiceInfo, UserError
+from .wire import ServiceHealth, ServiceInfo, ServiceUnavailable, UserError
 
 log = logging.getLogger("twinkle")
 
@@ -77,8 +77,15 @@ def _internal_error(request: Request, exc: Exception) -> Response:
                     status_code=HTTP_500_INTERNAL_SERVER_ERROR)
 
 
+def _unavailable(request: Request, exc: Exception) -> Response:
+    """A serving process was lost or a run is moving between replicas: worth retrying in a moment."""
+    return Response({"detail": f"{exc}; retry in a moment"}, status_code=HTTP_503_SERVICE_UNAVAILABLE,
+                    headers={"Retry-After": "1"})
+
+
 EXCEPTION_HANDLERS = {
     UserError: _user_error,
+    ServiceUnavailable: _unavailable,
     ValidationException: _validation_error,
     HTTPException: _http_error,
     Exception: _internal_error,
