@@ -299,3 +299,24 @@ async def test_a_replica_that_lost_its_run_mid_step_neither_saves_nor_acknowledg
     finally:
         await a.close()
         await b.close()
+
+
+async def test_the_adapter_limit_counts_an_owners_runs_on_every_replica(backend, other_backend, tiny_model_id,
+                                                                       tmp_path):
+    def replica(b, holder):
+        return ModelService(tiny_model_id, backend=b, adapter_timeout_s=None, state_dir=str(tmp_path), holder=holder,
+                            adapter_limit_per_owner=2)
+
+    a, b = replica(backend, "replica-a"), replica(other_backend, "replica-b")
+    try:
+        await a.create_run("limit-1", "alice", LORA)
+        await b.create_run("limit-2", "alice", LORA)
+        with pytest.raises(UserError, match="adapter limit"):
+            await a.create_run("limit-3", "alice", LORA)
+        await b.create_run("limit-4", "bob", LORA)  # another key's runs do not count
+        await a.delete_run("limit-1", "alice")
+        await b.create_run("limit-3", "alice", LORA)
+        assert sorted(r.run_id for r in await a.list_runs("alice")) == ["limit-2", "limit-3"]
+    finally:
+        await a.close()
+        await b.close()

@@ -7,9 +7,10 @@ requests; the backend owns the tensors. Every model operation goes through the :
 Ownership: ``owner`` is an opaque principal id given by the gateway. A run owned by somebody else answers
 exactly like a run that does not exist (``NotFoundError``), so run ids cannot be probed.
 
-Quota (``adapter_limit_per_owner``, the YAML's ``per_token_adapter_limit``): creating one more run than the
-limit is a ``UserError`` with status **400**, not 429. The Tinker SDK retries 429 automatically, but this
-limit does not clear by waiting: the user must delete a run. Offloaded runs still count.
+Quota (``adapter_limit_per_owner``, the YAML's ``per_token_adapter_limit``), over the owner's runs here and
+those saved by every replica: creating one more run than the limit is a ``UserError`` with status **400**,
+not 429. The Tinker SDK retries 429 automatically, but this limit does not clear by waiting: the user must
+delete a run. Offloaded runs still count.
 
 Idle offload (``adapter_timeout_s``, the YAML's ``adapter_timeout``): a sweeper task offloads runs idle that
 long (see ``TransformersBackend`` for where the state goes); the next request restores them transparently.
@@ -156,7 +157,11 @@ class ModelService:
             await asyncio.to_thread(self.leases.claim, run_id)
             if run_id in self._runs:
                 raise exists
-        held = sum(1 for r in self._runs.values() if r.owner == owner)
+        # Runs saved by any replica count too (with several replicas, each holds some of them); the runs held
+        # here are counted after the last await, so that the reservation below cannot race.
+        saved = set() if self.durable is None else {
+            s.run_id for s in await asyncio.to_thread(self.durable.list, owner)}
+        held = len(saved | {r.run_id for r in self._runs.values() if r.owner == owner})
         if held >= self.adapter_limit_per_owner:
             await self._release_lease(run_id)
             raise UserError(
