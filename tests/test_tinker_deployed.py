@@ -261,3 +261,82 @@ def test_metrics_at_the_server_root_count_each_keys_tokens(deployed, trained_che
     count = ("twinkle_request_seconds_count", (("kind", "sample"), ("outcome", "done")))
     assert after[count] == before.get(count, 0.0) + 1
     assert after[("twinkle_service_up", (("kind", "model"), ("model", "tiny-qwen2")))] == 1
+
+
+ARTIFACTS = REPO / "build" / "test-artifacts"
+
+
+def test_the_web_console_in_a_real_browser(deployed):
+    """Log in with a key, watch a run train (the loss curve grows while the page is open), download a
+    checkpoint, publish it; another key sees none of it. Leaves a screenshot of the run page in
+    ``build/test-artifacts/console-run.png``."""
+    import shutil
+    import tarfile
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium: `hatch run test` installs Debian's chromium (tests/tools/ensure_chromium.py), "
+                    "which could not be done on this machine")
+    from tinker import types
+
+    base = deployed[0]
+    sc = tinker.ServiceClient(base_url=base, api_key="tml-console-alice")
+    try:
+        tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4, seed=1).result()
+        data = [types.Datum(model_input=types.ModelInput.from_ints(list(range(30, 62))),
+                            loss_fn_inputs={"target_tokens": list(range(31, 63)), "weights": [1.0] * 32})]
+
+        def step() -> None:
+            tc.forward_backward(data, "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+
+        for _ in range(3):
+            step()
+        tc.save_state("console-ckpt").result()
+
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(accept_downloads=True, viewport={"width": 1100, "height": 900})
+                page.goto(f"{base}/console/")
+                assert "/console/login" in page.url  # signed out: sent to the login form
+                page.fill("#api_key", "tml-console-alice")
+                page.click("button[type=submit]")
+                page.click(f"a:text-is('{tc.model_id}')")
+                assert page.inner_text("#step-count") == "3"
+                points = "document.getElementById('loss-line').getAttribute('points').trim().split(' ').length"
+                assert page.evaluate(points) == 3
+
+                for _ in range(3):  # the run trains on while the page is open: the curve follows
+                    step()
+                # (expect polls from outside the page: the console's CSP forbids evaluating strings in it)
+                sync_api.expect(page.locator("#step-count")).to_have_text("6", timeout=30_000)
+                assert page.evaluate(points) == 6
+                assert page.locator("#steps tbody tr").count() == 6
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "console-run.png"), full_page=True)
+
+                with page.expect_download() as download:
+                    page.click("a:text-is('Download')")
+                archive = download.value.path()
+                with tarfile.open(archive) as tar:
+                    names = tar.getnames()
+                assert any(n.endswith("adapter_model.safetensors") for n in names), names
+
+                page.click("button:text-is('Publish')")
+                page.wait_for_selector("button:text-is('Unpublish')")
+                rest = tinker.RestClient(base_url=base, api_key="tml-console-alice")
+                listed = rest.list_checkpoints(tc.model_id).result().checkpoints
+                assert [c.public for c in listed if c.checkpoint_id == "weights/console-ckpt"] == [True]
+
+                other = browser.new_page()
+                other.goto(f"{base}/console/login")
+                other.fill("#api_key", "tml-console-bob")
+                other.click("button[type=submit]")
+                assert tc.model_id not in other.content()
+                assert other.goto(f"{base}/console/runs/{tc.model_id}").status == 404
+            finally:
+                browser.close()
+    finally:
+        sc.close("success").result()

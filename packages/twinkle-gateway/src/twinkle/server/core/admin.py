@@ -39,7 +39,12 @@ async def admin_usage(request: Request) -> dict[str, Any]:
 async def admin_services(request: Request) -> dict[str, Any]:
     """Every model and sampler service's full ``info()`` and ``health()``."""
     _require_admin(request)
-    plane = _plane(request)
+    return {"services": await describe_services(_plane(request))}
+
+
+async def describe_services(plane: Any) -> list[dict[str, Any]]:
+    """Every model and sampler service's full ``info()`` and ``health()`` (for admins only: it shows workers,
+    queues and engine settings)."""
 
     async def describe(kind: str, name: str, port: Any) -> dict[str, Any]:
         try:
@@ -50,7 +55,7 @@ async def admin_services(request: Request) -> dict[str, Any]:
 
     found = await asyncio.gather(*[describe("model", n, p) for n, p in plane.models.items()],
                                  *[describe("sampler", n, p) for n, p in plane.samplers.items()])
-    return {"services": list(found)}
+    return list(found)
 
 
 ADMIN_ROUTES = [admin_usage, admin_services]

@@ -33,6 +33,8 @@ from twinkle.common.native import FutureRef, decode
 
 from ..auth import ApiKeyMiddleware, caller_id
 from ..core.admin import ADMIN_ROUTES
+from ..console import PREFIX as CONSOLE_PREFIX
+from ..console import ConsoleSessions, console_router
 from ..core.metrics import Metrics, MetricsMiddleware, metrics_route
 from ..oai import OAI_PREFIX, OpenAIServing, oai_router
 from . import protocol as P
@@ -151,15 +153,16 @@ def create_twinkle_app(service: NativeService, *, path_prefix: str = "", oai_pre
         handlers.append(oai_router(oai_prefix))
     metrics = Metrics("twinkle")
     service.plane.observers.append(metrics.finished)
-    handlers.append(metrics_route)
+    handlers += [metrics_route, console_router()]
     docs = f"{path_prefix}/docs"
     return Litestar(
         route_handlers=handlers,
-        middleware=[MetricsMiddleware(metrics), DefineMiddleware(ApiKeyMiddleware, public=(docs,))],
+        middleware=[MetricsMiddleware(metrics), DefineMiddleware(ApiKeyMiddleware, public=(docs, CONSOLE_PREFIX))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[service.plane.lifespan],
         state=State({"service": service, "keyring": None, "oai": OpenAIServing(service.plane, scheme="twinkle://"),
-                     "metrics": metrics, "plane": service.plane}),
+                     "metrics": metrics, "plane": service.plane,
+                     "console": ConsoleSessions(lambda: service.plane.store), "console_scheme": "twinkle://"}),
         request_max_body_size=service.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Twinkle server", version=distribution_version("twinkle-gateway"),
                                      path=docs),

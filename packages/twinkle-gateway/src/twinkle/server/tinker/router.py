@@ -31,6 +31,8 @@ from ..auth import ApiKeyMiddleware, Principal, caller_id
 from ..core import ControlPlane
 from ..core.admin import ADMIN_ROUTES
 from ..core.checkpoints import parse_checkpoint_id
+from ..console import PREFIX as CONSOLE_PREFIX
+from ..console import ConsoleSessions, console_router
 from ..core.metrics import Metrics, MetricsMiddleware, metrics_route
 from ..oai import OAI_PREFIX, OpenAIServing, oai_router
 from ..core.ports import ModelPort, SamplerPort
@@ -558,17 +560,18 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
         handlers.append(oai_router(oai_prefix))
     metrics = Metrics("tinker")
     plane.observers.append(metrics.finished)
-    handlers.append(metrics_route)
+    handlers += [metrics_route, console_router()]
     return Litestar(
         route_handlers=handlers,
         middleware=[MetricsMiddleware(metrics), ZstdRequestMiddleware(settings.max_body_bytes),
-                    DefineMiddleware(ApiKeyMiddleware)],
+                    DefineMiddleware(ApiKeyMiddleware, public=(CONSOLE_PREFIX,))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[plane.lifespan],
         state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service,
                      "sampling": sampling, "export": export, "path_prefix": path_prefix,
                      "oai": OpenAIServing(plane), "metrics": metrics, "plane": plane,
-                     "usage": TinkerUsage(plane)}),
+                     "usage": TinkerUsage(plane), "console": ConsoleSessions(lambda: plane.store),
+                     "console_scheme": "tinker://"}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=debug,

@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS samplers (
 );
 CREATE INDEX IF NOT EXISTS samplers_session ON samplers(session_id);
 CREATE INDEX IF NOT EXISTS samplers_run ON samplers(run_id) WHERE ephemeral = 1;
+CREATE INDEX IF NOT EXISTS samplers_owner ON samplers(owner);
 CREATE TABLE IF NOT EXISTS futures (
     request_id TEXT PRIMARY KEY,
     owner      TEXT NOT NULL,

@@ -472,6 +472,12 @@ class Store:
 
         return await self._call(go)
 
+    async def list_samplers(self, owner: str, limit: int) -> list[SamplerRecord]:
+        """The owner's sampling sessions, most recently used first."""
+        return await self._call(lambda: [self._sampler(r) for r in self.conn.execute(
+            f"SELECT {self._SAMPLER_COLS} FROM samplers WHERE owner=? ORDER BY COALESCE(last_used, created) DESC "
+            "LIMIT ?", (owner, limit)).fetchall()])
+
     async def ephemeral_samplers(self, *, run_id: str | None = None, session_ids: list[str] | None = None
                                  ) -> list[SamplerRecord]:
         """Samplers holding ephemeral weights, of one run or of some sessions, newest first."""
@@ -745,6 +751,16 @@ class Store:
         self.submit_background(lambda: self.conn.execute(
             "INSERT OR REPLACE INTO run_steps(run_id, step, time, loss, tokens, learning_rate, grad_norm) "
             "VALUES (?,?,?,?,?,?,?)", (run_id, step, now, loss, tokens, learning_rate, grad_norm)))
+
+    async def last_steps(self, run_ids: list[str]) -> dict[str, tuple[int, float | None]]:
+        """Per run that has steps: ``(step, loss)`` of its newest one."""
+        if not run_ids:
+            return {}
+        marks = ",".join("?" * len(run_ids))
+        return await self._call(lambda: {r: (step, loss) for r, step, loss in self.conn.execute(
+            f"SELECT s.run_id, s.step, s.loss FROM run_steps s JOIN (SELECT run_id, MAX(step) AS top FROM run_steps "
+            f"WHERE run_id IN ({marks}) GROUP BY run_id) t ON s.run_id = t.run_id AND s.step = t.top",
+            run_ids).fetchall()})
 
     async def run_steps(self, run_id: str, after_step: int, limit: int) -> list[tuple]:
         """``(step, time, loss, tokens, learning_rate, grad_norm)`` of a run's steps after ``after_step``."""
