@@ -40,3 +40,45 @@ def test_leases_name_the_last_claimer_and_only_it_releases(tmp_path):
     b.release("run-1")
     assert a.holder_of("run-1") is None
     assert [p.name for p in (tmp_path / ".leases").iterdir()] == []  # no temporary files left behind
+
+
+class _FakeReplica:
+    """What Serve's router asks of a replica: its id, its capacity and its queue length."""
+
+    def __init__(self, unique_id: str, deployment_id) -> None:
+        from ray.serve._private.common import ReplicaID
+
+        self.replica_id = ReplicaID(unique_id=unique_id, deployment_id=deployment_id)
+        self.max_ongoing_requests = 100
+        self.multiplexed_model_ids: set[str] = set()
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return 0
+
+
+def test_concurrent_calls_made_while_serving_one_request_are_all_routed(tmp_path):
+    """Calls made while serving one HTTP request share Serve's internal request id; each still gets a replica
+    (Serve's base router matched by that id and left the second call spinning in the router's loop)."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from twinkle.model.routing import RunAffinityRouter
+
+    async def main() -> list:
+        deployment = DeploymentID(name="ModelManagement", app_name="models-tiny")
+        router = RunAffinityRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.REPLICA)
+        router.initialize_state(state_dir=str(tmp_path))
+        replicas = [_FakeReplica("r-a", deployment), _FakeReplica("r-b", deployment)]
+        router.update_replicas(replicas)
+        RunLeases(str(tmp_path), "r-b").claim("run-1")
+        calls = [RequestMetadata(request_id="http-1", internal_request_id="shared", call_method=method,
+                                 multiplexed_model_id=run)
+                 for method, run in (("info", ""), ("health", ""), ("forward", "run-1"), ("optim_step", "run-1"))]
+        chosen = [router._choose_replica_for_request(PendingRequest(args=[], kwargs={}, metadata=m)) for m in calls]
+        return await asyncio.wait_for(asyncio.gather(*chosen), 5)
+
+    picked = asyncio.run(main())
+    assert [r.replica_id.unique_id for r in picked[2:]] == ["r-b", "r-b"]  # the run's calls reach its replica
+    assert all(r.replica_id.unique_id in ("r-a", "r-b") for r in picked[:2])

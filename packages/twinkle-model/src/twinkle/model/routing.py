@@ -16,7 +16,11 @@ run trained in two places.
 
 Calls that name no run (``info``, ``health``, ``list_runs``) go to one of two random replicas. The router is a
 plain ``RequestRouter``, not Serve's FIFO one: that one may hand the replica chosen for one request to
-another request waiting ahead of it, which would send a run's call to a replica chosen for another run.
+another request waiting ahead of it, which would send a run's call to a replica chosen for another run. A
+chosen replica goes to the very request it was chosen for (``_fulfill_next_pending_request``): Serve's base
+matches by internal request id, which every call made while serving one HTTP request shares, so two concurrent
+calls of one request (``admin/services`` asks for ``info`` and ``health`` at once) left one of them spinning in
+the router's event loop, stalling every handle call of the process.
 """
 
 from __future__ import annotations
@@ -75,3 +79,12 @@ class RunAffinityRouter(RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         pick = choose_for_run(run_id, [r.replica_id.unique_id for r in candidate_replicas], self._holder(run_id))
         return [[candidate_replicas[pick]]]
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata: Any = None) -> None:
+        for pending in self._pending_requests_to_fulfill:
+            if pending.metadata is request_metadata and not pending.future.done():
+                self._cancel_routing_task_for_pending_request(pending)
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                self._remove_pending_request_from_indices(pending)
+                return
