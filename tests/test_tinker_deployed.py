@@ -232,11 +232,17 @@ def test_openai_n_stop_ownership_and_errors(deployed, trained_checkpoint):
     assert e.value.body["param"] == "prompt"
 
 
-def test_the_launcher_logs_json_lines(deployed):
+def test_the_launcher_logs_json_lines_and_start_up_progress(deployed):
     import json
 
     lines = [line for line in (deployed[2] / "server.log").read_text().splitlines() if line.startswith("{")]
-    assert any(json.loads(line).get("message", "").startswith("placement plan") for line in lines)
+    messages = [json.loads(line).get("message", "") for line in lines]
+    assert any(m.startswith("placement plan") for m in messages)
+    # While replicas start: each application's status and replica counts, before the server is up.
+    progress = [i for i, m in enumerate(messages) if m.startswith("starting (")]
+    up = next(i for i, m in enumerate(messages) if " is up at " in m)
+    assert progress and progress[0] < up, messages[:up + 1]
+    assert all(name in messages[progress[0]] for name in ("server", "models-tiny-qwen2", "sampler-tiny-qwen2"))
 
 
 def test_metrics_at_the_server_root_count_each_keys_tokens(deployed, trained_checkpoint):

@@ -3,7 +3,9 @@ dataset encoding, retries that must not double-apply, sessions, errors."""
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -179,3 +181,34 @@ def test_processor_helpers(client):
     assert chat.tokens and "hi" in chat.text
     pages = list(client.encode_dataset(jsonl='{"prompt": "a", "completion": "b"}\n{"bad": 1}\n', on_error="skip"))
     assert pages[0].errors[0].where == "line 2" and len(pages[0].data) == 1
+
+
+def test_progress_bars_and_a_checkpoint_downloaded_as_its_files(stack, keys, tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    with TwinkleClient(stack.base_url, api_key=keys[0], progress=True) as c:
+        data = [d for page in c.encode_dataset(ROWS, page_size=1) for d in page.data]
+        run = c.create_training_run(rank=4, seed=0)
+        run.forward_backward(data)
+        run.optim_step(learning_rate=1e-2)
+        state = run.save("to-download")
+        unpacked = c.download_checkpoint(state, tmp_path / "a")
+        packed = c.download_checkpoint(state.uri, tmp_path / "b", extract=False)
+        with pytest.raises(FileExistsError):
+            c.download_checkpoint(state, tmp_path / "a")
+        with TwinkleClient(stack.base_url, api_key=keys[1], progress=False) as bob:
+            with pytest.raises(TwinkleNotFoundError):
+                bob.download_checkpoint(state, tmp_path / "c")
+    err = capsys.readouterr().err
+    # (tqdm redraws at most every 0.1 s: the bars' totals are checked, not their last state)
+    assert re.search(r"encoding: +\d+%\|.*\| \d/2 \[", err), err
+    assert re.search(r"download to-download: +\d+%\|.*\| [\d.]+[kM]?/[\d.]+[kM]?B? \[", err), err
+    # the files are the checkpoint's, byte for byte: the adapter as stock peft reads it, and the optimizer
+    server_dir = next(p for p in Path(stack.settings.checkpoint_dir).rglob("to-download") if p.is_dir())
+    ours = {p.relative_to(unpacked): p.read_bytes() for p in unpacked.rglob("*") if p.is_file()}
+    theirs = {p.relative_to(server_dir): p.read_bytes() for p in server_dir.rglob("*") if p.is_file()}
+    assert ours == theirs and any(p.name == "adapter_model.safetensors" for p in ours)
+    import tarfile
+
+    with tarfile.open(packed) as tar:
+        assert sorted(m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()) == sorted(map(str, ours))
+    assert [p.name for p in tmp_path.rglob(".twinkle-download-*")] == []  # no partial file left behind

@@ -127,6 +127,21 @@ def test_wait_reports_progress_until_done():
     assert len(polls) == 3
 
 
+def test_wait_draws_a_bar_of_the_time_waited_only_when_asked_or_on_a_terminal(capsys):
+    pytest.importorskip("tqdm")
+    handler, polls = _fake_server(["pending", "running", "done"])
+    with TwinkleClient("http://twinkle.test", api_key="tml-k", transport=httpx.MockTransport(handler),
+                       progress=True) as c:
+        c.wait("req-1", kind="save x")
+    err = capsys.readouterr().err
+    assert "save x: 00:00, pending" in err and "save x: 00:00, running" in err
+    assert [float(t) for t in polls[1:]] == [1.0, 1.0]  # a drawn bar is redrawn every second
+    handler, _ = _fake_server(["pending", "done"])
+    with TwinkleClient("http://twinkle.test", api_key="tml-k", transport=httpx.MockTransport(handler)) as c:
+        c.wait("req-2", kind="save y")  # progress=None: standard error is no terminal here
+    assert "save y" not in capsys.readouterr().err
+
+
 def test_wait_failures_and_timeouts():
     handler, _ = _fake_server(["failed"])
     with TwinkleClient("http://twinkle.test", api_key="tml-k", transport=httpx.MockTransport(handler)) as c:

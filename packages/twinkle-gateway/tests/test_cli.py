@@ -180,3 +180,20 @@ def test_the_port_probe_ignores_time_wait_sockets_of_a_stopped_server():
     client.close()
     server.close()
     _check_port_free("127.0.0.1", port)  # no LaunchError
+
+
+def test_start_up_progress_names_each_application_with_its_replica_counts():
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import ReplicaState
+
+    from twinkle.server.launcher import start_up_summary
+
+    def app(status, *deployments):
+        return SimpleNamespace(status=status, deployments={
+            f"d{i}": SimpleNamespace(replica_states=states) for i, states in enumerate(deployments)})
+
+    apps = {"server": app("RUNNING", {ReplicaState.RUNNING: 1}),
+            "models": app("DEPLOYING", {ReplicaState.RUNNING: 1, ReplicaState.STARTING: 2})}
+    assert start_up_summary(apps, ["server", "models", "sampler"]) == (
+        "server RUNNING 1/1 running; models DEPLOYING 1/3 running (2 starting); sampler waiting")

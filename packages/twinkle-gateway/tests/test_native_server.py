@@ -8,7 +8,10 @@ dedupe, checkpoint URIs (never paths), the processor's row errors.
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -202,6 +205,16 @@ def test_save_load_and_checkpoint_uris(alice, bob):
     t0 = time.monotonic()
     alice.ok("POST", f"{M}/runs/{run}/forward", json={"data": [_datum()], "seq_id": 13})
     assert time.monotonic() - t0 < 10
+    # download: the owner's only, named by field; each archive is removed from the server's disk once sent
+    leftovers = set(Path(tempfile.gettempdir()).glob("twinkle-checkpoint-*"))
+    archive = alice.get(f"/server/training_runs/{run}/checkpoints/weights/s1/archive")
+    assert archive.status_code == 200 and archive.headers["content-type"] == "application/x-tar"
+    assert int(archive.headers["content-length"]) == len(archive.content) > 0
+    assert bob.get(f"/server/training_runs/{run}/checkpoints/weights/s1/archive").status_code == 404
+    for kind, name, field in (("ephemeral", "s1", "kind"), ("weights", "..", "name"), ("weights", "a b", "name")):
+        r = alice.get(f"/server/training_runs/{run}/checkpoints/{kind}/{name}/archive")
+        assert r.status_code in (400, 404) and (r.status_code == 404 or r.json()["field"] == field), r.text
+    assert set(Path(tempfile.gettempdir()).glob("twinkle-checkpoint-*")) == leftovers
     # delete a checkpoint
     assert bob.delete(f"/server/training_runs/{run}/checkpoints/weights/s1").status_code == 404
     alice.ok("DELETE", f"/server/training_runs/{run}/checkpoints/weights/s1", 204)
@@ -296,3 +309,30 @@ def test_processor_routes(alice):
     assert "page" in items[0] and items[-1]["error"]["field"] == "line 6" and items[-1]["error"]["status"] == 400
     r = alice.post(f"{P}/encode", json={"jsonl": jsonl, "shuffle": True})
     assert r.status_code == 400 and "shuffle" in r.json()["detail"]
+
+
+def test_a_key_has_at_most_two_checkpoint_archives_on_disk_at_once(stack, alice):
+    """Each download is packed into a temporary file: a key asking for many at once gets a 429."""
+    from twinkle.server.core.futures import Busy
+
+    run = alice.create_run()
+    alice.ok("POST", f"{M}/runs/{run}/forward_backward", json={"data": [_datum()], "seq_id": 1})
+    alice.done(alice.ok("POST", f"{M}/runs/{run}/save", 202, json={"name": "c", "seq_id": 2})["request_id"])
+    plane = stack.native.plane
+
+    async def main():
+        c = await plane.own_checkpoint(principal_id(A), run, "weights", "c", field="uri", uri="-")
+        first = await plane.checkpoint_archive(c, "test", purpose="test")
+        second = await plane.checkpoint_archive(c, "test", purpose="test")
+        with pytest.raises(Busy):
+            await plane.checkpoint_archive(c, "test", purpose="test")
+        first[2]()
+        first[2]()  # releasing twice frees one place only
+        third = await plane.checkpoint_archive(c, "test", purpose="test")
+        with pytest.raises(Busy):
+            await plane.checkpoint_archive(c, "test", purpose="test")
+        for archive in (second, third):
+            archive[2]()
+        return [Path(a[0]).exists() for a in (first, second, third)]
+
+    assert asyncio.run(main()) == [False, False, False]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import httpx
 import msgspec
@@ -108,6 +108,33 @@ class Transport:
                     return
             except httpx.TransportError as e:
                 raise TwinkleConnectionError(f"{method} {self.root}{path} failed: {e!r}") from e
+
+    def download(self, path: str, out: BinaryIO, on_start: Callable[[int | None], None],
+                 on_chunk: Callable[[int], None]) -> int:
+        """GET ``path`` into ``out``; ``on_start`` gets the announced size (None if unknown), ``on_chunk`` each
+        chunk's size. Errors before the first byte are retried like ``send``; returns the bytes written."""
+        attempt = 0
+        while True:
+            try:
+                with self.http.stream("GET", path) as r:
+                    if r.status_code in RETRY_STATUS and attempt < self.max_retries:
+                        r.read()
+                        self._sleep(attempt, r.headers.get("retry-after"), f"GET {path}: HTTP {r.status_code}")
+                        attempt += 1
+                        continue
+                    if r.status_code >= 400:
+                        r.read()
+                        raise error_from(r)
+                    length = r.headers.get("content-length")
+                    on_start(int(length) if length and length.isdigit() else None)
+                    written = 0
+                    for chunk in r.iter_bytes(1 << 20):
+                        out.write(chunk)
+                        written += len(chunk)
+                        on_chunk(len(chunk))
+                    return written
+            except httpx.TransportError as e:
+                raise TwinkleConnectionError(f"GET {self.root}{path} failed: {e!r}") from e
 
     def _sleep(self, attempt: int, retry_after: str | None, what: str) -> None:
         delay = min(self.max_backoff_s, self.backoff_s * (2 ** attempt)) * (0.5 + random.random() / 2)

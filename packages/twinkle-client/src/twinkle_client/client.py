@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ import httpx
 import msgspec
 
 from . import _wire as W
+from ._progress import progress_bar
 from ._session import Heartbeat
 from ._transport import Transport
 from .errors import (
@@ -64,13 +67,15 @@ class TwinkleClient:
     ``http://127.0.0.1:8000``). ``timeout`` bounds one HTTP exchange (a training step on a big batch can take
     a while). ``max_retries``/``backoff_s``/``max_backoff_s`` shape the retries of transient failures.
     ``on_progress`` is called on every poll of a long operation (else progress is logged every 10 s on the
-    ``twinkle_client`` logger). ``heartbeat=False`` skips the session heartbeat thread.
+    ``twinkle_client`` logger). ``progress`` draws progress bars (``tqdm``) for dataset encoding, checkpoint
+    saves and downloads: ``None`` (default) when standard error is a terminal and tqdm is installed, ``True``
+    always, ``False`` never. ``heartbeat=False`` skips the session heartbeat thread.
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, server_prefix: str | None = None,
                  timeout: float = 600.0, max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 8.0,
-                 on_progress: ProgressCallback | None = None, heartbeat: bool = True,
-                 session_metadata: dict[str, Any] | None = None,
+                 on_progress: ProgressCallback | None = None, progress: bool | None = None,
+                 heartbeat: bool = True, session_metadata: dict[str, Any] | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
         url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
         parts = urlsplit(url)
@@ -81,6 +86,7 @@ class TwinkleClient:
             "TWINKLE_SERVER_PREFIX")
         self.api_key = api_key if api_key is not None else os.environ.get(TOKEN_ENV)
         self.on_progress = on_progress
+        self.progress = progress
         self._heartbeat_enabled = heartbeat
         self._session_metadata = session_metadata
         self._transport_override = transport
@@ -186,37 +192,42 @@ class TwinkleClient:
              on_progress: ProgressCallback | None = None) -> bytes:
         """Wait for a long operation; return its result (JSON bytes). A user failure raises
         ``TwinkleUserError``, a server one ``TwinkleServerError``; ``timeout`` raises
-        ``TwinkleTimeoutError`` (the operation goes on; wait again with its ``request_id``)."""
+        ``TwinkleTimeoutError`` (the operation goes on; wait again with its ``request_id``). Without a
+        progress callback, a progress bar shows the time waited (see ``progress``)."""
         callback = on_progress or self.on_progress
         start = time.monotonic()
         last_log = start
         polls = 0
         poll_s = max(1.0, min(20.0, self._caps.long_poll_timeout_s if self._caps else 20.0))
-        while True:
-            hold = poll_s if timeout is None else max(0.0, min(poll_s, timeout - (time.monotonic() - start)))
-            out = self._transport.call("GET", f"{self.server_prefix}/futures/{request_id}",
-                                       params={"timeout": f"{hold:.3f}"}, type_=W.FutureOut, timeout=hold + 30.0)
-            polls += 1
-            elapsed = time.monotonic() - start
-            if out.status == "done":
-                return bytes(out.result)
-            if out.status == "failed":
-                err = out.error or W.FutureError(detail="request failed")
-                if err.category == "user":
-                    if "not found" in err.detail:
-                        raise TwinkleNotFoundError(err.detail, status=404, request_id=request_id)
-                    raise TwinkleUserError(err.detail, status=400, request_id=request_id)
-                raise TwinkleServerError(err.detail, status=500, request_id=request_id)
-            progress = FutureProgress(request_id=request_id, kind=kind, status=out.status, elapsed_s=elapsed,
-                                      polls=polls)
-            if callback is not None:
-                callback(progress)
-            elif time.monotonic() - last_log >= _LOG_EVERY_S:
-                last_log = time.monotonic()
-                log.info("waiting for %s (%s): %.0f s", kind, request_id, elapsed)
-            if timeout is not None and elapsed >= timeout:
-                raise TwinkleTimeoutError(f"{kind} ({request_id}) did not finish within {timeout} s; it continues "
-                                          "on the server", request_id=request_id)
+        bar = None  # drawn from the first answer that is not the result
+        try:
+            while True:
+                hold = poll_s if timeout is None else max(0.0, min(poll_s, timeout - (time.monotonic() - start)))
+                out = self._transport.call("GET", f"{self.server_prefix}/futures/{request_id}",
+                                           params={"timeout": f"{hold:.3f}"}, type_=W.FutureOut, timeout=hold + 30.0)
+                polls += 1
+                elapsed = time.monotonic() - start
+                if out.status == "done":
+                    return bytes(out.result)
+                if out.status == "failed":
+                    raise _future_error(out.error, request_id)
+                if callback is not None:
+                    callback(FutureProgress(request_id=request_id, kind=kind, status=out.status, elapsed_s=elapsed,
+                                            polls=polls))
+                else:
+                    if bar is None:
+                        bar = progress_bar(self.progress, kind, bar_format="{desc}: {elapsed}{postfix}")
+                        poll_s = poll_s if bar.disable else 1.0  # a drawn bar shows the time waited: redraw it
+                    bar.set_postfix_str(out.status)
+                    if bar.disable and time.monotonic() - last_log >= _LOG_EVERY_S:
+                        last_log = time.monotonic()
+                        log.info("waiting for %s (%s): %.0f s", kind, request_id, elapsed)
+                if timeout is not None and elapsed >= timeout:
+                    raise TwinkleTimeoutError(f"{kind} ({request_id}) did not finish within {timeout} s; it "
+                                              "continues on the server", request_id=request_id)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _run_future(self, ref: W.FutureRef, kind: str, timeout: float | None) -> TrainingRunInfo:
         return msgspec.json.decode(self.wait(ref.request_id, kind=kind, timeout=timeout), type=TrainingRunInfo)
@@ -313,6 +324,38 @@ class TwinkleClient:
         run_id, kind, name = _split_uri(uri)
         self._transport.call("DELETE", f"{self.server_prefix}/training_runs/{run_id}/checkpoints/{kind}/{name}")
 
+    def download_checkpoint(self, uri: str | Checkpoint, dest: str | os.PathLike = ".", *,
+                            extract: bool = True) -> Path:
+        """Download a checkpoint's files into the directory ``dest``: unpacked into
+        ``<run>-<kind>-<name>/`` (its path is returned), or (``extract=False``) as that name plus ``.tar``."""
+        uri = uri.uri if isinstance(uri, Checkpoint) else uri
+        run_id, kind, name = _split_uri(uri)
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        if extract and not hasattr(tarfile, "data_filter"):
+            raise RuntimeError("extracting safely needs Python 3.10.12, 3.11.4 or newer; pass extract=False")
+        bar = progress_bar(self.progress, f"download {name}", unit="B", unit_scale=True)
+        fd, partial = tempfile.mkstemp(prefix=".twinkle-download-", suffix=".tar", dir=dest)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                path = f"{self.server_prefix}/training_runs/{run_id}/checkpoints/{kind}/{name}/archive"
+                self._transport.download(path, out, on_start=lambda size: bar.reset(total=size), on_chunk=bar.update)
+            with tarfile.open(partial) as tar:
+                top = _archive_top(tar)
+                if not extract:
+                    target = dest / f"{top}.tar"
+                    os.replace(partial, target)
+                    return target
+                target = dest / top
+                if target.exists():
+                    raise FileExistsError(f"{target} already exists; remove it or download elsewhere")
+                tar.extractall(dest, filter="data")  # members stay under dest: no links, devices or ..
+            return target
+        finally:
+            bar.close()
+            if os.path.exists(partial):
+                os.remove(partial)
+
     # ------------------------------------------------------------------------------------------ sampling
 
     def sample(self, prompt: str | Sequence[int], *, base_model: str | None = None, model_uri: str | None = None,
@@ -382,6 +425,13 @@ class TwinkleClient:
         body = _encode_body(source, jsonl, format=format, max_length=max_length, train_on=train_on,
                             on_error=on_error, limit=page_size)
         path = f"{self._processor(base_model)}/encode/stream"
+        bar = progress_bar(self.progress, "encoding", unit=" rows")
+        try:
+            yield from self._encode_pages(path, body, bar)
+        finally:
+            bar.close()
+
+    def _encode_pages(self, path: str, body: W.EncodeBody, bar: Any) -> Iterator[EncodePage]:
         offset = 0
         attempts = 0
         while True:
@@ -392,7 +442,11 @@ class TwinkleClient:
                         err = item["error"] or {}
                         raise _stream_error(err)
                     page = msgspec.convert(item["page"], type=EncodePage)
+                    if bar.total != page.total_rows:
+                        bar.reset(total=page.total_rows)
+                        bar.update(page.offset)
                     offset = page.next_offset if page.next_offset is not None else page.total_rows
+                    bar.update(offset - page.offset)
                     attempts = 0
                     yield page
                     if page.next_offset is None:
@@ -421,6 +475,23 @@ def _encode_body(source: Any, jsonl: str | None, **options: Any) -> W.EncodeBody
     if isinstance(source, (bytes, bytearray)):
         return W.EncodeBody(jsonl=bytes(source).decode("utf-8"), **options)
     return W.EncodeBody(rows=list(source), **options)
+
+
+def _archive_top(tar: tarfile.TarFile) -> str:
+    """The one top directory every member of a checkpoint archive sits in."""
+    tops = {m.name.split("/", 1)[0] for m in tar.getmembers()}
+    if len(tops) != 1 or next(iter(tops)) in ("", ".", ".."):
+        raise TwinkleServerError("the checkpoint archive is not one directory")
+    return tops.pop()
+
+
+def _future_error(err: W.FutureError | None, request_id: str) -> TwinkleError:
+    err = err or W.FutureError(detail="request failed")
+    if err.category == "user":
+        if "not found" in err.detail:
+            return TwinkleNotFoundError(err.detail, status=404, request_id=request_id)
+        return TwinkleUserError(err.detail, status=400, request_id=request_id)
+    return TwinkleServerError(err.detail, status=500, request_id=request_id)
 
 
 def _stream_error(err: dict[str, Any]) -> TwinkleError:

@@ -8,7 +8,8 @@ The sequence, and why in this order:
 4. read the live topology and compute the placement plan (a rank no node has, or two applications on one
    GPU, fails here, before any actor exists);
 5. start Serve with ``http_options`` / ``proxy_location`` and deploy every application at once
-   (``serve.run_many``): replicas start in parallel, which is most of the start-up time;
+   (``serve.run_many``): replicas start in parallel, which is most of the start-up time; the log shows each
+   application's status and replica counts as they change;
 6. block until SIGINT/SIGTERM, then shut Serve (and an embedded Ray) down.
 """
 
@@ -355,7 +356,53 @@ def _deploy(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str])
         logging_config = {"encoding": "JSON"} if config.log_format == "json" else None
         targets.append(serve.RunTarget(target=target, name=app.name, route_prefix=route_prefix,
                                        logging_config=logging_config))
-    serve.run_many(targets, wait_for_applications_running=True)
+    done = threading.Event()
+    reporter = threading.Thread(target=_report_start_up, args=(done, [t.name for t in targets]),
+                                name="twinkle-start-up", daemon=True)
+    reporter.start()
+    try:
+        serve.run_many(targets, wait_for_applications_running=True)
+    finally:
+        done.set()
+
+
+def _report_start_up(done: threading.Event, names: list[str], every_s: float = 2.0, repeat_s: float = 15.0) -> None:
+    """Log the applications' start-up while ``serve.run_many`` waits for them: a line whenever an application's
+    status or replica counts change, and at least every ``repeat_s`` with the time spent."""
+    from ray import serve
+
+    t0 = time.monotonic()
+    last, last_at = "", t0
+    while not done.wait(every_s):
+        try:
+            line = start_up_summary(serve.status().applications, names)
+        except Exception:  # noqa: BLE001 - progress is best effort; run_many reports real failures
+            continue
+        now = time.monotonic()
+        if line != last or now - last_at >= repeat_s:
+            log.info("starting (%.0f s): %s", now - t0, line)
+            last, last_at = line, now
+
+
+def start_up_summary(apps: dict[str, Any], names: list[str]) -> str:
+    """One line on the applications' progress: ``name STATUS running/target [other replica states]`` each."""
+    parts = []
+    for name in names:
+        app = apps.get(name)
+        if app is None:
+            parts.append(f"{name} waiting")
+            continue
+        states: dict[str, int] = {}
+        for deployment in app.deployments.values():
+            for state, count in deployment.replica_states.items():
+                key = getattr(state, "value", str(state)).lower()
+                states[key] = states.get(key, 0) + count
+        running = states.pop("running", 0)
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(states.items()) if n)
+        status = getattr(app.status, "value", str(app.status))
+        parts.append(f"{name} {status} {running}/{running + sum(states.values())} running"
+                     + (f" ({detail})" if detail else ""))
+    return "; ".join(parts)
 
 
 def shutdown(*, embedded: bool) -> None:

@@ -21,12 +21,7 @@ the APIs. Everything shown is escaped by the templates (run ids, names and metad
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import os
-import shutil
-import tarfile
-import tempfile
 import time
 from importlib import resources
 from typing import Any
@@ -206,10 +201,9 @@ async def download(request: Request, run_id: str, kind: str, name: str) -> Respo
                                        uri=CheckpointRef(run.id, kind, name, _scheme(request)).uri)
     except (NotFoundError, UserError):
         raise NotFoundException(detail="no such checkpoint") from None
-    plane.audit_checkpoint(c, "checkpoint_read", viewer.id, purpose="console download")
-    archive = await asyncio.to_thread(_tar, c.path, f"{run.id}-{kind}-{name}")
-    return File(path=archive, filename=f"{_safe(run.id)}-{kind}-{_safe(name)}.tar", media_type="application/x-tar",
-                background=BackgroundTask(_remove, archive), headers={"Cache-Control": "no-store"})
+    archive, filename, remove = await plane.checkpoint_archive(c, viewer.id, purpose="console download")
+    return File(path=archive, filename=filename, media_type="application/x-tar", background=BackgroundTask(remove),
+                headers={"Cache-Control": "no-store"})
 
 
 @post("/runs/{run_id:str}/checkpoints/{kind:str}/{name:str}/publish", status_code=303)
@@ -299,32 +293,6 @@ def _curve(steps: list[dict[str, Any]], width: int = 640, height: int = 220) -> 
     sy = (height - 20) / (y1 - y0 if y1 > y0 else 1.0)
     coords = " ".join(f"{10 + (x - x0) * sx:.1f},{height - 10 - (y - y0) * sy:.1f}" for x, y in points)
     return {"points": coords, "width": width, "height": height, "low": y0, "high": y1}
-
-
-def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:120]
-
-
-def _tar(path: str, top: str) -> str:
-    """The checkpoint directory as a tar file in a temporary place (links are not followed)."""
-    fd, archive = tempfile.mkstemp(prefix="twinkle-console-", suffix=".tar")
-    os.close(fd)
-    try:
-        with tarfile.open(archive, "w") as tar:
-            for dirpath, dirs, files in os.walk(path, followlinks=False):
-                dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(dirpath, d)))
-                for f in sorted(files):
-                    full = os.path.join(dirpath, f)
-                    if os.path.isfile(full) and not os.path.islink(full):
-                        tar.add(full, arcname=os.path.join(_safe(top), os.path.relpath(full, path)), recursive=False)
-    except BaseException:
-        _remove(archive)
-        raise
-    return archive
-
-
-def _remove(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
 
 
 def console_router() -> Router:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tarfile
+import tempfile
 from dataclasses import dataclass
 
 from twinkle.common.wire import UserError
@@ -147,3 +149,28 @@ def dir_size(path: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def safe_file_name(text: str) -> str:
+    """``text`` with anything but letters, digits and ``-_.`` replaced: fit for a download's file name."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:120]
+
+
+def pack_checkpoint(path: str, top: str) -> str:
+    """The checkpoint directory ``path`` as a tar file (members under ``top/``) in a temporary place; the
+    caller removes it. Links are not followed, so nothing outside the checkpoint can be packed."""
+    fd, archive = tempfile.mkstemp(prefix="twinkle-checkpoint-", suffix=".tar")
+    os.close(fd)
+    try:
+        with tarfile.open(archive, "w") as tar:
+            for dirpath, dirs, files in os.walk(path, followlinks=False):
+                dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(dirpath, d)))
+                for f in sorted(files):
+                    full = os.path.join(dirpath, f)
+                    if os.path.isfile(full) and not os.path.islink(full):
+                        tar.add(full, arcname=os.path.join(safe_file_name(top), os.path.relpath(full, path)),
+                                recursive=False)
+    except BaseException:
+        os.remove(archive)
+        raise
+    return archive

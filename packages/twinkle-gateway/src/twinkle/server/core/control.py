@@ -40,7 +40,7 @@ from twinkle.common.limits import check_page, check_seq_id, check_ttl
 from twinkle.common.wire import NotFoundError, ResyncNeeded, ServiceUnavailable, UserError
 
 from ..auth import ADMIN_KEYS_ENV, KeyRing, check_auth_settings, keys_from_env
-from .checkpoints import CheckpointLayout, CheckpointRef, dir_size, validate_run_id
+from .checkpoints import CheckpointLayout, CheckpointRef, dir_size, pack_checkpoint, safe_file_name, validate_run_id
 from .futures import Busy, Futures, Work
 from .ports import ModelPort, SamplerPort
 from .settings import CentralSettings
@@ -63,6 +63,9 @@ class Gone(UserError):
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message, field=field, status=410)
+
+
+MAX_ARCHIVES_PER_KEY = 2
 
 
 def iso(t: float | None) -> str | None:
@@ -106,6 +109,7 @@ class ControlPlane:
         self.keyring: KeyRing | None = None
         self._model_info: dict[str, Any] = {}
         self._housekeeping: list[Callable[[float], Awaitable[dict[str, int]]]] = []
+        self._archives: dict[str, int] = {}  # owner -> checkpoint archives on disk for its downloads
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._started = asyncio.Event()
@@ -316,6 +320,36 @@ class ControlPlane:
     def audit_checkpoint(self, c: CheckpointRecord, event: str, actor: str, **details: Any) -> None:
         self.audit(c.owner, event, actor=actor, model_id=c.run_id, tinker_path=f"tinker://{c.run_id}/{c.kind}/{c.name}",
                    **details)
+
+    async def checkpoint_archive(self, c: CheckpointRecord, actor: str, *, purpose: str
+                                 ) -> tuple[str, str, Callable[[], None]]:
+        """``c`` packed for download: the tar file's path, a file name for it, and the function that removes it
+        once sent. Each archive is a temporary copy on the server's disk, so a key has at most
+        ``MAX_ARCHIVES_PER_KEY`` at once (429 beyond)."""
+        if self._archives.get(c.owner, 0) >= MAX_ARCHIVES_PER_KEY:
+            raise Busy(f"at most {MAX_ARCHIVES_PER_KEY} checkpoint downloads at once per key; retry when one ends")
+        self._archives[c.owner] = self._archives.get(c.owner, 0) + 1
+        done = False
+
+        def release(path: str | None = None) -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._archives[c.owner] -= 1
+                if not self._archives[c.owner]:
+                    del self._archives[c.owner]
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+        top = f"{c.run_id}-{c.kind}-{c.name}"
+        try:
+            path = await asyncio.to_thread(pack_checkpoint, c.path, top)
+        except BaseException:
+            release()
+            raise
+        self.audit_checkpoint(c, "checkpoint_read", actor, purpose=purpose)
+        return path, f"{safe_file_name(top)}.tar", lambda: release(path)
 
     async def list_runs(self, owner: str, limit: int, offset: int
                         ) -> tuple[Page, dict[tuple[str, str], CheckpointRecord]]:

@@ -25,9 +25,11 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Litestar, Request, Response, Router, delete, get, post
+from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
+from litestar.response import File
 from twinkle.common.http import EXCEPTION_HANDLERS, distribution_version
 from twinkle.common.native import FutureRef, decode
 
@@ -119,6 +121,14 @@ async def delete_checkpoint(request: Request, run_id: str, kind: str, name: str)
     await _svc(request).delete_checkpoint(caller_id(request), run_id, kind, name)
 
 
+@get("/training_runs/{run_id:str}/checkpoints/{kind:str}/{name:str}/archive", media_type="application/x-tar")
+async def checkpoint_archive(request: Request, run_id: str, kind: str, name: str) -> File:
+    """The checkpoint's files as one tar (``Content-Length`` set, so a client can show progress)."""
+    path, filename, remove = await _svc(request).checkpoint_archive(caller_id(request), run_id, kind, name)
+    return File(path=path, filename=filename, media_type="application/x-tar", background=BackgroundTask(remove),
+                headers={"Cache-Control": "no-store"})
+
+
 @get("/checkpoints")
 async def list_user_checkpoints(request: Request, limit: int | None = None, offset: int | None = None
                                 ) -> P.CheckpointsOut:
@@ -137,7 +147,8 @@ async def wait_future(request: Request, request_id: str, timeout: float | None =
 
 ROUTES = [
     healthz, info, capabilities, create_session, heartbeat, finish_session, list_runs, create_run, get_run,
-    delete_run, list_checkpoints, latest_checkpoint, delete_checkpoint, list_user_checkpoints, resume, wait_future,
+    delete_run, list_checkpoints, latest_checkpoint, delete_checkpoint, checkpoint_archive, list_user_checkpoints,
+    resume, wait_future,
 ]
 
 

@@ -15,7 +15,7 @@ import logging
 import math
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 from twinkle.common.component import PeerApp
@@ -245,12 +245,19 @@ class NativeService:
                                 cursor=_cursor(offset, limit, len(page.items), page.total))
 
     async def delete_checkpoint(self, owner: str, run_id: str, kind: str, name: str) -> None:
+        await self.plane.delete_checkpoint(await self._own_checkpoint(owner, run_id, kind, name), actor=owner)
+
+    async def checkpoint_archive(self, owner: str, run_id: str, kind: str, name: str
+                                 ) -> tuple[str, str, Callable[[], None]]:
+        c = await self._own_checkpoint(owner, run_id, kind, name)
+        return await self.plane.checkpoint_archive(c, owner, purpose="download")
+
+    async def _own_checkpoint(self, owner: str, run_id: str, kind: str, name: str) -> CheckpointRecord:
         if kind not in ("weights", "sampler_weights"):
             raise UserError(f"kind {kind!r} must be weights or sampler_weights", field="kind")
         validate_name(name, field="name")
-        c = await self.plane.own_checkpoint(owner, run_id, kind, name, field="uri",
-                                            uri=f"{SCHEME}{run_id}/{kind}/{name}")
-        await self.plane.delete_checkpoint(c, actor=owner)
+        return await self.plane.own_checkpoint(owner, run_id, kind, name, field="uri",
+                                               uri=f"{SCHEME}{run_id}/{kind}/{name}")
 
     # =============================================================================== futures
 
