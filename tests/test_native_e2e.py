@@ -82,6 +82,27 @@ def test_encode_train_save(alice, trained):
     assert run.run_id in [r.run_id for r in alice.iter_training_runs()]
 
 
+def test_history_and_usage_of_training_served_by_the_model_app(base_url, alice, trained):
+    """The model app serves training itself and reports each request to the central app through a Serve
+    handle: the run's history has every step with its loss, and the key's usage counts every trained token."""
+    from datetime import datetime, timedelta, timezone
+
+    run, data, losses, _ = trained
+    deadline = time.monotonic() + 60
+    while len(run.history()) < len(losses) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    steps = run.history()
+    assert [s.step for s in steps] == list(range(1, len(losses) + 1))
+    assert [s.loss for s in steps] == pytest.approx(losses, rel=1e-6)
+    hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    buckets = alice.usage((hour - timedelta(hours=2)).isoformat(), (hour + timedelta(hours=1)).isoformat())
+    trained_tokens = sum(b.quantity for b in buckets if b.kind == "training")
+    assert trained_tokens >= len(losses) * sum(len(d.model_input) for d in data)
+    with TwinkleClient(base_url, api_key=BOB) as bob:
+        with pytest.raises(TwinkleNotFoundError):
+            bob.run_history(run.run_id)
+
+
 def test_resume_in_a_new_client_is_exact(base_url, trained):
     run, data, _losses, _ckpt = trained
     before = run.forward(data)

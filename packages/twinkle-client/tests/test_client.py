@@ -212,3 +212,58 @@ def test_progress_bars_and_a_checkpoint_downloaded_as_its_files(stack, keys, tmp
     with tarfile.open(packed) as tar:
         assert sorted(m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()) == sorted(map(str, ours))
     assert [p.name for p in tmp_path.rglob(".twinkle-download-*")] == []  # no partial file left behind
+
+
+def test_usage_history_and_audit_count_what_the_model_and_sampler_apps_served(stack, keys):
+    """Training and sampling go to the component apps, which report what each request used to the central
+    server; a retried request is answered again but counted once; each key sees its own figures."""
+    from datetime import datetime, timedelta, timezone
+
+    hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    window = ((hour - timedelta(hours=1)).isoformat(), (hour + timedelta(hours=1)).isoformat())
+    def totals(buckets) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for b in buckets:
+            out[b.kind] = out.get(b.kind, 0) + b.quantity
+        return out
+
+    with TwinkleClient(stack.base_url, api_key=keys[1]) as carol:
+        before = totals(carol.usage(*window))
+        data = carol.encode_datums(ROWS)
+        tokens = sum(len(d.model_input) for d in data)
+        run = carol.create_training_run(rank=4, seed=0)
+        losses = [run.forward_backward(data).loss, run.forward_backward(data).loss]
+        run.optim_step(learning_rate=1e-2)
+        run.forward(data)
+        run._next_seq -= 1  # the client resends its last request, as after a lost answer: answered, not counted
+        run.forward(data)
+        run.forward_backward(data)
+        run.optim_step(learning_rate=1e-2)
+        sampled = carol.sample([5, 6, 7], max_tokens=3, temperature=0.0, num_samples=2)
+        run.save("counted")
+        deadline = time.monotonic() + 30
+        while len(run.history()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        steps = run.history()
+        assert [s.step for s in steps] == [1, 2]
+        assert steps[0].loss == pytest.approx(sum(losses), rel=1e-6) and steps[0].tokens == 2 * tokens
+        assert steps[0].learning_rate == pytest.approx(1e-2) and steps[1].tokens == tokens
+        assert run.history(after_step=1) == steps[1:]
+        # four passes (the resent forward is not counted), a prompt of 3 tokens and its samples, one save
+        expected = {"training": 4 * tokens, "sampling_prefill": 3,
+                    "sampling_sample": sum(len(s.tokens) for s in sampled.sequences), "checkpoint": 1}
+        while True:  # reports and usage writes land off the requests' path
+            buckets = carol.usage(*window)
+            after = totals(buckets)
+            used = {kind: after[kind] - before.get(kind, 0) for kind in after}
+            if used == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert used == expected
+        assert len({b.owner for b in buckets}) == 1
+        assert carol.session_id in {b.session_id for b in buckets if b.kind == "training"}
+        events = {e.event for e in carol.audit_log()}
+        assert {"training_run_create", "checkpoint_create"} <= events, events
+    with TwinkleClient(stack.base_url, api_key=keys[0]) as other:
+        assert all(b.owner != buckets[0].owner for b in other.usage(*window))
+        assert all(e.owner != buckets[0].owner for e in other.audit_log())

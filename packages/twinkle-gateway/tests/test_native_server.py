@@ -336,3 +336,4 @@ def test_a_key_has_at_most_two_checkpoint_archives_on_disk_at_once(stack, alice)
         return [Path(a[0]).exists() for a in (first, second, third)]
 
     assert asyncio.run(main()) == [False, False, False]
+

@@ -154,3 +154,36 @@ def test_keys_given_to_the_launcher_travel_in_the_central_spec(tmp_path, monkeyp
     server = next(s for s in specs if s.import_path == "server")
     assert server.args["api_keys"] == ["tml-from-env", "tml-other"]
     assert all("api_keys" not in s.args for s in specs if s.import_path != "server")
+
+
+def test_reports_of_the_component_apps_are_counted_once_for_the_runs_owner_with_its_session():
+    """``NativeAuthority.report``: a report about a run its owner does not have (deleted meanwhile) is dropped;
+    a seq_id reported again (a retried request, answered from its first execution) is not counted twice; each
+    outcome gets its run's session."""
+    from types import SimpleNamespace
+
+    from twinkle.common.outcomes import Outcome
+    from twinkle.server.native.authority import NativeAuthority
+
+    seen: list[Outcome] = []
+    runs = {"run-a": SimpleNamespace(owner="p-alice", session_id="sess-1")}
+
+    async def ready() -> None:
+        pass
+
+    async def get_run(run_id: str):
+        return runs.get(run_id)
+
+    plane = SimpleNamespace(ready=ready, store=SimpleNamespace(get_run=get_run), observe=seen.append)
+
+    def outcome(owner: str, seq_id: int | None, run_id: str | None = "run-a", kind: str = "forward_backward"):
+        return Outcome(owner=owner, kind=kind, run_id=run_id, seq_id=seq_id, created=1.0, finished=2.0,
+                       trained_tokens=10)
+
+    authority = NativeAuthority(plane)
+    asyncio.run(authority.report([outcome("p-bob", 1), outcome("p-alice", 1), outcome("p-alice", 1),
+                                  outcome("p-alice", 2), outcome("p-alice", 3, "run-gone"),
+                                  outcome("p-bob", None, None, "sample")]))
+    asyncio.run(authority.report([outcome("p-alice", 2), outcome("p-alice", 3)]))
+    assert [(o.owner, o.seq_id, o.session_id) for o in seen] == [
+        ("p-alice", 1, "sess-1"), ("p-alice", 2, "sess-1"), ("p-bob", None, None), ("p-alice", 3, "sess-1")]

@@ -26,6 +26,7 @@ from .errors import (
 )
 from .training import TrainingRun
 from .types import (
+    AuditEntry,
     Capabilities,
     Checkpoint,
     Datum,
@@ -36,15 +37,18 @@ from .types import (
     OptimStepOutput,
     RowError,
     RunState,
+    RunStep,
     SampledSequence,
     SampleOutput,
     TensorData,
     TrainingRunInfo,
+    UsageBucket,
 )
 
 __all__ = [
-    "Capabilities", "Checkpoint", "Datum", "EncodePage", "ForwardBackwardOutput", "FutureProgress",
-    "ModelCapability", "OptimStepOutput", "RowError", "RunState", "SampleOutput", "SampledSequence", "TensorData",
-    "TrainingRun", "TrainingRunInfo", "TwinkleAuthError", "TwinkleClient", "TwinkleConnectionError", "TwinkleError",
-    "TwinkleNotFoundError", "TwinkleServerError", "TwinkleTimeoutError", "TwinkleUserError", "__version__",
+    "AuditEntry", "Capabilities", "Checkpoint", "Datum", "EncodePage", "ForwardBackwardOutput", "FutureProgress",
+    "ModelCapability", "OptimStepOutput", "RowError", "RunState", "RunStep", "SampleOutput", "SampledSequence",
+    "TensorData", "TrainingRun", "TrainingRunInfo", "TwinkleAuthError", "TwinkleClient", "TwinkleConnectionError",
+    "TwinkleError", "TwinkleNotFoundError", "TwinkleServerError", "TwinkleTimeoutError", "TwinkleUserError",
+    "UsageBucket", "__version__",
 ]

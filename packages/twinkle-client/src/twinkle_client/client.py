@@ -42,10 +42,13 @@ from .types import (
     Datum,
     EncodePage,
     FutureProgress,
+    AuditEntry,
     RenderedChat,
+    RunStep,
     SampleOutput,
     TrainingRunInfo,
     TrainingRunsPage,
+    UsageBucket,
 )
 
 __version__ = "0.1.0"
@@ -295,6 +298,31 @@ class TwinkleClient:
     def delete_training_run(self, run_id: str, *, checkpoints: bool = False) -> None:
         self._transport.call("DELETE", f"{self.server_prefix}/training_runs/{run_id}",
                              params={"checkpoints": "true" if checkpoints else "false"})
+
+    def run_history(self, run_id: str, *, after_step: int = 0, limit: int | None = None) -> list[RunStep]:
+        """A run's optimizer steps after ``after_step`` (loss since the previous step, tokens, learning rate,
+        gradient norm), oldest first, at most ``limit`` (the server's page size by default)."""
+        params: dict[str, Any] = {"after_step": after_step}
+        if limit is not None:
+            params["limit"] = limit
+        out = self._transport.call("GET", f"{self.server_prefix}/training_runs/{run_id}/history", params=params)
+        return msgspec.convert(out["steps"], list[RunStep])
+
+    # ------------------------------------------------------------------------------------------ usage
+
+    def usage(self, starting_on: str, ending_before: str) -> list[UsageBucket]:
+        """This key's usage (every key's for an admin key) per UTC hour in ``[starting_on, ending_before)``:
+        ISO 8601 times on hour boundaries, at most 14 days apart."""
+        out = self._transport.call("GET", f"{self.server_prefix}/usage",
+                                   params={"starting_on": starting_on, "ending_before": ending_before})
+        return msgspec.convert(out["buckets"], list[UsageBucket])
+
+    def audit_log(self, day: str | None = None, *, event_type: str = "all") -> list[AuditEntry]:
+        """Who created, read, published or deleted what of this key's (every key's for an admin key) on a UTC
+        day (``2026-12-03``; default today)."""
+        params = {"event_type": event_type, **({"day": day} if day else {})}
+        out = self._transport.call("GET", f"{self.server_prefix}/audit", params=params)
+        return msgspec.convert(out["entries"], list[AuditEntry])
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

@@ -25,6 +25,7 @@ from .types import (
     ForwardBackwardOutput,
     OptimStepOutput,
     RunState,
+    RunStep,
     SampleOutput,
     TrainingRunInfo,
 )
@@ -108,6 +109,10 @@ class TrainingRun:
         ref = self._numbered("load", lambda seq: W.LoadBody(uri=uri, optimizer=optimizer, seq_id=seq), W.FutureRef)
         self.client.wait(ref.request_id, kind="load", timeout=timeout)
         self._dirty = True
+
+    def history(self, after_step: int = 0) -> list[RunStep]:
+        """This run's optimizer steps after ``after_step`` (``TwinkleClient.run_history``)."""
+        return self.client.run_history(self.run_id, after_step=after_step)
 
     def checkpoints(self) -> list[Checkpoint]:
         return self.client.list_checkpoints(self.run_id)

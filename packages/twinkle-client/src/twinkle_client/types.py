@@ -244,3 +244,34 @@ class FutureProgress:
     status: str
     elapsed_s: float
     polls: int
+
+
+class RunStep(msgspec.Struct):
+    """One optimizer step of a run: the loss summed over the forward/backward passes since the previous step,
+    their tokens, the learning rate and the gradient norm."""
+
+    step: int
+    time: float
+    loss: float | None
+    tokens: int
+    learning_rate: float | None
+    grad_norm: float | None
+
+
+class UsageBucket(msgspec.Struct):
+    """What one key used in one UTC hour: ``kind`` is ``training``, ``sampling_prefill`` or ``sampling_sample``
+    (``quantity`` in tokens) or ``checkpoint`` (saves)."""
+
+    hour_start: str
+    owner: str
+    kind: str
+    quantity: int
+    session_id: str | None = None
+    base_model: str | None = None
+
+
+class AuditEntry(msgspec.Struct):
+    time: str
+    owner: str
+    event: str
+    details: dict[str, Any]

@@ -11,7 +11,9 @@ through a Ray Serve handle on the central deployment (``serve.get_deployment_han
   resolved directory, so the client never sends or sees a server path, and the checkpoint is recorded
   only after it was written;
 - ``resolve_checkpoint(principal, uri, base_model)`` — the directory of a checkpoint the caller may read
-  (its own, or a published one), for the sampler.
+  (its own, or a published one), for the sampler;
+- ``report(outcomes)`` — what the training and sampling requests the component served used
+  (``twinkle.common.outcomes``), for the central server's usage accounting, run histories and metrics.
 
 Principals are cached here for ``ttl_s`` (30 s): a training loop makes one central round trip per key every
 half minute, not one per step. A key removed from the config takes effect within that time.
@@ -28,6 +30,7 @@ import time
 from typing import Any, Protocol, runtime_checkable
 
 from .native import FutureRef, LoadRequest, ResolvedCheckpoint, SaveRequest
+from .outcomes import Outcome
 from .wire import ServiceUnavailable, UserError, remote_call
 
 API_KEY_HEADER = "x-api-key"
@@ -42,6 +45,8 @@ class Authority(Protocol):
     async def submit_load(self, owner: str, base_model: str, run_id: str, req: LoadRequest) -> FutureRef: ...
 
     async def resolve_checkpoint(self, owner: str, uri: str, base_model: str) -> ResolvedCheckpoint: ...
+
+    async def report(self, outcomes: list[Outcome]) -> None: ...
 
 
 class CachingAuthority:
@@ -78,6 +83,9 @@ class CachingAuthority:
 
     async def resolve_checkpoint(self, owner: str, uri: str, base_model: str) -> ResolvedCheckpoint:
         return await self.inner.resolve_checkpoint(owner, uri, base_model)
+
+    async def report(self, outcomes: list[Outcome]) -> None:
+        await self.inner.report(outcomes)
 
 
 class HandleAuthority:
@@ -122,6 +130,9 @@ class HandleAuthority:
 
     async def resolve_checkpoint(self, owner: str, uri: str, base_model: str) -> ResolvedCheckpoint:
         return await self._call("resolve_checkpoint", owner, uri, base_model)
+
+    async def report(self, outcomes: list[Outcome]) -> None:
+        await self._call("report", outcomes)
 
 
 def _is_unavailable(e: BaseException) -> bool:

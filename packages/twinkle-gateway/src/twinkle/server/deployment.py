@@ -22,7 +22,7 @@ class CentralServer:
     """Holds what the central app needs for its lifetime: its spec and the handles on its peers.
 
     In twinkle mode it also answers the component apps' Serve-handle calls (``twinkle.common.authority``):
-    ``authenticate``, ``submit_save``, ``submit_load``, ``resolve_checkpoint``, served by the same
+    ``authenticate``, ``submit_save``, ``submit_load``, ``resolve_checkpoint``, ``report``, served by the same
     ``NativeService`` as its HTTP routes (same store, same keys, same event loop).
     """
 
@@ -72,6 +72,9 @@ class CentralServer:
 
     async def resolve_checkpoint(self, owner: str, uri: str, base_model: str) -> Any:
         return await self._native_service().authority.resolve_checkpoint(owner, uri, base_model)
+
+    async def report(self, outcomes: list[Any]) -> None:
+        await self._native_service().authority.report(outcomes)
 
 
 def central_mount(route_prefix: str, server_type: str) -> tuple[str, str]:

@@ -16,16 +16,19 @@ POST        /runs/{run_id}/load                    a ``twinkle://`` state checkp
 These call the very ``ModelService`` methods the Tinker front-end calls, with the client's ``seq_id``: the
 same per-run ordering and de-duplication (a retried ``seq_id`` is answered from its first execution).
 A numbered request whose body cannot even be decoded still uses up its ``seq_id`` (``ModelService.skip``),
-so a bad request never stalls the run's later ones.
+so a bad request never stalls the run's later ones. What each training request used (tokens, loss, the step)
+is reported to the central server afterwards (``OutcomeReporter``), for usage, run histories and metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from litestar import Litestar, Request, get, post
 from twinkle.common.authority import Authority, principal_of
+from twinkle.common.outcomes import Outcome, OutcomeReporter, measured
 from twinkle.common.http import component_app, release_seq_id, served_model_name
 from twinkle.common.native import (
     MAX_BODY_BYTES,
@@ -53,6 +56,11 @@ def create_model_app(model: Any, authority: Authority | None = None, *, model_na
 
 def _native_routes(model: Any, authority: Authority, model_name: str | None) -> list:
     served_name = served_model_name(model, model_name)
+    reporter = OutcomeReporter(authority.report)
+
+    async def report(owner: str, kind: str, run_id: str, seq_id: int | None, started: float, out: Any) -> None:
+        reporter.tell(Outcome(owner=owner, kind=kind, run_id=run_id, seq_id=seq_id, created=started,
+                              finished=time.time(), base_model=await served_name(), **measured(kind, out)))
 
     async def owner_of(request: Request) -> str:
         return await principal_of(request, authority)
@@ -96,9 +104,12 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         owner = await owner_of(request)
         req: TrainRequest = await numbered(request, run_id, owner, TrainRequest)
         inp = ForwardBackwardInput(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config)
+        started = time.time()
         out = await in_order(run_id, owner, req.seq_id,
                              lambda: model.forward_backward(run_id, owner, req.seq_id, inp, forward_only=forward_only))
-        return _expect(out, ForwardBackwardOutput, req.seq_id, run_id)
+        out = _expect(out, ForwardBackwardOutput, req.seq_id, run_id)
+        await report(owner, "forward" if forward_only else "forward_backward", run_id, req.seq_id, started, out)
+        return out
 
     @post("/runs/{run_id:str}/forward", status_code=200, request_max_body_size=MAX_BODY_BYTES)
     async def forward(request: Request, run_id: str) -> ForwardBackwardOutput:
@@ -114,8 +125,11 @@ def _native_routes(model: Any, authority: Authority, model_name: str | None) -> 
         req: OptimStepRequest = await numbered(request, run_id, owner, OptimStepRequest)
         params = AdamParams(learning_rate=req.learning_rate, beta1=req.beta1, beta2=req.beta2, eps=req.eps,
                             weight_decay=req.weight_decay, grad_clip_norm=req.grad_clip_norm)
+        started = time.time()
         out = await in_order(run_id, owner, req.seq_id, lambda: model.optim_step(run_id, owner, req.seq_id, params))
-        return _expect(out, OptimStepOutput, req.seq_id, run_id)
+        out = _expect(out, OptimStepOutput, req.seq_id, run_id)
+        await report(owner, "optim_step", run_id, req.seq_id, started, out)
+        return out
 
     @post("/runs/{run_id:str}/save", status_code=202)
     async def save(request: Request, run_id: str) -> FutureRef:

@@ -37,6 +37,7 @@ import msgspec
 
 from twinkle.common.http import release_seq_id
 from twinkle.common.limits import check_page, check_seq_id, check_ttl
+from twinkle.common.outcomes import Outcome
 from twinkle.common.wire import NotFoundError, ResyncNeeded, ServiceUnavailable, UserError
 
 from ..auth import ADMIN_KEYS_ENV, KeyRing, check_auth_settings, keys_from_env
@@ -45,7 +46,7 @@ from .futures import Busy, Futures, Work
 from .ports import ModelPort, SamplerPort
 from .settings import CentralSettings
 from .state import CheckpointRecord, FutureRecord, Page, RunRecord, SamplerRecord, SessionRecord, Store
-from .usage import RunHistory, UsageLedger
+from .usage import RunHistory, UsageLedger, outcome_of
 
 log = logging.getLogger("twinkle.server")
 
@@ -113,9 +114,9 @@ class ControlPlane:
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._started = asyncio.Event()
-        # told of every request's outcome: usage accounting, run histories, metrics
-        self.observers: list[Callable[[Any, Any], None]] = [UsageLedger(lambda: self.store).finished,
-                                                             RunHistory(lambda: self.store).finished]
+        # told of every request's outcome, served here or reported by a component: usage, histories, metrics
+        self.observers: list[Callable[[Outcome], None]] = [UsageLedger(lambda: self.store).finished,
+                                                           RunHistory(lambda: self.store).finished]
 
     # =============================================================================== lifecycle
 
@@ -123,7 +124,8 @@ class ControlPlane:
         self._store = await Store.open(self.settings.state_path)
         self._futures = Futures(self._store, long_poll_s=self.settings.long_poll_timeout_s,
                                 max_pending_per_owner=self.settings.max_pending_per_key,
-                                max_polls_per_owner=self.settings.max_polls_per_key, observers=self.observers)
+                                max_polls_per_owner=self.settings.max_polls_per_key,
+                                observers=[lambda record, value: self.observe(outcome_of(record, value))])
         await self._futures.recover(self._resumable)
         self.keyring = await KeyRing.load(self._store, self.keys, host=self.settings.host, admin_keys=self.admin_keys)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="twinkle sweeper")
@@ -312,6 +314,14 @@ class ControlPlane:
         await self.store.create_run(run)
         self.audit(run.owner, "training_run_create", actor=run.owner, model_id=run.id, base_model=run.base_model)
         return run
+
+    def observe(self, outcome: Outcome) -> None:
+        """Tell every observer of a finished request (an observer never changes an outcome)."""
+        for observe in self.observers:
+            try:
+                observe(outcome)
+            except Exception:  # noqa: BLE001 - accounting must not fail the request it accounts for
+                log.exception("outcome observer failed on a %s of %s", outcome.kind, outcome.owner)
 
     def audit(self, owner: str, event: str, **details: Any) -> None:
         """Record who did what to ``owner``'s resource (``details`` holds ``actor`` and what it was about)."""

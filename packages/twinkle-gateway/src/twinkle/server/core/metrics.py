@@ -4,9 +4,10 @@ Built on ``prometheus_client`` with a registry per app (Ray Serve's own metrics,
 agent, are left alone). What is counted where:
 
 - HTTP requests by protocol, route (the handler's name) and status: ``MetricsMiddleware``, in both apps;
-- every future when it ends (``Futures`` calls ``MetricsObserver.finished``): its duration by kind and
-  outcome (step and sample latency histograms), and per key the tokens it trained (forward/backward
-  logprobs), prefilled (a sample's prompt, from the request's meta) and sampled;
+- every request when it ends (``Metrics.finished``, an observer of the control plane: the central app's
+  futures, and in twinkle mode the training and sampling the component apps report): its duration by kind
+  and outcome (step and sample latency histograms), and per key the tokens it trained (forward/backward),
+  prefilled (a sample's prompt) and sampled;
 - at scrape time, from the plane: requests queued or running and polls held per key, checkpoint bytes per
   key, and whether each model and sampler service answers its health check.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from litestar import Request, Response, get
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
@@ -26,11 +27,9 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..auth import request_key
-from .usage import trained_tokens
+from twinkle.common.outcomes import Outcome
 
-if TYPE_CHECKING:
-    from .state import FutureRecord
+from ..auth import request_key
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -58,18 +57,16 @@ class Metrics:
 
     # ------------------------------------------------------------------------------- futures
 
-    def finished(self, record: FutureRecord, value: Any) -> None:
-        """A future ended (``Futures`` calls this with the finished record and its value)."""
-        outcome = "done" if record.status == "done" else record.category or "failed"
-        if record.finished is not None:
-            self.request_seconds.labels(record.kind, outcome).observe(max(0.0, record.finished - record.created))
-        if record.status != "done" or value is None:
+    def finished(self, o: Outcome) -> None:
+        """A request ended (the control plane tells its observers of each)."""
+        self.request_seconds.labels(o.kind, o.status).observe(max(0.0, o.finished - o.created))
+        if o.status != "done":
             return
-        if record.kind == "forward_backward":
-            self.tokens.labels(record.owner, "trained").inc(trained_tokens(value))
-        elif record.kind == "sample":
-            self.tokens.labels(record.owner, "sampled").inc(sum(len(s.tokens) for s in value.sequences))
-            self.tokens.labels(record.owner, "prefilled").inc(int((record.meta or {}).get("prompt_tokens") or 0))
+        if o.kind == "forward_backward":
+            self.tokens.labels(o.owner, "trained").inc(o.trained_tokens)
+        elif o.kind == "sample":
+            self.tokens.labels(o.owner, "sampled").inc(o.sampled_tokens)
+            self.tokens.labels(o.owner, "prefilled").inc(o.prompt_tokens)
 
     # ------------------------------------------------------------------------------- scrape
 

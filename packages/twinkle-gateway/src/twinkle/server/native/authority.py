@@ -3,17 +3,22 @@ Serve handle (``twinkle.common.authority``) — authenticate a key, start a save
 future, resolve a checkpoint a caller may sample from. Same keys, store and rules as the HTTP routes: it is a
 thin surface over the same ``ControlPlane``.
 
-Training requests themselves never pass through here: the client sends them to the Model service's own app.
-A save or load is a numbered request of its run (``seq_id``), so it keeps its place in the run's order.
+Training requests themselves never pass through here: the client sends them to the Model service's own app,
+which reports what each used afterwards (``report``). A save or load is a numbered request of its run
+(``seq_id``), so it keeps its place in the run's order.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 from typing import Any
 
+import msgspec
 from litestar.exceptions import NotAuthorizedException
 
 from twinkle.common.native import SAVE_KINDS, FutureRef, LoadRequest, ResolvedCheckpoint, SaveRequest
+from twinkle.common.outcomes import Outcome
 from twinkle.common.wire import NotFoundError, UserError
 
 from ..core import ControlPlane
@@ -23,9 +28,16 @@ from ..core.state import FutureRecord, RunRecord
 from .convert import SCHEME, checkpoint_out, resolve_uri
 
 
+log = logging.getLogger("twinkle.server")
+
+_MAX_RUNS_REMEMBERED = 100_000
+_NOT_OURS = "\0not-ours"  # a run id's session when the run is not its reporter's owner's
+
+
 class NativeAuthority:
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
+        self._reported: collections.OrderedDict[str, int] = collections.OrderedDict()  # run -> last seq_id told
 
     async def authenticate(self, api_key: str | None) -> str:
         """The principal id of ``api_key`` (``auth.KeyRing``); an unknown key is a 401."""
@@ -92,6 +104,32 @@ class NativeAuthority:
                             field="model_uri")
         return ResolvedCheckpoint(uri=uri, run_id=ckpt.run_id, kind=ckpt.kind, name=ckpt.name, path=ckpt.path,
                                   base_model=ckpt_base)
+
+    async def report(self, outcomes: list[Outcome]) -> None:
+        """Account what the component apps served: each run's session is filled in here, and a report about a
+        run its owner does not have is dropped (a component only reports requests the central server
+        authenticated, so that is a run deleted meanwhile)."""
+        await self.plane.ready()
+        sessions: dict[tuple[str, str], str | None] = {}  # (run, owner) -> the run's session
+        for o in outcomes:
+            o = msgspec.convert(o, Outcome, from_attributes=True)  # a plain form through a Serve handle
+            if o.run_id is not None:
+                key = (o.run_id, o.owner)
+                if key not in sessions:
+                    run = await self.plane.store.get_run(o.run_id)
+                    sessions[key] = run.session_id if run is not None and run.owner == o.owner else _NOT_OURS
+                if sessions[key] == _NOT_OURS:  # deleted meanwhile, or (a bug) not its owner's
+                    log.debug("dropped the report of a %s of run %r: no such run of its owner", o.kind, o.run_id)
+                    continue
+                if o.seq_id is not None:
+                    if o.seq_id <= self._reported.get(o.run_id, 0):
+                        continue  # a retried request, answered again from its first execution
+                    self._reported[o.run_id] = o.seq_id
+                    self._reported.move_to_end(o.run_id)
+                    if len(self._reported) > _MAX_RUNS_REMEMBERED:
+                        self._reported.popitem(last=False)
+                o = msgspec.structs.replace(o, session_id=sessions[key])
+            self.plane.observe(o)
 
     async def _run_of_app(self, owner: str, base_model: str, run_id: str) -> RunRecord:
         await self.plane.ready()

@@ -119,6 +119,51 @@ class CheckpointsOut(msgspec.Struct):
     cursor: Cursor | None = None
 
 
+class RunStep(msgspec.Struct):
+    """One optimizer step of a run: the loss summed over the forward/backward passes since the previous step,
+    their tokens, the learning rate and the gradient norm."""
+
+    step: int
+    time: float
+    loss: float | None
+    tokens: int
+    learning_rate: float | None
+    grad_norm: float | None
+
+
+class RunHistoryOut(msgspec.Struct):
+    steps: list[RunStep]
+
+
+# --------------------------------------------------------------------------------------------- usage
+
+class UsageBucket(msgspec.Struct):
+    """What one key used in one UTC hour, of one kind: ``training`` / ``sampling_prefill`` /
+    ``sampling_sample`` tokens, or ``checkpoint`` saves."""
+
+    hour_start: str
+    owner: str
+    kind: str
+    quantity: int
+    session_id: str | None
+    base_model: str | None
+
+
+class UsageOut(msgspec.Struct):
+    buckets: list[UsageBucket]
+
+
+class AuditEntry(msgspec.Struct):
+    time: str
+    owner: str
+    event: str
+    details: dict[str, Any]
+
+
+class AuditOut(msgspec.Struct):
+    entries: list[AuditEntry]
+
+
 # --------------------------------------------------------------------------------------------- futures
 
 

@@ -12,6 +12,10 @@ GET/POST   /training_runs                                     list (paged) / cre
 GET/DELETE /training_runs/{run_id}                            get (with live step) / delete
 GET        /training_runs/{run_id}/checkpoints[/latest]       list / newest (``?kind=state|sampler``)
 DELETE     /training_runs/{run_id}/checkpoints/{kind}/{name}
+GET        …/checkpoints/{kind}/{name}/archive                the checkpoint's files as a tar
+GET        /training_runs/{run_id}/history                    a step per optimizer step (``?after_step&limit``)
+GET        /usage?starting_on&ending_before                   tokens and saves per UTC hour (admin: every key)
+GET        /audit?day&event_type                              who did what to the caller's checkpoints
 GET        /checkpoints                                       every checkpoint of the caller (paged)
 POST       /resume                                            a new run from a checkpoint, or load into a run
 GET        /futures/{request_id}?timeout=s                    long-poll a long operation
@@ -129,6 +133,22 @@ async def checkpoint_archive(request: Request, run_id: str, kind: str, name: str
                 headers={"Cache-Control": "no-store"})
 
 
+@get("/training_runs/{run_id:str}/history")
+async def run_history(request: Request, run_id: str, after_step: int = 0, limit: int | None = None
+                      ) -> P.RunHistoryOut:
+    return await _svc(request).run_history(caller_id(request), run_id, after_step, limit)
+
+
+@get("/usage")
+async def usage(request: Request, starting_on: str, ending_before: str) -> P.UsageOut:
+    return await _svc(request).usage(request.user, starting_on, ending_before)
+
+
+@get("/audit")
+async def audit(request: Request, event_type: str = "all", day: str | None = None) -> P.AuditOut:
+    return await _svc(request).audit(request.user, event_type, day)
+
+
 @get("/checkpoints")
 async def list_user_checkpoints(request: Request, limit: int | None = None, offset: int | None = None
                                 ) -> P.CheckpointsOut:
@@ -147,8 +167,8 @@ async def wait_future(request: Request, request_id: str, timeout: float | None =
 
 ROUTES = [
     healthz, info, capabilities, create_session, heartbeat, finish_session, list_runs, create_run, get_run,
-    delete_run, list_checkpoints, latest_checkpoint, delete_checkpoint, checkpoint_archive, list_user_checkpoints,
-    resume, wait_future,
+    delete_run, list_checkpoints, latest_checkpoint, delete_checkpoint, checkpoint_archive, run_history, usage, audit,
+    list_user_checkpoints, resume, wait_future,
 ]
 
 

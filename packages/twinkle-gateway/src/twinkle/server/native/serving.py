@@ -24,8 +24,10 @@ from twinkle.common.limits import check_lora, check_metadata, check_tags
 from twinkle.common.native import FutureRef
 from twinkle.common.wire import NotFoundError, UserError
 
-from ..core import ControlPlane
+from ..auth import Principal
+from ..core import ControlPlane, iso
 from ..core.checkpoints import validate_name
+from ..core.usage import audit_window, usage_window
 from ..core.ports import ModelPort, SamplerPort
 from ..core.state import CheckpointRecord, FutureRecord, RunRecord, SessionRecord
 from . import protocol as P
@@ -258,6 +260,29 @@ class NativeService:
         validate_name(name, field="name")
         return await self.plane.own_checkpoint(owner, run_id, kind, name, field="uri",
                                                uri=f"{SCHEME}{run_id}/{kind}/{name}")
+
+    # =============================================================================== usage
+
+    async def run_history(self, owner: str, run_id: str, after_step: int, limit: int | None) -> P.RunHistoryOut:
+        return P.RunHistoryOut(steps=[P.RunStep(**s) for s in
+                                      await self.plane.run_history(owner, run_id, after_step, limit)])
+
+    async def usage(self, user: Principal, starting_on: str, ending_before: str) -> P.UsageOut:
+        """The caller's usage per UTC hour in ``[starting_on, ending_before)``; every key's for an admin key."""
+        start, end = usage_window(starting_on, ending_before)
+        rows = await self.plane.store.usage_buckets(None if user.admin else user.id, start, end)
+        return P.UsageOut(buckets=[P.UsageBucket(hour_start=iso(hour), owner=owner, kind=kind, quantity=quantity,
+                                                 session_id=session_id or None, base_model=base_model or None)
+                                   for owner, hour, session_id, base_model, kind, quantity in rows])
+
+    async def audit(self, user: Principal, event_type: str, day: str | None) -> P.AuditOut:
+        """Who created, read, published or deleted what of the caller's (every key's for an admin key) on a UTC
+        day (default today)."""
+        prefix, start, end = audit_window(event_type, day)
+        rows = await self.plane.store.audit_entries(None if user.admin else user.id, prefix, start, end,
+                                                    self.plane.settings.limits.max_page_size)
+        return P.AuditOut(entries=[P.AuditEntry(time=iso(t), owner=owner, event=event, details=details)
+                                   for t, owner, event, details in rows])
 
     # =============================================================================== futures
 

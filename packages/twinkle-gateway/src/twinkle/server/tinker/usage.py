@@ -7,30 +7,14 @@ gigabyte-hours; see ``checkpoints/current``).
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from typing import Any
-
-from twinkle.common.wire import UserError
 
 from ..auth import Principal
 from ..core import ControlPlane
-from ..core.usage import HOUR_S
+from ..core.usage import HOUR_S, audit_window, usage_window
 
-_MAX_WINDOW_S = 14 * 86400
 _GIB = 1024 ** 3
-
-
-def _hour(value: str, field: str) -> int:
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise UserError(f"expected an ISO 8601 time, got {value!r}", field=field) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    seconds = t.timestamp()
-    if seconds % HOUR_S:
-        raise UserError("must be aligned to a UTC hour boundary", field=field)
-    return int(seconds)
 
 
 def _iso(seconds: int) -> str:
@@ -42,11 +26,7 @@ class TinkerUsage:
         self.plane = plane
 
     async def events(self, user: Principal, starting_on: str, ending_before: str) -> dict[str, Any]:
-        start, end = _hour(starting_on, "starting_on"), _hour(ending_before, "ending_before")
-        if not start < end <= start + _MAX_WINDOW_S:
-            raise UserError("the window must be non-empty and at most 14 days", field="ending_before")
-        if start > datetime.now(timezone.utc).timestamp():
-            raise UserError("must not be in the future", field="starting_on")
+        start, end = usage_window(starting_on, ending_before)
         rows = await self.plane.store.usage_buckets(None if user.admin else user.id, start, end)
         data, sessions = [], {}
         for owner, hour, session_id, base_model, kind, quantity in rows:
@@ -76,17 +56,9 @@ class TinkerUsage:
     async def audit(self, user: Principal, event_type: str, day: str | None) -> dict[str, Any]:
         """The day's audit entries (UTC; default today) about the caller's resources, or everyone's for an admin
         key. ``event_type``: ``all`` or ``checkpoints`` (this server has no projects, teams or organizations)."""
-        prefixes = {"all": "", "checkpoints": "checkpoint_", "projects": "project_", "teams": "team_",
-                    "organizations": "organization_"}
-        if event_type not in prefixes:
-            raise UserError(f"unknown event_type {event_type!r}; one of {', '.join(prefixes)}", field="event_type")
-        try:
-            start_day = date.fromisoformat(day) if day else datetime.now(timezone.utc).date()
-        except ValueError:
-            raise UserError(f"expected a date like 2026-12-03, got {day!r}", field="day") from None
-        start = datetime(start_day.year, start_day.month, start_day.day, tzinfo=timezone.utc).timestamp()
-        rows = await self.plane.store.audit_entries(None if user.admin else user.id, prefixes[event_type], start,
-                                                    start + 86400, self.plane.settings.limits.max_page_size)
+        prefix, start, end = audit_window(event_type, day)
+        rows = await self.plane.store.audit_entries(None if user.admin else user.id, prefix, start, end,
+                                                    self.plane.settings.limits.max_page_size)
         return {"entries": [{"timestamp": _iso_precise(t), "event": event, "event_details": {"owner": owner, **details},
                              "model_id": details.get("model_id"), "tinker_path": details.get("tinker_path"),
                              "purpose": details.get("purpose")} for t, owner, event, details in rows]}
