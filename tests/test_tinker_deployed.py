@@ -336,6 +336,11 @@ def test_the_web_console_in_a_real_browser(deployed):
                 listed = rest.list_checkpoints(tc.model_id).result().checkpoints
                 assert [c.public for c in listed if c.checkpoint_id == "weights/console-ckpt"] == [True]
 
+                # usage per day: the tokens this key trained in this test (its 6 steps) are on the page
+                page.goto(f"{base}/console/usage")
+                cells = page.locator("tbody tr", has_text="training").locator("td.num").all_inner_texts()
+                assert sum(int(c.replace(",", "")) for c in cells) == 6 * data[0].model_input.length, cells
+
                 other = browser.new_page()
                 other.goto(f"{base}/console/login")
                 other.fill("#api_key", "tml-console-bob")

@@ -10,6 +10,7 @@ or ``TwinkleServerError`` with the server's ``detail``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -88,11 +89,34 @@ class Transport:
     def stream_lines(self, method: str, path: str, body: Any, *, timeout: float | None = None) -> Iterator[bytes]:
         """POST and yield the answer's lines as they arrive (NDJSON). Errors before the first byte are
         retried like ``send``; a dropped stream raises ``TwinkleConnectionError`` for the caller to resume."""
-        content = msgspec.json.encode(body)
+        with self._stream(method, path, msgspec.json.encode(body), timeout) as r:
+            for line in r.iter_lines():
+                if line.strip():
+                    yield line.encode() if isinstance(line, str) else line
+
+    def download(self, path: str, out: BinaryIO, on_start: Callable[[int | None], None],
+                 on_chunk: Callable[[int], None]) -> int:
+        """GET ``path`` into ``out``; ``on_start`` gets the announced size (None if unknown), ``on_chunk`` each
+        chunk's size. Errors before the first byte are retried like ``send``; returns the bytes written."""
+        with self._stream("GET", path, None, None) as r:
+            length = r.headers.get("content-length")
+            on_start(int(length) if length and length.isdigit() else None)
+            written = 0
+            for chunk in r.iter_bytes(1 << 20):
+                out.write(chunk)
+                written += len(chunk)
+                on_chunk(len(chunk))
+            return written
+
+    @contextlib.contextmanager
+    def _stream(self, method: str, path: str, content: bytes | None, timeout: float | None
+                ) -> Iterator[httpx.Response]:
+        """A streamed answer with a good status: retryable statuses are retried like ``send``, errors raised;
+        a connection lost before or while reading is ``TwinkleConnectionError``."""
         attempt = 0
-        while True:
-            try:
-                with self.http.stream(method, path, content=content, headers=_JSON,
+        try:
+            while True:
+                with self.http.stream(method, path, content=content, headers=_JSON if content is not None else None,
                                       timeout=self._timeout if timeout is None else timeout) as r:
                     if r.status_code in RETRY_STATUS and attempt < self.max_retries:
                         r.read()
@@ -102,39 +126,10 @@ class Transport:
                     if r.status_code >= 400:
                         r.read()
                         raise error_from(r)
-                    for line in r.iter_lines():
-                        if line.strip():
-                            yield line.encode() if isinstance(line, str) else line
+                    yield r
                     return
-            except httpx.TransportError as e:
-                raise TwinkleConnectionError(f"{method} {self.root}{path} failed: {e!r}") from e
-
-    def download(self, path: str, out: BinaryIO, on_start: Callable[[int | None], None],
-                 on_chunk: Callable[[int], None]) -> int:
-        """GET ``path`` into ``out``; ``on_start`` gets the announced size (None if unknown), ``on_chunk`` each
-        chunk's size. Errors before the first byte are retried like ``send``; returns the bytes written."""
-        attempt = 0
-        while True:
-            try:
-                with self.http.stream("GET", path) as r:
-                    if r.status_code in RETRY_STATUS and attempt < self.max_retries:
-                        r.read()
-                        self._sleep(attempt, r.headers.get("retry-after"), f"GET {path}: HTTP {r.status_code}")
-                        attempt += 1
-                        continue
-                    if r.status_code >= 400:
-                        r.read()
-                        raise error_from(r)
-                    length = r.headers.get("content-length")
-                    on_start(int(length) if length and length.isdigit() else None)
-                    written = 0
-                    for chunk in r.iter_bytes(1 << 20):
-                        out.write(chunk)
-                        written += len(chunk)
-                        on_chunk(len(chunk))
-                    return written
-            except httpx.TransportError as e:
-                raise TwinkleConnectionError(f"GET {self.root}{path} failed: {e!r}") from e
+        except httpx.TransportError as e:
+            raise TwinkleConnectionError(f"{method} {self.root}{path} failed: {e!r}") from e
 
     def _sleep(self, attempt: int, retry_after: str | None, what: str) -> None:
         delay = min(self.max_backoff_s, self.backoff_s * (2 ** attempt)) * (0.5 + random.random() / 2)

@@ -38,6 +38,7 @@ from twinkle.common.wire import NotFoundError, UserError
 from ..auth import Principal
 from ..core.admin import describe_services
 from ..core.checkpoints import CheckpointRef
+from ..core.usage import HOUR_S
 from .session import COOKIE, SESSION_S, ConsoleSessions
 
 PREFIX = "/console"
@@ -195,12 +196,7 @@ async def run_history(request: Request, run_id: str, after: int = -1) -> Respons
 async def download(request: Request, run_id: str, kind: str, name: str) -> Response:
     viewer = await _signed_in(request)
     plane = _plane(request)
-    run = await _own_run(plane, viewer, run_id)
-    try:
-        c = await plane.own_checkpoint(viewer.id, run.id, kind, name, field="checkpoint",
-                                       uri=CheckpointRef(run.id, kind, name, _scheme(request)).uri)
-    except (NotFoundError, UserError):
-        raise NotFoundException(detail="no such checkpoint") from None
+    c = await _own_checkpoint(request, plane, viewer, run_id, kind, name)
     archive, filename, remove = await plane.checkpoint_archive(c, viewer.id, purpose="console download")
     return File(path=archive, filename=filename, media_type="application/x-tar", background=BackgroundTask(remove),
                 headers={"Cache-Control": "no-store"})
@@ -211,14 +207,19 @@ async def publish(request: Request, run_id: str, kind: str, name: str) -> Respon
     viewer = await _signed_in(request)
     form = await _form_checked(request)
     plane = _plane(request)
+    c = await _own_checkpoint(request, plane, viewer, run_id, kind, name)
+    await plane.update_checkpoint(c, public=form.get("public") == "1")
+    return Redirect(path=f"{PREFIX}/runs/{c.run_id}", status_code=303)
+
+
+async def _own_checkpoint(request: Request, plane: Any, viewer: Principal, run_id: str, kind: str, name: str) -> Any:
+    """The viewer's checkpoint, or 404 (also for a malformed kind or name: the console names no fields)."""
     run = await _own_run(plane, viewer, run_id)
     try:
-        c = await plane.own_checkpoint(viewer.id, run.id, kind, name, field="checkpoint",
-                                       uri=CheckpointRef(run.id, kind, name, _scheme(request)).uri)
+        return await plane.own_checkpoint(viewer.id, run.id, kind, name, field="checkpoint",
+                                          uri=CheckpointRef(run.id, kind, name, _scheme(request)).uri)
     except (NotFoundError, UserError):
         raise NotFoundException(detail="no such checkpoint") from None
-    await plane.update_checkpoint(c, public=form.get("public") == "1")
-    return Redirect(path=f"{PREFIX}/runs/{run.id}", status_code=303)
 
 
 @get("/sessions")
@@ -238,11 +239,12 @@ async def usage_page(request: Request, days: int = 7) -> Response:
     if viewer is None:
         return _to_login()
     days = min(max(days, 1), 400)
-    end = int(time.time() // 3600) + 1
-    rows = await _plane(request).store.usage_buckets(None if viewer.admin else viewer.id, end - days * 24, end)
-    daily: dict[tuple[str, str, str], int] = {}
+    end = (int(time.time()) // HOUR_S + 1) * HOUR_S  # buckets are keyed by their hour's first second
+    rows = await _plane(request).store.usage_buckets(None if viewer.admin else viewer.id, end - days * 24 * HOUR_S,
+                                                     end)
+    daily: dict[tuple[str, str, str, str], int] = {}
     for owner, hour, _session, base_model, kind, quantity in rows:
-        day = dt.datetime.fromtimestamp(hour * 3600, dt.timezone.utc).strftime("%Y-%m-%d")
+        day = dt.datetime.fromtimestamp(hour, dt.timezone.utc).strftime("%Y-%m-%d")
         key = (day, owner, base_model or "—", kind)
         daily[key] = daily.get(key, 0) + quantity
     table = [{"day": d, "owner": o, "base_model": m, "kind": k, "quantity": q}
