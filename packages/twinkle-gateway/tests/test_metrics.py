@@ -65,6 +65,38 @@ def test_per_key_tokens_and_latency_move_by_what_each_key_did(server):
     assert _value(after, "twinkle_service_up", kind="sampler", model="tiny-qwen2") == 1
 
 
+def test_queues_adapters_and_the_adapter_cache_are_scraped_from_the_model_service(tmp_path):
+    """An idle run's adapter is offloaded (an eviction); its next request brings it back (a load, not a hit)."""
+    import time
+
+    from twinkle.common.models import TINY_MODEL_ID
+    from twinkle.server.tinker import TinkerSettings
+    from twinkle.server.tinker.testing import LocalTinkerServer
+
+    settings = TinkerSettings(checkpoint_dir=str(tmp_path / "ckpt"))
+    with LocalTinkerServer(settings, TINY_MODEL_ID, service_kwargs={"adapter_timeout_s": 3.0,
+                                                                    "sweep_interval_s": 0.1}) as srv:
+        sc = tinker.ServiceClient(base_url=srv.base_url, api_key=KEYS[0])
+        tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=4).result()
+        data = [types.Datum(model_input=types.ModelInput.from_ints(list(range(1, 10))),
+                            loss_fn_inputs={"target_tokens": list(range(2, 11))})]
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        first = _scrape(srv.base_url)
+        deadline = time.monotonic() + 30
+        while _value(_scrape(srv.base_url), "twinkle_adapters", model="tiny-qwen2", state="offloaded") < 1:
+            assert time.monotonic() < deadline, "the idle adapter was never offloaded"
+            time.sleep(0.1)
+        tc.forward_backward(data, "cross_entropy").result()
+        after = _scrape(srv.base_url)
+        sc.close("success").result()
+    assert sum(_value(first, "twinkle_adapters", model="tiny-qwen2", state=s) for s in ("resident", "offloaded")) == 1
+    assert _value(first, "twinkle_adapter_requests_total", model="tiny-qwen2", adapter="hit") == 2
+    assert _value(after, "twinkle_adapter_requests_total", model="tiny-qwen2", adapter="load") == 1
+    assert _value(after, "twinkle_adapter_offloads_total", model="tiny-qwen2") == 1
+    assert ("twinkle_service_queued_requests", (("kind", "model"), ("model", "tiny-qwen2"))) in after
+    assert ("twinkle_model_busy_seconds", (("model", "tiny-qwen2"),)) in after
+
 def test_only_loopback_or_an_admin_key_may_scrape(tmp_path):
     from litestar.testing import TestClient
 

@@ -333,6 +333,9 @@ class ServiceHealth(msgspec.Struct, kw_only=True):
     busy_for_s: float | None = None  # model: how long the current operation has run
     runs: int | None = None  # model: training runs held
     resident_runs: int | None = None  # model: runs whose adapter is on the device
+    adapter_hits: int | None = None  # model, since start: requests whose run's adapter was on the device
+    adapter_loads: int | None = None  # model, since start: requests that brought it back (a cache miss)
+    adapter_offloads: int | None = None  # model, since start: adapters moved off the device when idle
     served: int | None = None  # sampler: requests answered
     failed: int | None = None  # sampler: requests that failed
 

@@ -137,6 +137,7 @@ class ModelService:
         self._saving: dict[str, asyncio.Future] = {}
         self._sweeper: asyncio.Task | None = None
         self._started = time.time()
+        self._adapters = {"hits": 0, "loads": 0, "offloads": 0}  # since start, for metrics
 
     # --- runs -----------------------------------------------------------------------------------------
 
@@ -352,6 +353,9 @@ class ModelService:
             busy_for_s=round(self.scheduler.busy_for_s, 3),
             runs=len(self._runs),
             resident_runs=resident,
+            adapter_hits=self._adapters["hits"],
+            adapter_loads=self._adapters["loads"],
+            adapter_offloads=self._adapters["offloads"],
         )
 
     async def offload_idle(self, now: float | None = None) -> list[str]:
@@ -369,6 +373,7 @@ class ModelService:
             try:
                 await self.scheduler.run_exclusive(functools.partial(self.backend.offload, run_id))
                 done.append(run_id)
+                self._adapters["offloads"] += 1
             except NotFoundError:
                 pass  # deleted meanwhile
         return done
@@ -564,6 +569,8 @@ class ModelService:
             rec.last_used = time.monotonic()
             if seq_id is not None:
                 self._check_in_sync(rec, seq_id)
+            if rec.ready:
+                self._adapters["hits" if self._safe_resident(run_id) else "loads"] += 1
         try:
             return await self.scheduler.submit(run_id, seq_id, fn, batch_key=batch_key, payload=payload)
         finally:

@@ -9,7 +9,10 @@ agent, are left alone). What is counted where:
   and outcome (step and sample latency histograms), and per key the tokens it trained (forward/backward),
   prefilled (a sample's prompt) and sampled;
 - at scrape time, from the plane: requests queued or running and polls held per key, checkpoint bytes per
-  key, and whether each model and sampler service answers its health check.
+  key, and whether each model and sampler service answers its health check; from that check (one replica's
+  figures where an application has several): requests queued at each service, how long the model's current
+  operation has run, adapters resident on the device and offloaded, and the adapter cache's hits, loads
+  (misses) and idle offloads (evictions) since the replica started.
 
 Keys appear only as principal ids (``p-…``), never as API keys. ``/metrics`` answers without a key to
 loopback clients only; from anywhere else it needs an admin key.
@@ -21,13 +24,16 @@ import asyncio
 import ipaddress
 from typing import Any
 
+import msgspec
 from litestar import Request, Response, get
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from twinkle.common.outcomes import Outcome
+from twinkle.common.wire import ServiceHealth
 
 from ..auth import request_key
 
@@ -54,6 +60,8 @@ class Metrics:
                                       registry=r)
         self.service_up = Gauge("twinkle_service_up", "1 when a model or sampler service answers its health check",
                                 ["kind", "model"], registry=r)
+        self.services = _ServiceFigures()
+        r.register(self.services)
 
     # ------------------------------------------------------------------------------- futures
 
@@ -82,9 +90,12 @@ class Metrics:
         for key, row in (await plane.store.usage()).items():
             self.checkpoint_bytes.labels(key).set(row["checkpoint_bytes"])
 
+        self.services.health.clear()
+
         async def up(kind: str, name: str, port: Any) -> None:
             try:
-                await asyncio.wait_for(port.health(), 5.0)
+                health = await asyncio.wait_for(port.health(), 5.0)
+                self.services.health[(kind, name)] = msgspec.convert(health, ServiceHealth, from_attributes=True)
                 self.service_up.labels(kind, name).set(1)
             except Exception:  # noqa: BLE001 - down is the figure
                 self.service_up.labels(kind, name).set(0)
@@ -92,6 +103,38 @@ class Metrics:
         await asyncio.gather(*[up("model", n, p) for n, p in plane.models.items()],
                              *[up("sampler", n, p) for n, p in plane.samplers.items()])
         return generate_latest(self.registry)
+
+
+class _ServiceFigures:
+    """The load figures of the services' health checks made for this scrape, as metric families."""
+
+    def __init__(self) -> None:
+        self.health: dict[tuple[str, str], ServiceHealth] = {}
+
+    def collect(self):
+        queued = GaugeMetricFamily("twinkle_service_queued_requests", "Requests waiting or running at a model or "
+                                   "sampler service", labels=["kind", "model"])
+        busy = GaugeMetricFamily("twinkle_model_busy_seconds", "How long the model's current operation has run",
+                                 labels=["model"])
+        adapters = GaugeMetricFamily("twinkle_adapters", "Training runs' adapters held by the model service, on the "
+                                     "device (resident) or moved off it (offloaded)", labels=["model", "state"])
+        requests = CounterMetricFamily("twinkle_adapter_requests", "Requests by whether their run's adapter was on "
+                                       "the device (hit) or was brought back (load)", labels=["model", "adapter"])
+        offloads = CounterMetricFamily("twinkle_adapter_offloads", "Adapters moved off the device when idle",
+                                       labels=["model"])
+        for (kind, name), h in self.health.items():
+            if h.queued is not None:
+                queued.add_metric([kind, name], h.queued)
+            if kind != "model" or h.runs is None:
+                continue
+            busy.add_metric([name], h.busy_for_s or 0.0)
+            adapters.add_metric([name, "resident"], h.resident_runs or 0)
+            adapters.add_metric([name, "offloaded"], h.runs - (h.resident_runs or 0))
+            if h.adapter_hits is not None:
+                requests.add_metric([name, "hit"], h.adapter_hits)
+                requests.add_metric([name, "load"], h.adapter_loads or 0)
+                offloads.add_metric([name], h.adapter_offloads or 0)
+        return [queued, busy, adapters, requests, offloads]
 
 
 class MetricsMiddleware(ASGIMiddleware):
