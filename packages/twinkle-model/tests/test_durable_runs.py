@@ -190,10 +190,15 @@ def test_native_routes_resume_a_restored_run_one_request_at_a_time(backend, tiny
     from twinkle.model.app import create_model_app
 
     class Keys:
+        reported: list = []
+
         async def authenticate(self, api_key):
             if api_key != "tml-native":
                 raise UserError("invalid API key", status=401)
             return "alice"
+
+        async def report(self, outcomes):
+            self.reported.extend(outcomes)
 
     async def before_the_crash():
         first = _service(backend, tiny_model_id, tmp_path)
@@ -215,6 +220,8 @@ def test_native_routes_resume_a_restored_run_one_request_at_a_time(backend, tiny
         r = client.post("/runs/dur-5/optim_step", json={"learning_rate": 1e-2, "eps": 1e-8, "seq_id": 6}, headers=key)
         assert r.status_code == 200, r.text
         assert client.get("/runs/dur-5", headers=key).json()["step"] == 2
+    # what the app served is reported to the central server (the refused optim_step is not)
+    assert [(o.kind, o.seq_id, o.step) for o in Keys.reported] == [("forward_backward", 5, None), ("optim_step", 6, 2)]
     with contextlib.suppress(Exception):
         asyncio.run(second.close())
 
