@@ -90,6 +90,10 @@ def connect(namespace: str, *, address: str | None = None, log_level: str = "INF
     # A prestarted idle worker costs ~80 MB and every Twinkle actor starts its own process anyway.
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # Serve's controller runs its loop every 0.1 s by default: ~40 ms of CPU per tiny-model training step on
+    # 2 cores (bench/tinker_bench.py --deploy); every 0.5 s it costs ~6 ms, and it notices a replica change at
+    # most 0.4 s later.
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     try:
         ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1, **common)
     except (ConnectionError, RuntimeError, ValueError) as e:
