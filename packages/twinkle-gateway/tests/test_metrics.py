@@ -70,6 +70,7 @@ def test_queues_adapters_and_the_adapter_cache_are_scraped_from_the_model_servic
     import time
 
     from twinkle.common.models import TINY_MODEL_ID
+    from twinkle.server.auth import principal_id
     from twinkle.server.tinker import TinkerSettings
     from twinkle.server.tinker.testing import LocalTinkerServer
 
@@ -96,6 +97,9 @@ def test_queues_adapters_and_the_adapter_cache_are_scraped_from_the_model_servic
     assert _value(after, "twinkle_adapter_offloads_total", model="tiny-qwen2") == 1
     assert ("twinkle_service_queued_requests", (("kind", "model"), ("model", "tiny-qwen2"))) in after
     assert ("twinkle_model_busy_seconds", (("model", "tiny-qwen2"),)) in after
+    key = principal_id(KEYS[0])
+    assert _value(after, "twinkle_queue_wait_seconds_count", model="tiny-qwen2", key=key) >= 3  # fb, step, fb
+    assert _value(after, "twinkle_queue_wait_seconds_sum", model="tiny-qwen2", key=key) >= 0
 
 def test_only_loopback_or_an_admin_key_may_scrape(tmp_path):
     from litestar.testing import TestClient
@@ -219,6 +223,7 @@ def test_the_grafana_dashboard_reads_only_metrics_the_server_exposes():
     import re
     from pathlib import Path
 
+    from twinkle.common.wire import ServiceHealth
     from twinkle.server.core.metrics import Metrics
 
     dashboard = Path(__file__).resolve().parents[3] / "deploy" / "grafana" / "twinkle-dashboard.json"
@@ -226,6 +231,9 @@ def test_the_grafana_dashboard_reads_only_metrics_the_server_exposes():
     used = {name for e in exprs for name in re.findall(r"\b(twinkle_[a-z_]+)", e)}
     metrics = Metrics("test")
     metrics.request_seconds.labels("sample", "done").observe(0.1)  # histogram series exist once observed
+    metrics.services.health[("model", "m")] = ServiceHealth(  # as read from a model service at scrape time
+        kind="model", queued=0, busy_for_s=0.0, runs=1, resident_runs=1, adapter_hits=1, adapter_loads=0,
+        adapter_offloads=0, queue_wait={"p-x": (1, 0.1)})
     exposed = {s.name for family in metrics.registry.collect() for s in family.samples} | {
         f.name for f in metrics.registry.collect()} | {f.name + "_total" for f in metrics.registry.collect()}
     assert used and used <= exposed, used - exposed

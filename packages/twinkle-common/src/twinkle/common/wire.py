@@ -336,6 +336,7 @@ class ServiceHealth(msgspec.Struct, kw_only=True):
     adapter_hits: int | None = None  # model, since start: requests whose run's adapter was on the device
     adapter_loads: int | None = None  # model, since start: requests that brought it back (a cache miss)
     adapter_offloads: int | None = None  # model, since start: adapters moved off the device when idle
+    queue_wait: dict[str, tuple[int, float]] | None = None  # model: per key, requests started and their wait (s)
     served: int | None = None  # sampler: requests answered
     failed: int | None = None  # sampler: requests that failed
 

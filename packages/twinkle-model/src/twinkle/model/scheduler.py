@@ -68,6 +68,8 @@ class Job:
     batch_key: str | None = None
     payload: Any = None
     slices: Generator[None, None, Any] | None = None  # a sliced job under way
+    arrived: float = field(default_factory=time.monotonic)
+    started: bool = False
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Scheduler:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._busy_since: float | None = None
+        self._waited: dict[str, tuple[int, float]] = {}  # tenant -> (jobs started, seconds they waited)
         self._closed = False
 
     # --- runs -----------------------------------------------------------------------------------------
@@ -214,6 +217,12 @@ class Scheduler:
     def busy_for_s(self) -> float:
         return 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
 
+    def waited(self) -> dict[str, tuple[int, float]]:
+        """Per tenant with a run here: how many jobs started, and how long in all they waited to start."""
+        tenants = {q.tenant for q in self._runs.values()}
+        self._waited = {t: v for t, v in self._waited.items() if t in tenants}
+        return dict(self._waited)
+
     # --- submission -----------------------------------------------------------------------------------
 
     async def submit(
@@ -295,6 +304,11 @@ class Scheduler:
                     q.running = True
             jobs = [job for _, job in batch]
             started = self._busy_since = time.monotonic()
+            for job, q in zip(jobs, queues):
+                if not job.started and q is not None:  # a sliced job waits once, before its first slice
+                    job.started = True
+                    count, total = self._waited.get(q.tenant, (0, 0.0))
+                    self._waited[q.tenant] = (count + 1, total + started - job.arrived)
             try:
                 if len(jobs) == 1:
                     outcomes = [await loop.run_in_executor(self._executor, _call, jobs[0])]

@@ -356,6 +356,7 @@ class ModelService:
             adapter_hits=self._adapters["hits"],
             adapter_loads=self._adapters["loads"],
             adapter_offloads=self._adapters["offloads"],
+            queue_wait=self.scheduler.waited(),
         )
 
     async def offload_idle(self, now: float | None = None) -> list[str]:

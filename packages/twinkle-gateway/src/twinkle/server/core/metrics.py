@@ -11,8 +11,9 @@ agent, are left alone). What is counted where:
 - at scrape time, from the plane: requests queued or running and polls held per key, checkpoint bytes per
   key, and whether each model and sampler service answers its health check; from that check (one replica's
   figures where an application has several): requests queued at each service, how long the model's current
-  operation has run, adapters resident on the device and offloaded, and the adapter cache's hits, loads
-  (misses) and idle offloads (evictions) since the replica started.
+  operation has run, how long each key's requests waited in its queue, adapters resident on the device and
+  offloaded, and the adapter cache's hits, loads (misses) and idle offloads (evictions) since the replica
+  started.
 
 Keys appear only as principal ids (``p-…``), never as API keys. ``/metrics`` answers without a key to
 loopback clients only; from anywhere else it needs an admin key.
@@ -30,7 +31,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from twinkle.common.outcomes import Outcome
 from twinkle.common.wire import ServiceHealth
@@ -122,6 +123,8 @@ class _ServiceFigures:
                                        "the device (hit) or was brought back (load)", labels=["model", "adapter"])
         offloads = CounterMetricFamily("twinkle_adapter_offloads", "Adapters moved off the device when idle",
                                        labels=["model"])
+        waited = SummaryMetricFamily("twinkle_queue_wait_seconds", "Time a key's requests waited in the model's "
+                                     "queue before they started", labels=["model", "key"])
         for (kind, name), h in self.health.items():
             if h.queued is not None:
                 queued.add_metric([kind, name], h.queued)
@@ -134,7 +137,9 @@ class _ServiceFigures:
                 requests.add_metric([name, "hit"], h.adapter_hits)
                 requests.add_metric([name, "load"], h.adapter_loads or 0)
                 offloads.add_metric([name], h.adapter_offloads or 0)
-        return [queued, busy, adapters, requests, offloads]
+            for key, (count, seconds) in (h.queue_wait or {}).items():
+                waited.add_metric([name, key], count, seconds)
+        return [queued, busy, adapters, requests, offloads, waited]
 
 
 class MetricsMiddleware(ASGIMiddleware):
