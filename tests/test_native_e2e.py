@@ -101,6 +101,13 @@ def test_history_and_usage_of_training_served_by_the_model_app(base_url, alice, 
     with TwinkleClient(base_url, api_key=BOB) as bob:
         with pytest.raises(TwinkleNotFoundError):
             bob.run_history(run.run_id)
+    # the web console of a twinkle-mode server shows the run and its curve from those reports
+    with httpx.Client(base_url=base_url, timeout=30) as browser:
+        assert browser.post("/console/login", data={"api_key": ALICE}).status_code == 303
+        page = browser.get(f"/console/runs/{run.run_id}")
+        assert page.status_code == 200 and run.run_id in page.text
+        history = browser.get(f"/console/runs/{run.run_id}/history.json").json()["steps"]
+        assert [s["loss"] for s in history] == pytest.approx(losses, rel=1e-6)
 
 
 def test_resume_in_a_new_client_is_exact(base_url, trained):
