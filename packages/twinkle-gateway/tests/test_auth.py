@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import msgspec
 import pytest
@@ -80,6 +81,30 @@ async def test_keyring_with_keys_stores_only_hashes(tmp_path, monkeypatch):
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert KEY_A.encode() not in raw and KEY_B.encode() not in raw
 
+
+async def test_a_console_sign_in_ends_with_its_key_and_follows_its_admin_role(tmp_path, monkeypatch):
+    """The console's cookie outlives a restart (its secret is stored), but each request looks its principal up
+    in the key ring of now: a key removed from the config signs out; an admin made a plain user loses the admin
+    view; a forged or expired cookie is nobody."""
+    from types import SimpleNamespace
+
+    from twinkle.server.console import ConsoleSessions
+
+    monkeypatch.delenv("TWINKLE_API_KEYS", raising=False)
+    store = await Store.open(str(tmp_path / "s.sqlite"))
+    plane = SimpleNamespace(store=store, keyring=await KeyRing.load(store, [KEY_A, KEY_B], host="0.0.0.0",
+                                                                   admin_keys=[KEY_A]))
+    sessions = ConsoleSessions(plane)
+    alice = await sessions.issue(plane.keyring.authenticate(KEY_A))
+    bob = await sessions.issue(plane.keyring.authenticate(KEY_B))
+    assert await sessions.check(alice) == plane.keyring.authenticate(KEY_A) and (await sessions.check(alice)).admin
+    plane.keyring = await KeyRing.load(store, [KEY_A], host="0.0.0.0")  # restarted: bob removed, alice no admin
+    later = ConsoleSessions(plane)
+    assert await later.check(bob) is None
+    assert (await later.check(alice)).id == principal_id(KEY_A) and not (await later.check(alice)).admin
+    assert await later.check(alice.replace(principal_id(KEY_A), principal_id(KEY_B))) is None  # signed for alice
+    assert await later.check(alice, now=time.time() + 13 * 3600) is None
+    await store.close()
 
 async def test_open_mode_on_loopback(tmp_path, caplog, monkeypatch):
     monkeypatch.delenv("TWINKLE_API_KEYS", raising=False)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from twinkle.common.models import TINY_MODEL_ID, served_model_name
 from twinkle.server.auth import principal_id
@@ -313,6 +314,7 @@ def test_processor_routes(alice):
 
 def test_a_key_has_at_most_two_checkpoint_archives_on_disk_at_once(stack, alice):
     """Each download is packed into a temporary file: a key asking for many at once gets a 429."""
+    from twinkle.server.core.control import MAX_ARCHIVES
     from twinkle.server.core.futures import Busy
 
     run = alice.create_run()
@@ -333,7 +335,14 @@ def test_a_key_has_at_most_two_checkpoint_archives_on_disk_at_once(stack, alice)
             await plane.checkpoint_archive(c, "test", purpose="test")
         for archive in (second, third):
             archive[2]()
-        return [Path(a[0]).exists() for a in (first, second, third)]
+        # and the server holds at most MAX_ARCHIVES at once, whichever keys asked
+        held = [await plane.checkpoint_archive(msgspec.structs.replace(c, owner=f"p-{i // 2}"), "test", purpose="test")
+                for i in range(MAX_ARCHIVES)]
+        with pytest.raises(Busy):
+            await plane.checkpoint_archive(msgspec.structs.replace(c, owner="p-another"), "test", purpose="test")
+        for archive in held:
+            archive[2]()
+        return [Path(a[0]).exists() for a in (first, second, third, *held)]
 
-    assert asyncio.run(main()) == [False, False, False]
+    assert asyncio.run(main()) == [False] * (3 + MAX_ARCHIVES)
 

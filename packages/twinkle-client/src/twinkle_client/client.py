@@ -36,13 +36,13 @@ from .errors import (
 )
 from .training import TrainingRun
 from .types import (
+    AuditEntry,
     Capabilities,
     Checkpoint,
     CheckpointsPage,
     Datum,
     EncodePage,
     FutureProgress,
-    AuditEntry,
     RenderedChat,
     RunStep,
     SampleOutput,

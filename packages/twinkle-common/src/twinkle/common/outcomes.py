@@ -75,11 +75,6 @@ class OutcomeReporter:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
-    async def flush(self) -> None:
-        """Until everything told so far was sent (or given up on)."""
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-
     async def _drain(self) -> None:
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]

@@ -109,6 +109,7 @@ class KeyRing:
 
     def __init__(self, hashes: dict[str, str], salt: bytes, *, open_mode: bool, admins: Iterable[str] = ()) -> None:
         self._principals_by_hash = hashes
+        self._principals = frozenset(hashes.values())
         self._salt = salt
         self.open_mode = open_mode
         self.admins = frozenset(admins)
@@ -141,6 +142,15 @@ class KeyRing:
                             "to send it", TINKER_KEY_PREFIX)
         return cls({k.key_hash: k.principal for k in stored}, salt, open_mode=open_mode,
                    admins=[principal_id(k) for k in admin_keys])
+
+    def principal(self, principal_id: str) -> Principal | None:
+        """The principal ``principal_id`` as the keys configured now make it (None if no key maps to it any
+        more): for sign-ins that outlive the request, such as the console's."""
+        if self.open_mode:
+            return Principal(id=principal_id, open_mode=True, admin=True)
+        if principal_id not in self._principals:
+            return None
+        return Principal(id=principal_id, admin=principal_id in self.admins)
 
     def authenticate(self, raw_key: str | None) -> Principal:
         if not raw_key:

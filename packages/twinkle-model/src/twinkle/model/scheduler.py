@@ -162,6 +162,8 @@ class Scheduler:
         q.waiting.clear()
         q.unnumbered.clear()
         q.resume = None
+        if all(other.tenant != q.tenant for other in self._runs.values()):
+            self._waited.pop(q.tenant, None)  # its last run here is gone
 
     def has_run(self, run_id: str) -> bool:
         return run_id in self._runs
@@ -219,8 +221,6 @@ class Scheduler:
 
     def waited(self) -> dict[str, tuple[int, float]]:
         """Per tenant with a run here: how many jobs started, and how long in all they waited to start."""
-        tenants = {q.tenant for q in self._runs.values()}
-        self._waited = {t: v for t, v in self._waited.items() if t in tenants}
         return dict(self._waited)
 
     # --- submission -----------------------------------------------------------------------------------

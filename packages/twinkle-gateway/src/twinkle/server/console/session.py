@@ -1,9 +1,11 @@
 """Console sign-in: an API key typed once becomes a signed, expiring session cookie.
 
-The cookie holds the principal id (never the key), whether it is an admin, and an expiry, signed with
-HMAC-SHA256 under a secret kept in the state store; it is ``HttpOnly``, ``SameSite=Strict`` and scoped to the
-console's path. Forms that change something also carry a token derived from the cookie (``csrf``), so a page
-elsewhere cannot submit them even where a browser ignores SameSite.
+The cookie holds the principal id (never the key) and an expiry, signed with HMAC-SHA256 under a secret kept
+in the state store; it is ``HttpOnly``, ``SameSite=Strict`` and scoped to the console's path. Each request
+looks the principal up in the key ring as configured now, so a key removed (or no longer an admin's) loses
+its console at the next restart that applies the change, not when the cookie expires. Forms that change
+something also carry a token derived from the cookie (``csrf``), so a page elsewhere cannot submit them even
+where a browser ignores SameSite.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ def _b64(data: bytes) -> str:
 class ConsoleSessions:
     """Signs and checks console sessions with a secret from the store (created on first use)."""
 
-    def __init__(self, store_of: Any) -> None:
-        self._store_of = store_of  # () -> Store: the store exists once the app has started
+    def __init__(self, plane: Any) -> None:
+        self._plane = plane  # its store and key ring exist once the app has started
         self._secret: bytes | None = None
 
     async def _key(self) -> bytes:
         if self._secret is None:
-            stored = await self._store_of().meta_setdefault(_SECRET_KEY, secrets.token_hex(32))
+            stored = await self._plane.store.meta_setdefault(_SECRET_KEY, secrets.token_hex(32))
             self._secret = bytes.fromhex(stored)
         return self._secret
 
@@ -44,20 +46,20 @@ class ConsoleSessions:
 
     async def issue(self, principal: Principal, now: float | None = None) -> str:
         expires = int((now or time.time()) + SESSION_S)
-        payload = f"{principal.id}.{int(principal.admin)}.{expires}"
+        payload = f"{principal.id}.{expires}"
         return f"{payload}.{self._mac(await self._key(), payload)}"
 
     async def check(self, cookie: str | None, now: float | None = None) -> Principal | None:
-        """The signed-in principal, or None for a missing, forged or expired cookie."""
-        if not cookie or cookie.count(".") != 3:
+        """The signed-in principal, or None for a missing, forged or expired cookie or a key no longer served."""
+        if not cookie or cookie.count(".") != 2:
             return None
         payload, _, mac = cookie.rpartition(".")
         if not hmac.compare_digest(mac, self._mac(await self._key(), payload)):
             return None
-        principal, admin, expires = payload.split(".")
-        if not expires.isdigit() or int(expires) < (now or time.time()):
+        principal, expires = payload.split(".")
+        if not expires.isdigit() or int(expires) < (now or time.time()) or self._plane.keyring is None:
             return None
-        return Principal(id=principal, admin=admin == "1")
+        return self._plane.keyring.principal(principal)
 
     async def csrf(self, cookie: str) -> str:
         return self._mac(await self._key(), f"csrf\n{cookie}")

@@ -67,6 +67,7 @@ class Gone(UserError):
 
 
 MAX_ARCHIVES_PER_KEY = 2
+MAX_ARCHIVES = 8  # checkpoint archives on the server's disk at once, all keys together
 
 
 def iso(t: float | None) -> str | None:
@@ -335,9 +336,11 @@ class ControlPlane:
                                  ) -> tuple[str, str, Callable[[], None]]:
         """``c`` packed for download: the tar file's path, a file name for it, and the function that removes it
         once sent. Each archive is a temporary copy on the server's disk, so a key has at most
-        ``MAX_ARCHIVES_PER_KEY`` at once (429 beyond)."""
+        ``MAX_ARCHIVES_PER_KEY`` at once and the server ``MAX_ARCHIVES`` (429 beyond)."""
         if self._archives.get(c.owner, 0) >= MAX_ARCHIVES_PER_KEY:
             raise Busy(f"at most {MAX_ARCHIVES_PER_KEY} checkpoint downloads at once per key; retry when one ends")
+        if sum(self._archives.values()) >= MAX_ARCHIVES:
+            raise Busy("the server is preparing too many checkpoint downloads; retry in a moment", retry_after_s=5.0)
         self._archives[c.owner] = self._archives.get(c.owner, 0) + 1
         done = False
 

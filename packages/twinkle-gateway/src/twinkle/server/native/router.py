@@ -193,7 +193,7 @@ def create_twinkle_app(service: NativeService, *, path_prefix: str = "", oai_pre
         lifespan=[service.plane.lifespan],
         state=State({"service": service, "keyring": None, "oai": OpenAIServing(service.plane, scheme="twinkle://"),
                      "metrics": metrics, "plane": service.plane,
-                     "console": ConsoleSessions(lambda: service.plane.store), "console_scheme": "twinkle://"}),
+                     "console": ConsoleSessions(service.plane), "console_scheme": "twinkle://"}),
         request_max_body_size=service.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Twinkle server", version=distribution_version("twinkle-gateway"),
                                      path=docs),

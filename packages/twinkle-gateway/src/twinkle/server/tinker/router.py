@@ -570,7 +570,7 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
         state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service,
                      "sampling": sampling, "export": export, "path_prefix": path_prefix,
                      "oai": OpenAIServing(plane), "metrics": metrics, "plane": plane,
-                     "usage": TinkerUsage(plane), "console": ConsoleSessions(lambda: plane.store),
+                     "usage": TinkerUsage(plane), "console": ConsoleSessions(plane),
                      "console_scheme": "tinker://"}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
