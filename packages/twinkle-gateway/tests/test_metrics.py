@@ -34,6 +34,24 @@ def _value(samples, name, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def _finish(sc) -> None:
+    """``sc.close("success")``, bounded: a close that does not settle fails here with the SDK's pending tasks
+    printed (a CI run once hung in a close for 600 s and left nothing to go on)."""
+    import asyncio
+    import concurrent.futures
+    import io
+
+    try:
+        sc.close("success").result(timeout=120)
+    except concurrent.futures.TimeoutError:
+        from tinker.lib.internal_client_holder import _internal_client_holder_thread_singleton as sdk_thread
+
+        loop, out = sdk_thread.get_loop(), io.StringIO()
+        for task in asyncio.all_tasks(loop):
+            task.print_stack(file=out)
+        pytest.fail(f"the SDK's close did not finish in 120 s; its pending tasks:\n{out.getvalue()}")
+
+
 def test_per_key_tokens_and_latency_move_by_what_each_key_did(server):
     before = _scrape(server.base_url)
     sent = {}
@@ -47,7 +65,7 @@ def test_per_key_tokens_and_latency_move_by_what_each_key_did(server):
         res = tc.save_weights_and_get_sampling_client().sample(
             types.ModelInput.from_ints([5, 6, 7]), 2, types.SamplingParams(max_tokens=4, stop=[])).result()
         sent[key] = (sum(len(d.model_input.to_ints()) for d in data), sum(len(s.tokens) for s in res.sequences))
-        sc.close("success").result()
+        _finish(sc)
     after = _scrape(server.base_url)
     keys = {s[1][0][1] for s in after if s[0] == "twinkle_tokens_total"}
     assert len(keys) == 2 and all(k.startswith("p-") for k in keys)  # principal ids, never API keys
@@ -90,7 +108,7 @@ def test_queues_adapters_and_the_adapter_cache_are_scraped_from_the_model_servic
             time.sleep(0.1)
         tc.forward_backward(data, "cross_entropy").result()
         after = _scrape(srv.base_url)
-        sc.close("success").result()
+        _finish(sc)
     assert sum(_value(first, "twinkle_adapters", model="tiny-qwen2", state=s) for s in ("resident", "offloaded")) == 1
     assert _value(first, "twinkle_adapter_requests_total", model="tiny-qwen2", adapter="hit") == 2
     assert _value(after, "twinkle_adapter_requests_total", model="tiny-qwen2", adapter="load") == 1
@@ -148,7 +166,7 @@ def test_the_sdks_billing_methods_report_each_keys_usage_and_all_of_it_to_an_adm
             did[key] = {"training": 7 * n, "sampling_prefill": 4, "sampling_sample": sum(len(s.tokens) for s in
                                                                                           out.sequences),
                         "checkpoint": 2}
-            sc.close("success").result()
+            _finish(sc)
         hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
         window = (hour - timedelta(hours=1), hour + timedelta(hours=1))
 
@@ -175,7 +193,7 @@ def test_the_sdks_billing_methods_report_each_keys_usage_and_all_of_it_to_an_adm
         a.publish_checkpoint_from_tinker_path(path).result()
         reader = tinker.ServiceClient(base_url=server.base_url, api_key=users[1])
         reader.create_training_client_from_state(path).result()
-        reader.close("success").result()
+        _finish(reader)
         a.delete_checkpoint_from_tinker_path(path).result()
         events = [(e.event, e.event_details.get("actor"), e.tinker_path) for e in a.get_audit_log().result().entries]
         alice, bob = (next(e.user_id for e in tinker.RestClient(base_url=server.base_url, api_key=k).get_billing_usage(
@@ -215,7 +233,7 @@ def test_a_runs_history_has_one_row_per_step(server):
     later = httpx.get(url, params={"after_step": 2}, headers={"X-API-Key": KEYS[0]}, timeout=30).json()["steps"]
     assert [r["step"] for r in later] == [3]
     assert httpx.get(url, headers={"X-API-Key": KEYS[1]}, timeout=30).status_code == 404  # another key's run
-    sc.close("success").result()
+    _finish(sc)
 
 
 def test_the_grafana_dashboard_reads_only_metrics_the_server_exposes():
