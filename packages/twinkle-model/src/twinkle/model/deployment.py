@@ -33,6 +33,7 @@ from .backend import TrainingBackend
 from .routing import router_options
 
 _WORKER = "twinkle.model.distributed:ModelWorker"
+_MEGATRON_WORKER = "twinkle.model.megatron.worker:MegatronWorker"
 _HANDLE_API = (
     "create_run", "forward_backward", "optim_step", "save_state", "save_sampler_weights", "load_state",
     "delete_run", "run_info", "list_runs", "info", "health", "skip", "next_seq_id", "settle",
@@ -49,22 +50,27 @@ def run_state_dir(spec: ComponentSpec) -> str | None:
 
 
 def start_model_workers(spec: ComponentSpec) -> tuple[list, TrainingBackend]:
-    """Start the application's ``ModelWorker`` ranks as planned (``start_workers``) and return them with the
-    backend that drives them: the in-process worker's own backend, or a ``DataParallelBackend`` over actors."""
+    """Start the application's ranks as planned (``start_workers``): ``ModelWorker``s of the transformers
+    backend, or ``MegatronWorker``s laid out by ``device_mesh`` (tp, pp, dp); return them with the backend that
+    drives them: the in-process worker's own backend, or a ``DataParallelBackend`` over actors."""
     from .distributed import DataParallelBackend
 
     args = spec.args
     model_id = args["model_id"]
+    megatron = args.get("backend") == "megatron"
+    mesh = args.get("device_mesh") or {}
     planned = spec.workers or [WorkerSpec(app=spec.app_name, rank=0, world_size=1)]
     # Only a group of ranks needs a rendezvous (hosted by rank 0's node).
     master = free_port_on_node(planned[0].node_id) if len(planned) > 1 else ("127.0.0.1", 0)
 
     def worker_args(w: WorkerSpec) -> tuple[tuple, dict]:
-        return (model_id,), dict(rank=w.rank, world_size=w.world_size, master_addr=master[0], master_port=master[1],
-                                 device=None if w.cuda_visible_devices else "cpu",
-                                 max_tokens_per_datum=args.get("max_length"))
+        kwargs = dict(rank=w.rank, world_size=w.world_size, master_addr=master[0], master_port=master[1],
+                      device=None if w.cuda_visible_devices else "cpu", max_tokens_per_datum=args.get("max_length"))
+        if megatron:
+            kwargs.update(tp_size=mesh.get("tp_size", 1), pp_size=mesh.get("pp_size", 1))
+        return (model_id,), kwargs
 
-    workers = start_workers(spec, _WORKER, worker_args)
+    workers = start_workers(spec, _MEGATRON_WORKER if megatron else _WORKER, worker_args)
     if len(workers) == 1 and isinstance(workers[0], InProcessWorker):
         return workers, workers[0].target.backend  # in this process: no fan-out, no pickling
     return workers, DataParallelBackend(workers, model_id=model_id)

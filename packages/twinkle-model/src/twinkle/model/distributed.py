@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -88,8 +89,50 @@ def allreduce_gradients(params: list) -> None:
         offset += n
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank sits in its backend's layout, as the driver needs it.
+
+    ``dp_rank``: the data-parallel replica it belongs to (its ranks all receive that replica's shard);
+    ``returns_output``: the one rank per replica whose forward results are the shard's (the others return
+    empty outputs); ``collective_saves``: a checkpoint or snapshot needs every rank (model-parallel slices are
+    gathered), not just rank 0."""
+
+    dp_rank: int
+    dp_size: int
+    returns_output: bool = True
+    collective_saves: bool = False
+
+
+def start_process_group(rank: int, world_size: int, master_addr: str, master_port: int, device: str | None,
+                        timeout_s: float):
+    """This process's device (``cuda`` picked when available and none given) and, for a group of several
+    ranks, its ``torch.distributed`` membership (nccl on CUDA, gloo on CPU)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return dev
+
+
 class ModelWorker:
     """Rank ``rank`` of ``world_size``: one device, one base model, the adapters' shard of every batch."""
+
+    collective_saves = False
 
     def __init__(
         self,
@@ -104,31 +147,17 @@ class ModelWorker:
         timeout_s: float = 1800.0,
         max_tokens_per_datum: int | None = None,
     ) -> None:
-        import datetime
-
-        import torch
-        import torch.distributed as dist
-
         from .transformers_backend import TransformersBackend
 
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda":
-            if dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
-            torch.cuda.set_device(dev)
+        dev = start_process_group(rank, world_size, master_addr, master_port, device, timeout_s)
         self.rank, self.world_size = rank, world_size
-        if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(
-                backend="nccl" if dev.type == "cuda" else "gloo",
-                init_method=f"tcp://{master_addr}:{master_port}",
-                rank=rank,
-                world_size=world_size,
-                timeout=datetime.timedelta(seconds=timeout_s),
-            )
         self.backend = TransformersBackend(model_id, device=dev, rank=rank, spill_dir=spill_dir,
                                            max_tokens_per_datum=max_tokens_per_datum)
         if world_size > 1:
             self.backend._grad_sync = allreduce_gradients
+
+    def placement(self) -> Placement:
+        return Placement(dp_rank=self.rank, dp_size=self.world_size)
 
     def describe(self) -> BackendInfo:
         info = self.backend.describe()
@@ -155,14 +184,17 @@ class ModelWorker:
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         return self.backend.optim_step(run_id, params)
 
-    def save_state(self, run_id: str, path: str, include_optimizer: bool) -> CheckpointInfo | None:
-        return self.backend.save_state(run_id, path, include_optimizer) if self.rank == 0 else None
+    def _saves(self) -> bool:
+        return self.collective_saves or self.rank == 0
 
-    def snapshot(self, run_id: str, include_optimizer: bool) -> RunSnapshot:
-        return self.backend.snapshot(run_id, include_optimizer)
+    def save_state(self, run_id: str, path: str, include_optimizer: bool) -> CheckpointInfo | None:
+        return self.backend.save_state(run_id, path, include_optimizer) if self._saves() else None
+
+    def snapshot(self, run_id: str, include_optimizer: bool) -> RunSnapshot | None:
+        return self.backend.snapshot(run_id, include_optimizer) if self._saves() else None
 
     def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo | None:
-        return self.backend.save_sampler_weights(run_id, path) if self.rank == 0 else None
+        return self.backend.save_sampler_weights(run_id, path) if self._saves() else None
 
     def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None:
         self.backend.load_state(run_id, path, include_optimizer)
@@ -174,9 +206,9 @@ class ModelWorker:
         self.backend.ensure_resident(run_id)
 
     def adapter_weights(self, run_id: str) -> dict[str, list[float]]:
-        """A run's LoRA weights as plain lists (tests compare ranks)."""
+        """A run's LoRA weights (this rank's slices) as plain lists (tests compare ranks)."""
         run = self.backend._resident(run_id)
-        return {k: p.detach().cpu().reshape(-1).tolist() for k, p in run.params.items()}
+        return {k: getattr(p, "tensor", p).detach().cpu().reshape(-1).tolist() for k, p in run.params.items()}
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -198,6 +230,9 @@ class DataParallelBackend(TrainingBackend):
             raise ValueError("DataParallelBackend needs at least one rank")
         self.ranks = list(ranks)
         self.world_size = len(self.ranks)
+        self._placements: list[Placement] = [h.submit("placement").result() for h in self.ranks]
+        self.dp_size = self._placements[0].dp_size
+        self._collective_saves = self._placements[0].collective_saves
         self._info: BackendInfo = self.ranks[0].submit("describe").result()
         self.model_id = model_id or self._info.model_id
         self._runs: dict[str, dict] = {}  # run_id -> {"lora", "step", "resident"}: answered without the ranks
@@ -264,10 +299,22 @@ class DataParallelBackend(TrainingBackend):
     ) -> ForwardBackwardOutput:
         self._run(run_id)
         validate_request(inp, vocab_size=self._info.vocab_size, max_length=self._info.max_context_length or None)
-        shards = [msgspec.structs.replace(inp, data=s) for s in split(inp.data, self.world_size)]
-        outs = self._all("forward_backward", per_rank=[(run_id, s, forward_only) for s in shards])
+        shards = [msgspec.structs.replace(inp, data=s) for s in split(inp.data, self.dp_size)]
+        outs = self._all("forward_backward", per_rank=[(run_id, shards[p.dp_rank], forward_only)
+                                                       for p in self._placements])
         self._run(run_id)["resident"] = True
-        return _gather(outs, shards)
+        return _gather(self._replica_outputs(outs), shards)
+
+    def _replica_outputs(self, outs: list) -> list:
+        """Each data-parallel replica's result, in replica order (from the rank that returns it)."""
+        by_replica = {p.dp_rank: out for p, out in zip(self._placements, outs) if p.returns_output}
+        return [by_replica[r] for r in range(self.dp_size)]
+
+    def _saving(self, method: str, *args: Any) -> Any:
+        """A save or snapshot: rank 0 alone, or every rank when the slices are gathered; rank 0's result."""
+        if self._collective_saves:
+            return self._all(method, *args)[0]
+        return self.ranks[0].submit(method, *args).result()
 
     def forward_backward_many(self, items: list[FusedItem]) -> list[ForwardBackwardOutput | Exception]:
         results: list[Any] = [None] * len(items)
@@ -283,8 +330,9 @@ class DataParallelBackend(TrainingBackend):
                 results[i] = e
         if not valid:
             return results
-        shards = {i: [msgspec.structs.replace(items[i].inp, data=s) for s in split(items[i].inp.data, self.world_size)] for i in valid}
-        per_rank = [([FusedItem(items[i].run_id, shards[i][r]) for i in valid],) for r in range(self.world_size)]
+        shards = {i: [msgspec.structs.replace(items[i].inp, data=s) for s in split(items[i].inp.data, self.dp_size)]
+                  for i in valid}
+        per_rank = [([FusedItem(items[i].run_id, shards[i][p.dp_rank]) for i in valid],) for p in self._placements]
         try:
             outs = self._all("forward_backward_many", per_rank=per_rank)
         except Exception as e:  # noqa: BLE001
@@ -292,7 +340,7 @@ class DataParallelBackend(TrainingBackend):
                 results[i] = e
             return results
         for k, i in enumerate(valid):
-            rank_outs = [outs[r][k] for r in range(self.world_size)]
+            rank_outs = self._replica_outputs([outs[r][k] for r in range(self.world_size)])
             err = next((o for o in rank_outs if isinstance(o, Exception)), None)
             results[i] = err if err is not None else _gather(rank_outs, shards[i])
             self._runs[items[i].run_id]["resident"] = True
@@ -310,19 +358,19 @@ class DataParallelBackend(TrainingBackend):
     def snapshot(self, run_id: str, include_optimizer: bool = True) -> RunSnapshot:
         """Rank 0's copy: ranks hold equal weights and moments (gradients are all-reduced before each step)."""
         self._run(run_id)
-        snap = self.ranks[0].submit("snapshot", run_id, include_optimizer).result()
+        snap = self._saving("snapshot", run_id, include_optimizer)
         self._run(run_id)["resident"] = True
         return snap
 
     def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo:
         self._run(run_id)
-        info = self.ranks[0].submit("save_state", run_id, path, include_optimizer).result()
+        info = self._saving("save_state", run_id, path, include_optimizer)
         self._run(run_id)["resident"] = True
         return info
 
     def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo:
         self._run(run_id)
-        info = self.ranks[0].submit("save_sampler_weights", run_id, path).result()
+        info = self._saving("save_sampler_weights", run_id, path)
         self._run(run_id)["resident"] = True
         return info
 
@@ -352,7 +400,7 @@ class DataParallelBackend(TrainingBackend):
         st["resident"] = True
 
     def describe(self) -> BackendInfo:
-        return BackendInfo(**{**self._info.__dict__, "dp_size": self.world_size})
+        return BackendInfo(**{**self._info.__dict__, "dp_size": self.dp_size})
 
     def close(self) -> None:
         for h in self.ranks:

@@ -444,12 +444,9 @@ class ModelArgs(_PlacedArgs, tag_field="import_path", tag="model"):
     device_mesh: DeviceMesh | None = None
 
     def __post_init__(self) -> None:
-        backend_key = "backend" if self.use_megatron is None else "use_megatron"  # the key the user wrote
         force_setattr(self, "backend", self._resolved_backend())
         force_setattr(self, "use_megatron", None)
         self._resolve_placement()
-        if self.backend == "megatron" and self.device_type == "cpu":
-            raise _fail(backend_key, "megatron-core cannot run a model on cpu; use backend: transformers")
 
     def _resolved_backend(self) -> Literal["transformers", "megatron"]:
         if self.use_megatron is None:
@@ -682,9 +679,9 @@ class ServerConfig(_Strict):
         """What this release can honour, refused rather than reinterpreted. Raises :class:`ConfigError`
         listing every setting it would otherwise run differently from what the YAML says:
 
-        - the megatron backend (``use_megatron: true``) is not in this release;
-        - tensor, pipeline, context and expert parallelism (``device_mesh.tp_size`` … ``ep_size`` > 1) need a
-          backend that implements them — the transformers backend and the samplers run data parallel only;
+        - parallelism a backend does not implement (``device_mesh.tp_size`` … ``ep_size`` > 1): the megatron
+          backend (``use_megatron: true``) runs tensor, pipeline and data parallelism, not context or expert
+          parallelism; the transformers backend and the samplers run data parallel only;
         - one replica of the server application (its store is one SQLite writer);
         - several replicas of a model or sampler application only where each replica's worker runs in the
           replica itself (CPU, one worker): a replica of an application with GPU or multi-worker groups
@@ -695,20 +692,21 @@ class ServerConfig(_Strict):
         for index, app in enumerate(self.applications):
             at = f"applications[{index}]"
             args = app.args
-            if isinstance(args, ModelArgs) and args.backend == "megatron":
-                problems.append(_fail(f"{at}.args.use_megatron", "the megatron-core backend is not in this "
-                                      "release; use_megatron: false trains with transformers + peft (data "
-                                      "parallel only)"))
             mesh = getattr(args, "device_mesh", None)
             if mesh is not None and isinstance(args, (ModelArgs, SamplerArgs)):
-                serving = "the transformers backend" if isinstance(args, ModelArgs) else "the samplers"
+                megatron = isinstance(args, ModelArgs) and args.backend == "megatron"
+                serving = ("the megatron backend" if megatron else "the transformers backend"
+                           if isinstance(args, ModelArgs) else "the samplers")
+                implemented = ("tp_size", "pp_size") if megatron else ()
                 for axis, what in (("tp_size", "tensor"), ("pp_size", "pipeline"), ("cp_size", "context"),
                                    ("ep_size", "expert")):
                     size = getattr(mesh, axis)
-                    if size > 1:
+                    if size > 1 and axis not in implemented:
+                        runs = "tp_size x pp_size model-parallel groups, dp_size of them" if megatron else \
+                            "dp_size data-parallel workers"
                         problems.append(_fail(f"{at}.args.device_mesh.{axis}", f"{size} asks for {what} "
-                                              f"parallelism, which {serving} in this release do not implement "
-                                              "(they run dp_size data-parallel workers); set it to 1"))
+                                              f"parallelism, which {serving} in this release does not implement "
+                                              f"(it runs {runs}); set it to 1"))
             if app.import_path in ("server", "model", "sampler") and app.deployment is not None:
                 problems.extend(_replicas_supported(app.deployment, f"{at}.deployments[0]", app.import_path, args,
                                                     f"{at}.args"))

@@ -1,0 +1,561 @@
+"""``MegatronEngine``: one rank of a megatron-core model with many runs' LoRA adapters on it.
+
+It is the per-rank half of the megatron backend (``worker.py`` starts it, ``distributed.DataParallelBackend``
+drives the ranks); it obeys the ``TrainingBackend`` contract of ``backend.py`` for the requests its rank sees:
+
+- Every rank of a data-parallel replica (its TP x PP group) receives the same shard of datums and runs the
+  same op; the megatron schedule does the forward and backward passes (pipeline stages exchange activations),
+  so collectives always line up. The last pipeline stage holds logits split over the vocabulary; a target's
+  logprob comes from vocab-parallel cross-entropy, and the loss is one of ``losses.py``'s, summed.
+- ``optim_step`` sums the adapter's gradients over the data-parallel group, then sums the gradients that are
+  partial per TP rank (``lora.replicated_a_gradients``), takes the global gradient norm over the model-parallel
+  group (each TP-replicated tensor counted once), clips, and steps a per-run AdamW on this rank's slices
+  (AdamW is elementwise, so slices step exactly as the full tensors would).
+- Checkpoints are gathered: every rank of the model-parallel group sends its slices to the group's first
+  rank, which assembles full PEFT tensors (same keys and files as the transformers backend, optimizer
+  moments included) and writes them; loading slices the full tensors again. So a checkpoint moves between
+  backends and between parallel layouts.
+- Isolation, determinism and offloading are those of ``TransformersBackend``: only the active run's LoRA
+  tensors require grad, dropout draws from the run's own stream (the same on every TP/PP rank of a replica,
+  as a replicated input must be dropped identically), an idle run's slices move off the live model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import msgspec
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from twinkle.common.models import load_causal_lm, served_model_name
+from twinkle.common.wire import (
+    AdamParams,
+    CheckpointInfo,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    LoraConfig,
+    NotFoundError,
+    OptimStepOutput,
+    TensorData,
+    UserError,
+)
+
+from .. import checkpoints as ckpt
+from ..backend import BackendInfo, TrainingBackend, run_slices, validate_adam, validate_lora
+from ..batching import micro_batches
+from ..losses import ValidatedRequest, loss_metrics, validate_request
+from .lora import LoraParam, replicated_a_gradients, wrap_model
+
+_GROUPS = ("train_attn", "train_mlp", "train_unembed")
+
+
+@dataclass
+class _Run:
+    run_id: str
+    name: str
+    lora: LoraConfig
+    step: int = 0
+    params: dict[str, LoraParam] = field(default_factory=dict)  # PEFT key -> this rank's slice
+    optimizer: torch.optim.AdamW | None = None
+    rng_cpu: torch.Tensor | None = None
+    rng_cuda: torch.Tensor | None = None
+    resident: bool = True
+    parked: dict[str, torch.Tensor] | str | None = None
+
+
+class MegatronEngine(TrainingBackend):
+    def __init__(self, model_id: str, *, device: torch.device, spill_dir: str | None = None,
+                 max_tokens_per_datum: int | None = None, token_budget: int | None = None) -> None:
+        """Build this rank's stage of ``model_id`` under the current ``megatron.core.parallel_state``."""
+        from megatron.core import parallel_state as ps
+
+        from . import bridge
+
+        self.model_id = model_id
+        self.device = device
+        self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        self.pp_rank, self.pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.last_stage = ps.is_pipeline_last_stage()
+        hf = load_causal_lm(model_id)
+        self.hf_config = hf.config
+        self.model = bridge.build_model(hf.config, device=device)
+        bridge.load_hf_weights(self.model, hf.state_dict(), hf.config)
+        del hf
+        self.lora = wrap_model(self.model, self.hf_config, self.tp_rank, self.tp_size)
+        self.vocab_size = int(self.hf_config.vocab_size)
+        self.max_length = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
+        if max_tokens_per_datum is not None:
+            self.max_length = min(self.max_length or max_tokens_per_datum, max_tokens_per_datum)
+        self.token_budget = token_budget or (65536 if device.type == "cuda" else 8192)
+        self.offload_to = "cpu" if device.type == "cuda" else "disk"
+        self._spill_dir, self._own_spill_dir = spill_dir, spill_dir is None
+        self._runs: dict[str, _Run] = {}
+        self._counter = 0
+
+    # --- adapters -------------------------------------------------------------------------------------
+
+    def create_adapter(self, run_id: str, lora: LoraConfig) -> LoraConfig:
+        validate_lora(lora)
+        if run_id in self._runs:
+            raise UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
+        if not any(getattr(lora, g) for g in _GROUPS):
+            raise UserError("the LoRA config trains no module group", field="lora.train_attn")
+        if lora.seed is None:  # the driver fills it in so that every rank agrees; a lone engine does it here
+            lora = msgspec.structs.replace(lora, seed=secrets.randbits(62))
+        self._counter += 1
+        run = _Run(run_id=run_id, name=f"run_{self._counter}", lora=lora)
+        self._attach(run)
+        seed = (lora.seed * 1_000_003 + self.dp_rank) % 2**63  # one stream per replica, shared by its TP/PP ranks
+        run.rng_cpu = torch.Generator().manual_seed(seed).get_state()
+        if self.device.type == "cuda":
+            with torch.random.fork_rng(devices=[self.device]):
+                torch.cuda.manual_seed(seed)
+                run.rng_cuda = torch.cuda.get_rng_state(self.device)
+        self._runs[run_id] = run
+        return lora
+
+    def _attach(self, run: _Run) -> None:
+        groups = {g for g in _GROUPS if getattr(run.lora, g)}
+        run.params = self.lora.attach(run.name, run.lora.rank, run.lora.alpha, run.lora.dropout, groups,
+                                      run.lora.seed, self.device)
+        for p in run.params.values():
+            p.tensor.requires_grad_(False)
+        # Placeholder hyper-parameters: optim_step writes the caller's before every step.
+        run.optimizer = torch.optim.AdamW([p.tensor for p in run.params.values()] or [torch.zeros(1)], lr=0.0,
+                                          eps=1e-12, weight_decay=0.0)
+        run.resident = True
+
+    def _detach(self, run: _Run) -> None:
+        self.lora.detach(run.name)
+        run.params, run.optimizer, run.resident = {}, None, False
+
+    def delete_adapter(self, run_id: str) -> None:
+        run = self._get(run_id)
+        if run.resident:
+            self._detach(run)
+        if isinstance(run.parked, str):
+            with contextlib.suppress(OSError):
+                os.remove(run.parked)
+        del self._runs[run_id]
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+    def run_step(self, run_id: str) -> int:
+        return self._get(run_id).step
+
+    def is_resident(self, run_id: str) -> bool:
+        return self._get(run_id).resident
+
+    def _get(self, run_id: str) -> _Run:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
+        return run
+
+    def _resident(self, run_id: str) -> _Run:
+        run = self._get(run_id)
+        if not run.resident:
+            self._restore(run)
+        return run
+
+    def _activate(self, run: _Run) -> None:
+        self.lora.activate(run.name)
+        for other in self._runs.values():
+            for p in other.params.values():
+                p.tensor.requires_grad_(other is run)
+
+    @contextlib.contextmanager
+    def _run_rng(self, run: _Run, enabled: bool) -> Iterator[None]:
+        if not enabled:
+            yield
+            return
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.set_rng_state(run.rng_cpu)
+            if cuda:
+                torch.cuda.set_rng_state(run.rng_cuda, self.device)
+            yield
+            run.rng_cpu = torch.get_rng_state()
+            if cuda:
+                run.rng_cuda = torch.cuda.get_rng_state(self.device)
+
+    # --- the training step ----------------------------------------------------------------------------
+
+    def forward_backward(self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
+                         ) -> ForwardBackwardOutput:
+        return run_slices(self.forward_backward_slices(run_id, inp, forward_only))
+
+    def forward_backward_slices(self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False):
+        req = validate_request(inp, vocab_size=self.vocab_size, max_length=self.max_length)
+        self._resident(run_id)
+        return self._forward_backward(run_id, req, forward_only)
+
+    def _forward_backward(self, run_id: str, req: ValidatedRequest, forward_only: bool):
+        """A generator, one micro-batch per slice (see ``TransformersBackend._forward_backward``). Only the
+        last pipeline stage sees logprobs; the other stages return an empty output."""
+        run = self._resident(run_id)
+        dropout = run.lora.dropout > 0 and not forward_only
+        lengths = req.lengths
+        lp_all = torch.zeros((len(lengths), max(lengths)), dtype=torch.float32)
+        loss_all = torch.zeros_like(lp_all)
+        for index, rows in enumerate(micro_batches(lengths, self.token_budget)):
+            if index:
+                yield
+                run = self._resident(run_id)
+            # 1. Only this run's adapter is active and trainable; dropout only when training and configured.
+            self._activate(run)
+            self.lora.train(dropout)
+            with self._run_rng(run, dropout):
+                part = req.subset(rows)
+                ids, valid, inputs = self._pad(part)
+                # 2. Forward (and backward) through every stage; the last one computes the named loss.
+                lp, per_token = self._pass(ids, valid, inputs, part, forward_only)
+            self.lora.train(False)
+            if self.last_stage:
+                width = ids.shape[1]
+                lp_all[rows, :width] = lp.float().cpu()
+                loss_all[rows, :width] = per_token.float().cpu()
+        if not self.last_stage:
+            return ForwardBackwardOutput(loss_fn_outputs=[], metrics={})
+        valid_all = torch.zeros_like(lp_all)
+        inputs_all = {name: torch.zeros_like(lp_all, dtype=torch.int64 if name == "target_tokens" else torch.float32)
+                      for d in req.inputs for name in d}
+        for i, (n, d) in enumerate(zip(lengths, req.inputs)):
+            valid_all[i, :n] = 1.0
+            for name, v in d.items():
+                inputs_all[name][i, :n] = v
+        metrics = loss_metrics(req.spec, req.config, lp_all, inputs_all, loss_all, valid_all)
+        return ForwardBackwardOutput(loss_fn_outputs=_outputs(lp_all, loss_all, lengths), metrics=metrics)
+
+    def _pass(self, ids: torch.Tensor, valid: torch.Tensor, inputs: dict[str, torch.Tensor],
+              req: ValidatedRequest, forward_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One micro-batch through megatron's schedule: (logprobs, per-token loss) on the last stage."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from .bridge import target_logprobs
+
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
+        def loss(output: torch.Tensor):
+            lp = torch.where(valid > 0, target_logprobs(output, inputs["target_tokens"]), torch.zeros_like(valid))
+            per_token = req.spec.fn(lp, inputs, req.config) * valid
+            return per_token.sum(), {"lp": lp.detach(), "per_token": per_token.detach()}
+
+        def step(batch_iter, model):
+            next(batch_iter)
+            return model(ids, positions, attention_mask=None), loss
+
+        with torch.set_grad_enabled(not forward_only):
+            store = get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iter([None]), model=[self.model], num_microbatches=1,
+                seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=forward_only)
+        if not self.last_stage:
+            return None, None
+        return store[0]["lp"], store[0]["per_token"]
+
+    def _pad(self, req: ValidatedRequest) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        lengths = req.lengths
+        b, t = len(lengths), max(lengths)
+        ids = torch.zeros((b, t), dtype=torch.int64)
+        valid = torch.zeros((b, t), dtype=torch.float32)
+        names = {name for d in req.inputs for name in d}
+        inputs = {n: torch.zeros((b, t), dtype=torch.int64 if n == "target_tokens" else torch.float32) for n in names}
+        for row, (tok, d) in enumerate(zip(req.tokens, req.inputs)):
+            n = len(tok)
+            ids[row, :n] = tok
+            valid[row, :n] = 1.0
+            for name, v in d.items():
+                inputs[name][row, :n] = v
+        dev = self.device
+        return ids.to(dev), valid.to(dev), {k: v.to(dev) for k, v in inputs.items()}
+
+    def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
+        from megatron.core import parallel_state as ps
+
+        validate_adam(params)
+        run = self._resident(run_id)
+        tensors = [p.tensor for p in run.params.values()]
+        # 1. Sum every replica's gradient (losses are sums, so this is the global batch's gradient); then
+        #    the partial ones of this replica's TP ranks. Every rank takes part, with or without gradients.
+        self._sum_grads(tensors, ps.get_data_parallel_group())
+        if self.tp_size > 1:
+            _all_reduce_flat(replicated_a_gradients(run.params.values()), ps.get_tensor_model_parallel_group())
+        # 2. The global norm: each slice once, each TP-replicated tensor once (from TP rank 0).
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in run.params.values():
+            if p.tensor.grad is not None and (not p.replicated_in_tp or self.tp_rank == 0):
+                sq += p.tensor.grad.double().pow(2).sum()
+        if self.tp_size * self.pp_size > 1:
+            dist.all_reduce(sq, group=ps.get_model_parallel_group())
+        grad_norm = float(sq.sqrt())
+        has_grads = any(t.grad is not None for t in tensors)
+        if has_grads and not torch.isfinite(torch.tensor(grad_norm)):
+            run.optimizer.zero_grad(set_to_none=True)
+            raise UserError("the accumulated gradient is not finite; the step was skipped and gradients cleared")
+        if has_grads and 0 < params.grad_clip_norm < grad_norm:  # as torch.nn.utils.clip_grad_norm_ scales
+            coef = params.grad_clip_norm / (grad_norm + 1e-6)
+            for t in tensors:
+                if t.grad is not None:
+                    t.grad.mul_(coef)
+        # 3. AdamW with this call's hyper-parameters, then clear the accumulator.
+        for group in run.optimizer.param_groups:
+            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
+                         weight_decay=params.weight_decay)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        return OptimStepOutput(metrics={"grad_norm:mean": grad_norm if has_grads else 0.0,
+                                        "learning_rate:mean": params.learning_rate, "step:max": run.step})
+
+    def _sum_grads(self, tensors: list[torch.Tensor], group) -> None:
+        """SUM-all-reduce the gradients of ``tensors`` over ``group``. If any rank has one, a rank without
+        materialises zeros (its shard was empty); if none has, nothing is reduced."""
+        if dist.get_world_size(group) == 1 or not tensors:
+            return
+        flag = torch.tensor([1.0 if any(t.grad is not None for t in tensors) else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if flag.item() == 0:
+            return
+        for t in tensors:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        _all_reduce_flat([t.grad for t in tensors], group)
+
+    # --- state: this rank's slices, and full tensors gathered over the model-parallel group -------------
+
+    def _export_local(self, run: _Run, *, optimizer: bool, grads: bool) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, p in run.params.items():
+            out[f"w:{key}"] = p.tensor.detach().to("cpu", copy=True).contiguous()
+            if grads and p.tensor.grad is not None:
+                out[f"g:{key}"] = p.tensor.grad.detach().to("cpu", copy=True).contiguous()
+            st = run.optimizer.state.get(p.tensor) if optimizer else None
+            if st:
+                out[f"m:{key}"] = st["exp_avg"].detach().to("cpu", copy=True).contiguous()
+                out[f"v:{key}"] = st["exp_avg_sq"].detach().to("cpu", copy=True).contiguous()
+                out[f"s:{key}"] = torch.as_tensor(st["step"]).detach().to("cpu", copy=True).reshape(1)
+        if optimizer:
+            out["rng:cpu"] = run.rng_cpu.clone()
+            if run.rng_cuda is not None:
+                out["rng:cuda"] = run.rng_cuda.clone()
+        return out
+
+    def _import_local(self, run: _Run, state: dict[str, torch.Tensor], *, optimizer: bool, grads: bool) -> None:
+        """Write this rank's slices (keys as ``_export_local``) into a resident run."""
+        expected, got = set(run.params), {k[2:] for k in state if k.startswith("w:")}
+        if got != expected:
+            missing, extra = sorted(expected - got), sorted(got - expected)
+            raise UserError(
+                "checkpoint does not match this run's LoRA config (rank / target modules): "
+                f"{len(missing)} weights missing{' e.g. ' + missing[0] if missing else ''}, "
+                f"{len(extra)} unexpected{' e.g. ' + extra[0] if extra else ''}", field="path")
+        for key, p in run.params.items():
+            if tuple(state[f"w:{key}"].shape) != tuple(p.tensor.shape):
+                raise UserError(f"checkpoint weight {key} has shape {list(state[f'w:{key}'].shape)}, this run "
+                                f"needs a slice of {list(p.shard.full_shape)} (different LoRA rank?)", field="path")
+        run.optimizer = torch.optim.AdamW([p.tensor for p in run.params.values()] or [torch.zeros(1)], lr=0.0,
+                                          eps=1e-12, weight_decay=0.0)
+        with torch.no_grad():
+            for key, p in run.params.items():
+                p.tensor.copy_(state[f"w:{key}"])
+                g = state.get(f"g:{key}") if grads else None
+                p.tensor.grad = None if g is None else g.to(self.device).clone()
+                if optimizer and f"m:{key}" in state:
+                    run.optimizer.state[p.tensor] = {
+                        "step": state[f"s:{key}"].reshape(()).clone(),
+                        "exp_avg": state[f"m:{key}"].to(self.device).clone(),
+                        "exp_avg_sq": state[f"v:{key}"].to(self.device).clone(),
+                    }
+        if optimizer and "rng:cpu" in state:
+            run.rng_cpu = state["rng:cpu"].clone()
+            if "rng:cuda" in state and self.device.type == "cuda":
+                run.rng_cuda = state["rng:cuda"].clone()
+
+    def _gather_full(self, run: _Run, *, optimizer: bool) -> dict[str, torch.Tensor] | None:
+        """Full PEFT tensors on the model-parallel group's first rank (None on the others). Collective."""
+        from megatron.core import parallel_state as ps
+
+        local = self._export_local(run, optimizer=optimizer, grads=False)
+        dims = {key: p.shard.dim for key, p in run.params.items()}
+        mine = {k: (self.tp_rank, dims.get(k[2:]), v) for k, v in local.items()
+                if dims.get(k[2:]) is not None or self.tp_rank == 0}  # replicated tensors from TP rank 0 only
+        if self.tp_size * self.pp_size == 1:
+            return {k: v for k, (_, _, v) in mine.items()}
+        group = ps.get_model_parallel_group()
+        first = dist.get_global_rank(group, 0)
+        parts: list | None = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+        dist.gather_object(mine, parts, dst=first, group=group)
+        if parts is None:
+            return None
+        pieces: dict[str, list[tuple[int, int | None, torch.Tensor]]] = {}
+        for part in parts:
+            for k, entry in part.items():
+                pieces.setdefault(k, []).append(entry)
+        full: dict[str, torch.Tensor] = {}
+        for k, entries in pieces.items():
+            entries.sort(key=lambda e: e[0])
+            dim = entries[0][1]
+            if k.startswith("s:") or k.startswith("rng:") or dim is None:
+                full[k] = entries[0][2]
+            else:
+                full[k] = torch.cat([e[2] for e in entries], dim=dim).contiguous()
+        return full
+
+    def _slice_full(self, run: _Run, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of full tensors (keys as ``_export_local``): its own weights, and any weight of
+        this stage it lacks (for ``_import_local`` to report); other stages' tensors are left out."""
+        out = {}
+        for k, v in full.items():
+            kind, _, key = k.partition(":")
+            p = run.params.get(key)
+            if kind == "rng" or (p is None and kind == "w" and not self._on_other_stage(key)):
+                out[k] = v
+            elif p is not None:
+                whole = kind == "s" or p.shard.dim is None or self.tp_size == 1
+                out[k] = v if whole else v.chunk(self.tp_size, dim=p.shard.dim)[self.tp_rank]
+        return out
+
+    def _on_other_stage(self, key: str) -> bool:
+        """Whether a PEFT key belongs to a layer of another pipeline stage."""
+        if self.pp_size == 1:
+            return False
+        if ".lm_head." in key:
+            return not self.last_stage
+        layers_per_stage = self.hf_config.num_hidden_layers // self.pp_size
+        try:
+            index = int(key.split(".layers.", 1)[1].split(".", 1)[0])
+        except (IndexError, ValueError):
+            return False
+        return index // layers_per_stage != self.pp_rank
+
+    def _adapter_config(self, run: _Run):
+        from peft import LoraConfig as PeftLoraConfig
+
+        from ..transformers_backend import TARGET_GROUPS
+
+        targets = [m for g in _GROUPS if getattr(run.lora, g) for m in TARGET_GROUPS[g]]
+        cfg = PeftLoraConfig(r=run.lora.rank, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
+                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        cfg.inference_mode = True
+        cfg.base_model_name_or_path = served_model_name(self.model_id)
+        return copy.deepcopy(cfg)
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def snapshot(self, run_id: str, include_optimizer: bool = True) -> ckpt.RunSnapshot | None:
+        """The run's full state on the model-parallel group's first rank, None on the others. Collective."""
+        run = self._resident(run_id)
+        tensors = self._gather_full(run, optimizer=include_optimizer)
+        if tensors is None:
+            return None
+        return ckpt.RunSnapshot(step=run.step, lora=run.lora, model=self.model_id,
+                                adapter_config=self._adapter_config(run), tensors=tensors,
+                                has_optimizer=include_optimizer)
+
+    def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo | None:
+        snap = self.snapshot(run_id, include_optimizer)
+        return None if snap is None else self._write(path, snap, state_file=True)
+
+    def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo | None:
+        snap = self.snapshot(run_id, include_optimizer=False)
+        return None if snap is None else self._write(path, snap, state_file=False)
+
+    def _write(self, path: str, snap: ckpt.RunSnapshot, *, state_file: bool) -> CheckpointInfo | None:
+        if self.dp_rank != 0:  # every replica holds the same state; one writes it
+            return None
+        ckpt.write_snapshot(path, snap, state_file=state_file)
+        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=snap.step)
+
+    def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None:
+        run = self._resident(run_id)
+        path = ckpt.require_checkpoint(path)
+        doc = ckpt.read_state_file(path)
+        full = {f"w:{k}": v for k, v in load_file(os.path.join(path, ckpt.ADAPTER_WEIGHTS)).items()}
+        opt_file = os.path.join(path, ckpt.OPTIMIZER_STATE)
+        if include_optimizer:
+            if not os.path.isfile(opt_file):
+                raise UserError("the checkpoint was saved without optimizer state; load it without the optimizer",
+                                field="include_optimizer")
+            full.update(load_file(opt_file))
+        self._import_local(run, self._slice_full(run, full), optimizer=include_optimizer, grads=False)
+        run.step = int(doc["step"]) if doc else 0
+
+    def read_checkpoint_lora(self, path: str) -> LoraConfig:
+        from ..transformers_backend import read_checkpoint_lora
+
+        return read_checkpoint_lora(path)
+
+    # --- residency ------------------------------------------------------------------------------------
+
+    def offload(self, run_id: str) -> None:
+        run = self._get(run_id)
+        if not run.resident:
+            return
+        state = self._export_local(run, optimizer=True, grads=True)
+        if self.offload_to == "disk":
+            path = os.path.join(self._spill(), f"{run.name}.safetensors")
+            save_file(state, path)
+            run.parked = path
+        else:
+            run.parked = {k: v.pin_memory() for k, v in state.items()}
+        self._detach(run)
+
+    def ensure_resident(self, run_id: str) -> None:
+        self._resident(run_id)
+
+    def _restore(self, run: _Run) -> None:
+        state = load_file(run.parked) if isinstance(run.parked, str) else run.parked
+        self._attach(run)
+        self._import_local(run, state, optimizer=True, grads=True)
+        if isinstance(run.parked, str):
+            with contextlib.suppress(OSError):
+                os.remove(run.parked)
+        run.parked = None
+
+    def _spill(self) -> str:
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.mkdtemp(prefix="twinkle-spill-")
+        os.makedirs(self._spill_dir, exist_ok=True)
+        return self._spill_dir
+
+    # --- description ----------------------------------------------------------------------------------
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo(model_name=served_model_name(self.model_id), model_id=self.model_id, backend="megatron",
+                           max_context_length=self.max_length or 0, vocab_size=self.vocab_size,
+                           dp_size=self.dp_size)
+
+    def close(self) -> None:
+        if self._own_spill_dir and self._spill_dir:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
+    """SUM-all-reduce tensors in place over ``group`` through one flat buffer."""
+    if not tensors or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _outputs(lp: torch.Tensor, per_token: torch.Tensor, lengths: list[int]) -> list[dict[str, TensorData]]:
+    lp_rows, loss_rows = lp.tolist(), per_token.tolist()
+    return [{"logprobs": TensorData(data=lp_rows[i][:n], dtype="float32", shape=[n]),
+             "elementwise_loss": TensorData(data=loss_rows[i][:n], dtype="float32", shape=[n])}
+            for i, n in enumerate(lengths)]

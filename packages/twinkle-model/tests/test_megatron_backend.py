@@ -1,0 +1,162 @@
+"""The megatron backend against the transformers backend, on CPU: spawned gloo ranks run megatron-core through
+the test-only CPU shim (``megatron_support/``), the reference is ``TransformersBackend`` in this process.
+
+What must hold at every layout (tp=2, pp=2, dp=2 x tp=2): the same logprobs and every loss's value within 1e-5
+(fp32) for an adapter loaded from the same checkpoint; the same 5-step trajectories for two interleaved runs
+within 1e-4 relative; checkpoints that cross between the backends both ways with equal logprobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is an optional extra (pip install twinkle-model[megatron])")
+
+from model_testutil import make_batch  # noqa: E402
+from twinkle.common.wire import AdamParams, LoraConfig, UserError  # noqa: E402
+from twinkle.common.workers import WorkerSpec, free_local_port, start_process_workers  # noqa: E402
+from twinkle.model.distributed import DataParallelBackend  # noqa: E402
+from twinkle.model.losses import LOSSES  # noqa: E402
+
+SUPPORT = os.path.join(os.path.dirname(__file__), "megatron_support")
+ADAM = AdamParams(learning_rate=1e-2, eps=1e-3, weight_decay=0.01, grad_clip_norm=1.0)
+
+
+@contextlib.contextmanager
+def cpu_shim_environment():
+    """Processes started inside run megatron-core on CPU: its ``sitecustomize`` installs the test-only shim."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TWINKLE_TEST_MEGATRON_CPU_SHIM")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SUPPORT, saved["PYTHONPATH"]) if p)
+    os.environ["TWINKLE_TEST_MEGATRON_CPU_SHIM"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def start_megatron(model_id: str, world_size: int, tp: int, pp: int) -> DataParallelBackend:
+    port = free_local_port()
+    specs = [WorkerSpec(app="test-megatron", rank=r, world_size=world_size, threads=1) for r in range(world_size)]
+    with cpu_shim_environment():
+        ranks = start_process_workers(
+            "twinkle.model.megatron.worker:MegatronWorker", specs,
+            lambda w: ((model_id, w.rank, w.world_size, "127.0.0.1", port, "cpu"), {"tp_size": tp, "pp_size": pp}),
+            ready_timeout=300,
+        )
+    return DataParallelBackend(ranks, model_id=model_id)
+
+
+def _lp(out) -> list[torch.Tensor]:
+    return [torch.tensor(o["logprobs"].data) for o in out.loss_fn_outputs]
+
+
+def assert_same_outputs(got, want, tol: float) -> None:
+    assert len(got.loss_fn_outputs) == len(want.loss_fn_outputs)
+    for g, w in zip(_lp(got), _lp(want)):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    assert got.metrics["loss:sum"] == pytest.approx(want.metrics["loss:sum"], rel=tol, abs=tol)
+
+
+def same_start(reference, megatron, run_id: str, cfg: LoraConfig, tmp_path) -> None:
+    """The run on both backends, starting from the transformers backend's initial adapter (a checkpoint
+    crossing from transformers to megatron), with a non-zero B so that the adapter changes the outputs."""
+    reference.create_adapter(run_id, cfg)
+    with torch.no_grad():
+        for key, p in reference._resident(run_id).params.items():
+            if "lora_B" in key:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(key))) * 0.05)
+    path = reference.save_state(run_id, str(tmp_path / f"{run_id}-start"), True).path
+    megatron.create_adapter(run_id, cfg)
+    megatron.load_state(run_id, path, include_optimizer=True)
+
+
+def check_layout(reference, megatron, tmp_path, *, losses=tuple(LOSSES), steps: int = 5) -> None:
+    a, b = "run-a", "run-b"
+    same_start(reference, megatron, a, LoraConfig(rank=4, alpha=8, seed=3), tmp_path)
+    same_start(reference, megatron, b, LoraConfig(rank=2, alpha=4, seed=4, train_unembed=False), tmp_path)
+    # 1. logprobs and every loss, forward only
+    for i, loss in enumerate(losses):
+        inp = make_batch([5, 9, 3], 100 + i, loss)
+        assert_same_outputs(megatron.forward_backward(a, inp, True), reference.forward_backward(a, inp, True), 1e-5)
+    # 2. two runs trained interleaved: each follows its own trajectory
+    for step in range(steps):
+        for run_id, loss in ((a, "cross_entropy"), (b, "ppo")):
+            inp = make_batch([6, 4, 7], 10 * step + len(run_id), loss)
+            assert_same_outputs(megatron.forward_backward(run_id, inp), reference.forward_backward(run_id, inp), 1e-4)
+            got, want = megatron.optim_step(run_id, ADAM), reference.optim_step(run_id, ADAM)
+            assert got.metrics["grad_norm:mean"] == pytest.approx(want.metrics["grad_norm:mean"], rel=1e-4)
+    assert megatron.run_step(a) == steps
+    # 3. megatron's checkpoint, loaded by the transformers backend, gives the same logprobs
+    saved = megatron.save_state(a, str(tmp_path / "from-megatron"), True)
+    assert saved.step == steps and saved.size_bytes > 0
+    reference.create_adapter("crossed", LoraConfig(rank=4, alpha=8, seed=99))
+    reference.load_state("crossed", saved.path, include_optimizer=True)
+    inp = make_batch([8, 5], 7)
+    assert_same_outputs(reference.forward_backward("crossed", inp, True), megatron.forward_backward(a, inp, True), 1e-5)
+    # the optimizer moments crossed too: one more step lands on the same weights
+    for backend, run_id in ((megatron, a), (reference, "crossed")):
+        backend.forward_backward(run_id, inp)
+        backend.optim_step(run_id, ADAM)
+    assert_same_outputs(reference.forward_backward("crossed", inp, True), megatron.forward_backward(a, inp, True), 1e-4)
+    # 4. offloading changes nothing; a bad request names its field and leaves the run as it was
+    before = megatron.forward_backward(b, inp, True)
+    megatron.offload(b)
+    assert not megatron.is_resident(b)
+    assert_same_outputs(megatron.forward_backward(b, inp, True), before, 0)
+    with pytest.raises(UserError, match="target_tokens"):
+        bad = make_batch([4], 1)
+        bad.data[0].loss_fn_inputs["target_tokens"].data[0] = 10**6
+        megatron.forward_backward(b, bad)
+    assert_same_outputs(megatron.forward_backward(b, inp, True), before, 0)
+    for run_id in (a, b):
+        megatron.delete_adapter(run_id)
+        reference.delete_adapter(run_id)
+    reference.delete_adapter("crossed")
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_megatron_matches_the_transformers_backend(backend, tiny_model_id, tmp_path, tp, pp):
+    megatron = start_megatron(tiny_model_id, tp * pp, tp, pp)
+    try:
+        info = megatron.describe()
+        assert (info.backend, info.dp_size, info.vocab_size) == ("megatron", 1, backend.describe().vocab_size)
+        check_layout(backend, megatron, tmp_path, losses=tuple(LOSSES) if tp == 2 else ("cross_entropy", "ppo"),
+                     steps=5 if tp == 2 else 3)
+    finally:
+        megatron.close()
+
+
+def test_data_parallel_over_tensor_parallel_groups(backend, tiny_model_id, tmp_path):
+    """dp=2 x tp=2: each TP pair gets half the datums; the step is that of the whole batch."""
+    megatron = start_megatron(tiny_model_id, 4, 2, 1)
+    try:
+        assert megatron.describe().dp_size == 2
+        check_layout(backend, megatron, tmp_path, losses=("cross_entropy",), steps=2)
+    finally:
+        megatron.close()
+
+
+def test_a_fresh_adapter_is_the_same_whatever_the_layout(tiny_model_id, tmp_path):
+    """Initial A is drawn per PEFT key from the run's seed, so tp=1 and tp=2 start identically (B is zero)."""
+    from safetensors.torch import load_file
+
+    saved = []
+    for tp in (1, 2):
+        megatron = start_megatron(tiny_model_id, tp, tp, 1)
+        try:
+            megatron.create_adapter("fresh", LoraConfig(rank=4, seed=11))
+            saved.append(load_file(os.path.join(
+                megatron.save_sampler_weights("fresh", str(tmp_path / f"tp{tp}")).path, "adapter_model.safetensors")))
+        finally:
+            megatron.close()
+    assert saved[0].keys() == saved[1].keys() and len(saved[0]) == 4 * 2 * 7 + 2
+    for k in saved[0]:
+        assert torch.equal(saved[0][k], saved[1][k]), k
