@@ -501,3 +501,24 @@ def test_cpu_local_config_on_a_cpu_only_box():
     plan = plan_for_config(_load("deploy/local.yaml"), topology, None)
     assert plan.workers and all(not w.is_gpu and w.node_id == "local" for w in plan.workers)
     assert plan.device_count_per_physical_node is None
+
+
+def test_the_plan_shows_each_workers_place_in_a_model_parallel_mesh():
+    """megatron-core's order: TP ranks adjacent, then data-parallel replicas, then pipeline stages."""
+    from twinkle.common.placement import mesh_coordinates
+
+    assert [mesh_coordinates(r, 2, 2, 2) for r in range(8)] == [
+        (0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (0, 0, 1), (0, 1, 1), (1, 0, 1), (1, 1, 1)]
+    req = ComponentRequest("m", "model", "cuda", (0, 1, 2, 3), 4, 4, mesh=(2, 2, 1))
+    plan = plan_placement([req], load_topology(DATA / "topology-1node-4gpu.json"), 4)
+    assert [w.mesh for w in plan.workers] == ["dp0 tp0 pp0", "dp0 tp1 pp0", "dp1 tp0 pp0", "dp1 tp1 pp0"]
+    table = plan.format_table().splitlines()
+    assert table[0].split()[-1] == "mesh" and table[4].split()[-3:] == ["dp1", "tp0", "pp0"]
+    assert "mesh" not in plan_placement([replace_mesh(req)], load_topology(DATA / "topology-1node-4gpu.json"),
+                                        4).format_table()
+
+
+def replace_mesh(req):
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(req, mesh=None)

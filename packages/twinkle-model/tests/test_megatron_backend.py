@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is an optional extra (pip install twinkle-model[megatron])")
 
 from model_testutil import make_batch  # noqa: E402
+from twinkle.common.placement import mesh_coordinates  # noqa: E402
 from twinkle.common.wire import AdamParams, LoraConfig, UserError  # noqa: E402
 from twinkle.common.workers import WorkerSpec, free_local_port, start_process_workers  # noqa: E402
 from twinkle.model.distributed import DataParallelBackend  # noqa: E402
@@ -128,6 +129,8 @@ def test_megatron_matches_the_transformers_backend(backend, tiny_model_id, tmp_p
     try:
         info = megatron.describe()
         assert (info.backend, info.dp_size, info.vocab_size) == ("megatron", 1, backend.describe().vocab_size)
+        # one rank per replica returns its results: TP rank 0 of the last stage
+        assert [p.returns_output for p in megatron._placements] == ([True, False] if tp == 2 else [False, True])
         check_layout(backend, megatron, tmp_path, losses=tuple(LOSSES) if tp == 2 else ("cross_entropy", "ppo"),
                      steps=5 if tp == 2 else 3)
     finally:
@@ -139,6 +142,9 @@ def test_data_parallel_over_tensor_parallel_groups(backend, tiny_model_id, tmp_p
     megatron = start_megatron(tiny_model_id, 4, 2, 1)
     try:
         assert megatron.describe().dp_size == 2
+        # the ranks sit where `twinkle plan` says they will (megatron-core's order: TP adjacent, then DP)
+        layout = [(p.dp_rank, p.returns_output) for p in megatron._placements]
+        assert layout == [(mesh_coordinates(r, 2, 2, 1)[0], mesh_coordinates(r, 2, 2, 1)[1] == 0) for r in range(4)]
         check_layout(backend, megatron, tmp_path, losses=("cross_entropy",), steps=2)
     finally:
         megatron.close()

@@ -88,6 +88,7 @@ class ComponentRequest:
     nproc_per_node: int = 1
     world_size: int | None = None
     ncpu_proc_per_node: int | None = None
+    mesh: tuple[int, int, int] | None = None  # (dp_size, tp_size, pp_size) when model parallel
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(self.ranks))
@@ -120,6 +121,7 @@ class WorkerPlacement:
     node_gpu_index: int | None = None
     cpu_slot: int | None = None
     gpu_fraction: float | None = None
+    mesh: str | None = None  # e.g. "dp0 tp1 pp0": the worker's place in a model-parallel mesh
 
     def __post_init__(self) -> None:
         if self.device is not None and self.gpu_fraction is None:
@@ -165,6 +167,7 @@ class WorkerPlacement:
             "node_gpu_index": self.node_gpu_index,
             "cpu_slot": self.cpu_slot,
             "gpu_fraction": self.gpu_fraction,
+            "mesh": self.mesh,
             "env": self.env,
         }
 
@@ -200,7 +203,8 @@ class PlacementPlan:
     def format_table(self, *, include_notes: bool = True) -> str:
         """An aligned text table, one line per worker, followed by the notes."""
         env_header = next((w.visible_devices_env for w in self.workers if w.is_gpu), None) or "CUDA_VISIBLE_DEVICES"
-        header = ("app", "worker", "rank", "machine", "ray node", "device", env_header)
+        meshed = any(w.mesh for w in self.workers)
+        header = ("app", "worker", "rank", "machine", "ray node", "device", env_header) + (("mesh",) if meshed else ())
         rows = [
             (
                 w.app_name,
@@ -210,7 +214,7 @@ class PlacementPlan:
                 f"{w.node_id[:8]} ({w.node_ip})",
                 w.device_label,
                 w.visible_devices or "-",
-            )
+            ) + ((w.mesh or "-",) if meshed else ())
             for w in self.workers
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -243,6 +247,29 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(name, default)
     return getattr(obj, name, default)
+
+
+def mesh_coordinates(worker: int, tp_size: int, dp_size: int, pp_size: int) -> tuple[int, int, int]:
+    """(dp, tp, pp) rank of a mesh's ``worker``-th worker, in megatron-core's order (``initialize_model_parallel``
+    with context and expert parallelism 1): TP ranks adjacent, then data-parallel replicas, then stages."""
+    return (worker // tp_size) % dp_size, worker % tp_size, worker // (tp_size * dp_size)
+
+
+def _mesh_label(worker: int, mesh: tuple[int, int, int] | None) -> str | None:
+    if mesh is None:
+        return None
+    dp, tp, pp = mesh
+    d, t, p = mesh_coordinates(worker, tp, dp, pp)
+    return f"dp{d} tp{t} pp{p}"
+
+
+def _model_parallel(mesh: Any) -> tuple[int, int, int] | None:
+    """(dp, tp, pp) sizes of a mesh that splits the model (tp or pp > 1); None otherwise, and for context or
+    expert parallelism, which no backend runs (``check_supported`` refuses them)."""
+    if mesh is None or int(_get(mesh, "cp_size") or 1) > 1 or int(_get(mesh, "ep_size") or 1) > 1:
+        return None
+    dp, tp, pp = (int(_get(mesh, key) or 1) for key in ("dp_size", "tp_size", "pp_size"))
+    return (dp, tp, pp) if tp * pp > 1 else None
 
 
 def _mesh_size(mesh: Any) -> int | None:
@@ -287,6 +314,7 @@ def requests_from_config(cfg: Any) -> list[ComponentRequest]:
                 nproc_per_node=int(_get(args, "nproc_per_node") or 1),
                 world_size=_mesh_size(_get(args, "device_mesh")),
                 ncpu_proc_per_node=_get(args, "ncpu_proc_per_node"),
+                mesh=_model_parallel(_get(args, "device_mesh")),
             )
         )
     return requests
@@ -510,6 +538,7 @@ def _place_gpu(
                     rank=rank,
                     device=device,
                     node_gpu_index=node.gpu_ids.index(device),
+                    mesh=_mesh_label(index, req.mesh),
                 )
             )
     return workers, problems, d
@@ -553,6 +582,7 @@ def _place_cpu(
                     machine_index=machine.index,
                     device_type="cpu",
                     cpu_slot=slot,
+                    mesh=_mesh_label(index, req.mesh),
                 )
             )
     notes = [
