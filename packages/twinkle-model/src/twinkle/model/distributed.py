@@ -208,7 +208,7 @@ class ModelWorker:
     def adapter_weights(self, run_id: str) -> dict[str, list[float]]:
         """A run's LoRA weights (this rank's slices) as plain lists (tests compare ranks)."""
         run = self.backend._resident(run_id)
-        return {k: getattr(p, "tensor", p).detach().cpu().reshape(-1).tolist() for k, p in run.params.items()}
+        return {k: p.detach().cpu().reshape(-1).tolist() for k, p in run.params.items()}
 
     def close(self) -> None:
         import torch.distributed as dist

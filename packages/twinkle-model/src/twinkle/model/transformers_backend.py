@@ -37,16 +37,11 @@ import functools
 import logging
 import os
 import secrets
-import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import msgspec
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from twinkle.common.models import load_causal_lm, served_model_name
 from twinkle.common.wire import (
     AdamParams,
@@ -54,14 +49,13 @@ from twinkle.common.wire import (
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
-    NotFoundError,
     OptimStepOutput,
-    TensorData,
     UserError,
 )
 
 from . import checkpoints as ckpt
-from .backend import BackendInfo, FusedItem, TrainingBackend, run_slices, validate_adam, validate_lora
+from .adapters import AdapterBackend, AdapterRun, pad_requests, per_datum_outputs, read_checkpoint, write_checkpoint
+from .backend import BackendInfo, FusedItem, run_slices, validate_adam, validate_lora
 from .batching import micro_batches, target_logprobs
 from .losses import ValidatedRequest, loss_metrics, validate_request
 
@@ -138,22 +132,7 @@ def _segmented_forward(layer, segments: list[tuple[str, int]], x: torch.Tensor, 
     return result + torch.cat(parts, dim=0)
 
 
-@dataclass
-class _Run:
-    run_id: str
-    name: str  # peft adapter name
-    lora: LoraConfig
-    targets: list[str]
-    step: int = 0
-    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # checkpoint key -> parameter
-    optimizer: torch.optim.AdamW | None = None
-    rng_cpu: torch.Tensor | None = None
-    rng_cuda: torch.Tensor | None = None
-    resident: bool = True
-    parked: dict[str, torch.Tensor] | str | None = None  # offloaded state: CPU tensors, or a spill file path
-
-
-class TransformersBackend(TrainingBackend):
+class TransformersBackend(AdapterBackend):
     def __init__(
         self,
         model_id: str,
@@ -181,14 +160,10 @@ class TransformersBackend(TrainingBackend):
         from peft import get_peft_model
 
         self.model_id = model_id
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        if offload_to not in ("auto", "cpu", "disk"):
-            raise ValueError(f"offload_to must be auto, cpu or disk, got {offload_to!r}")
-        self.offload_to = ("cpu" if self.device.type == "cuda" else "disk") if offload_to == "auto" else offload_to
-        self._spill_dir = spill_dir
-        self._own_spill_dir = spill_dir is None
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self._init_adapters(dev, spill_dir=spill_dir, offload_to=offload_to)
         self.rank = rank
         # Measured on a 2-core CPU: fusing 4x(2x64) tokens gains ~15%, 4x(8x128) loses ~20% (cache misses).
         self.max_fused_tokens = max_fused_tokens or (65536 if self.device.type == "cuda" else 2048)
@@ -219,8 +194,6 @@ class TransformersBackend(TrainingBackend):
             self.peft = get_peft_model(base, placeholder, adapter_name=_PLACEHOLDER)
         for p in self.peft.parameters():
             p.requires_grad_(False)
-        self._runs: dict[str, _Run] = {}
-        self._counter = 0
         self._grad_sync = None  # set by distributed.ModelWorker: all-reduces gradients across ranks
 
     # --- adapters -------------------------------------------------------------------------------------
@@ -231,42 +204,36 @@ class TransformersBackend(TrainingBackend):
             raise UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
         if lora.seed is None:
             lora = msgspec.structs.replace(lora, seed=secrets.randbits(62))
-        targets = [m for g, mods in self._available.items() if getattr(lora, g) for m in mods]
-        if not targets:
+        if not self._targets(lora):
             raise UserError(
                 "this base model has no module for the requested LoRA groups "
                 f"(attn: {self._available['train_attn']}, mlp: {self._available['train_mlp']}, "
                 f"unembed: {self._available['train_unembed']})",
                 field="lora.train_attn",
             )
-        self._counter += 1
-        run = _Run(run_id=run_id, name=f"run_{self._counter}", lora=lora, targets=targets)
-        self._attach(run)
-        seed = (lora.seed * 1_000_003 + self.rank) % 2**63
-        run.rng_cpu = torch.Generator().manual_seed(seed).get_state()
-        if self.device.type == "cuda":
-            with torch.random.fork_rng(devices=[self.device]):
-                torch.cuda.manual_seed(seed)
-                run.rng_cuda = torch.cuda.get_rng_state(self.device)
-        self._runs[run_id] = run
+        self._new_run(run_id, lora, stream_salt=self.rank)
         return lora
+
+    def _targets(self, lora: LoraConfig) -> list[str]:
+        """The model's module names that ``lora``'s groups train."""
+        return [m for g, mods in self._available.items() if getattr(lora, g) for m in mods]
 
     def _rng_devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
 
-    def _peft_config(self, run: _Run):
+    def _peft_config(self, run: AdapterRun):
         from peft import LoraConfig as PeftLoraConfig
 
         return PeftLoraConfig(
             r=run.lora.rank,
             lora_alpha=run.lora.alpha,
             lora_dropout=run.lora.dropout,
-            target_modules=list(run.targets),
+            target_modules=self._targets(run.lora),
             bias="none",
             task_type="CAUSAL_LM",
         )
 
-    def _attach(self, run: _Run) -> None:
+    def _attach(self, run: AdapterRun) -> None:
         """Insert the run's adapter into the live model (seeded init) and give it a fresh optimizer."""
         with torch.random.fork_rng(devices=self._rng_devices()):  # manual_seed also reseeds CUDA
             torch.manual_seed(run.lora.seed)
@@ -280,49 +247,14 @@ class TransformersBackend(TrainingBackend):
         run.optimizer = self._new_optimizer(run)
         run.resident = True
 
-    @staticmethod
-    def _new_optimizer(run: _Run) -> torch.optim.AdamW:
-        # Hyper-parameters are placeholders: optim_step writes the caller's values before every step.
-        return torch.optim.AdamW(list(run.params.values()), lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-
-    def _detach(self, run: _Run) -> None:
+    def _detach(self, run: AdapterRun) -> None:
         self.peft.base_model.set_adapter(_PLACEHOLDER)
         self.peft.delete_adapter(run.name)
         run.params = {}
         run.optimizer = None
         run.resident = False
 
-    def delete_adapter(self, run_id: str) -> None:
-        run = self._get(run_id)
-        if run.resident:
-            self._detach(run)
-        if isinstance(run.parked, str):
-            with contextlib.suppress(OSError):
-                os.remove(run.parked)
-        del self._runs[run_id]
-
-    def has_run(self, run_id: str) -> bool:
-        return run_id in self._runs
-
-    def run_step(self, run_id: str) -> int:
-        return self._get(run_id).step
-
-    def is_resident(self, run_id: str) -> bool:
-        return self._get(run_id).resident
-
-    def _get(self, run_id: str) -> _Run:
-        run = self._runs.get(run_id)
-        if run is None:
-            raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
-        return run
-
-    def _resident(self, run_id: str) -> _Run:
-        run = self._get(run_id)
-        if not run.resident:
-            self._restore(run)
-        return run
-
-    def _activate(self, runs: list[_Run]) -> None:
+    def _activate(self, runs: list[AdapterRun]) -> None:
         """Only these runs' parameters require grad; the first one is peft's active adapter."""
         self.peft.base_model.set_adapter(runs[0].name)
         active = {r.run_id for r in runs}
@@ -331,28 +263,7 @@ class TransformersBackend(TrainingBackend):
             for p in run.params.values():
                 p.requires_grad_(flag)
 
-    @contextlib.contextmanager
-    def _run_rng(self, run: _Run, enabled: bool) -> Iterator[None]:
-        """Give dropout the run's own random stream (and put the process's stream back afterwards)."""
-        if not enabled:
-            yield
-            return
-        cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=self._rng_devices()):
-            torch.set_rng_state(run.rng_cpu)
-            if cuda:
-                torch.cuda.set_rng_state(run.rng_cuda, self.device)
-            yield
-            run.rng_cpu = torch.get_rng_state()
-            if cuda:
-                run.rng_cuda = torch.cuda.get_rng_state(self.device)
-
     # --- the training step ----------------------------------------------------------------------------
-
-    def forward_backward(
-        self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
-    ) -> ForwardBackwardOutput:
-        return run_slices(self.forward_backward_slices(run_id, inp, forward_only))
 
     def forward_backward_slices(self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False):
         req = validate_request(inp, vocab_size=self.vocab_size, max_length=self.max_length)
@@ -391,7 +302,7 @@ class TransformersBackend(TrainingBackend):
             loss_all[rows, :width] = per_token.detach().float().cpu()
         _, valid_all, inputs_all = self._pad([req], device=torch.device("cpu"))
         metrics = loss_metrics(req.spec, req.config, lp_all, inputs_all, loss_all, valid_all)
-        return ForwardBackwardOutput(loss_fn_outputs=self._outputs(lp_all, loss_all, lengths), metrics=metrics)
+        return ForwardBackwardOutput(loss_fn_outputs=per_datum_outputs(lp_all, loss_all, lengths), metrics=metrics)
 
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         validate_adam(params)
@@ -439,7 +350,7 @@ class TransformersBackend(TrainingBackend):
         its request alone would give (up to float rounding). A single valid item takes the ordinary path,
         bit-identical to an unfused op."""
         results: list[ForwardBackwardOutput | Exception | None] = [None] * len(items)
-        ready: list[tuple[int, _Run, ValidatedRequest]] = []
+        ready: list[tuple[int, AdapterRun, ValidatedRequest]] = []
         for i, item in enumerate(items):
             try:
                 run = self._resident(item.run_id)
@@ -485,7 +396,7 @@ class TransformersBackend(TrainingBackend):
         except Exception as e:  # noqa: BLE001
             return e
 
-    def _fused(self, ready: list[tuple[int, _Run, ValidatedRequest]]) -> list[ForwardBackwardOutput]:
+    def _fused(self, ready: list[tuple[int, AdapterRun, ValidatedRequest]]) -> list[ForwardBackwardOutput]:
         reqs = [req for _, _, req in ready]
         ids, valid, inputs = self._pad(reqs)
         segments = [(run.name, len(req.tokens)) for _, run, req in ready]  # contiguous rows per item
@@ -509,7 +420,7 @@ class TransformersBackend(TrainingBackend):
             metrics = loss_metrics(req.spec, req.config, lp[rows].detach(), item_inputs, per_token.detach(), valid[rows])
             outs.append(
                 ForwardBackwardOutput(
-                    loss_fn_outputs=self._outputs(lp[rows], per_token, req.lengths), metrics=metrics
+                    loss_fn_outputs=per_datum_outputs(lp[rows], per_token, req.lengths), metrics=metrics
                 )
             )
         return outs
@@ -518,29 +429,7 @@ class TransformersBackend(TrainingBackend):
 
     def _pad(self, reqs: list[ValidatedRequest], device: torch.device | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Right-pad the datums of one or more requests into [B, T] tensors on the device.
-
-        Every loss input name any request uses becomes a [B, T] tensor; rows of a request that lacks it hold
-        zeros (never read: each request's loss only sees its own rows)."""
-        lengths = [n for r in reqs for n in r.lengths]
-        b, t = len(lengths), max(lengths)
-        ids = torch.zeros((b, t), dtype=torch.int64)
-        valid = torch.zeros((b, t), dtype=torch.float32)
-        names = {name for r in reqs for d in r.inputs for name in d}
-        inputs = {
-            name: torch.zeros((b, t), dtype=torch.int64 if name == "target_tokens" else torch.float32) for name in names
-        }
-        row = 0
-        for r in reqs:
-            for tok, d in zip(r.tokens, r.inputs):
-                n = len(tok)
-                ids[row, :n] = tok
-                valid[row, :n] = 1.0
-                for name, v in d.items():
-                    inputs[name][row, :n] = v
-                row += 1
-        dev = device or self.device
-        return ids.to(dev), valid.to(dev), {k: v.to(dev) for k, v in inputs.items()}
+        return pad_requests(reqs, device or self.device)
 
     def _target_logprobs(self, ids: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._plain_head:
@@ -558,77 +447,6 @@ class TransformersBackend(TrainingBackend):
         # Padding positions: zero value, no gradient, whatever the pad token predicted.
         return torch.where(valid > 0, lp, torch.zeros_like(lp))
 
-    @staticmethod
-    def _outputs(lp: torch.Tensor, per_token: torch.Tensor, lengths: list[int]) -> list[dict[str, TensorData]]:
-        lp_rows = lp.detach().float().cpu().tolist()
-        loss_rows = per_token.detach().float().cpu().tolist()
-        return [
-            {
-                "logprobs": TensorData(data=lp_rows[i][:n], dtype="float32", shape=[n]),
-                "elementwise_loss": TensorData(data=loss_rows[i][:n], dtype="float32", shape=[n]),
-            }
-            for i, n in enumerate(lengths)
-        ]
-
-    # --- state export / import (checkpoints and offloading share one format) -------------------------
-
-    def _export(self, run: _Run, *, optimizer: bool, grads: bool) -> dict[str, torch.Tensor]:
-        """Copy a run's state to CPU tensors: ``w:<key>`` weights, ``g:`` grads, ``m:``/``v:``/``s:`` AdamW
-        moments and step, ``rng:cpu``/``rng:cuda``. Keys are peft checkpoint keys (adapter name removed)."""
-        out: dict[str, torch.Tensor] = {}
-        for key, p in run.params.items():
-            out[f"w:{key}"] = p.detach().to("cpu", copy=True).contiguous()
-            if grads and p.grad is not None:
-                out[f"g:{key}"] = p.grad.detach().to("cpu", copy=True).contiguous()
-            if optimizer:
-                st = run.optimizer.state.get(p)
-                if st:
-                    out[f"m:{key}"] = st["exp_avg"].detach().to("cpu", copy=True).contiguous()
-                    out[f"v:{key}"] = st["exp_avg_sq"].detach().to("cpu", copy=True).contiguous()
-                    out[f"s:{key}"] = torch.as_tensor(st["step"]).detach().to("cpu", copy=True).reshape(1)
-        if optimizer:
-            out["rng:cpu"] = run.rng_cpu.clone()
-            if run.rng_cuda is not None:
-                out["rng:cuda"] = run.rng_cuda.clone()
-        return out
-
-    def _import(self, run: _Run, state: dict[str, torch.Tensor], *, optimizer: bool, grads: bool) -> None:
-        """Write exported state into a resident run (exact copies). Raises UserError on a key/shape mismatch."""
-        expected = set(run.params)
-        got = {k[2:] for k in state if k.startswith("w:")}
-        if got != expected:
-            missing, extra = sorted(expected - got), sorted(got - expected)
-            raise UserError(
-                "checkpoint does not match this run's LoRA config (rank / target modules): "
-                f"{len(missing)} weights missing{' e.g. ' + missing[0] if missing else ''}, "
-                f"{len(extra)} unexpected{' e.g. ' + extra[0] if extra else ''}",
-                field="path",
-            )
-        for key, p in run.params.items():
-            w = state[f"w:{key}"]
-            if tuple(w.shape) != tuple(p.shape):
-                raise UserError(
-                    f"checkpoint weight {key} has shape {list(w.shape)}, this run needs {list(p.shape)} "
-                    "(different LoRA rank?)",
-                    field="path",
-                )
-        run.optimizer = self._new_optimizer(run)
-        with torch.no_grad():
-            for key, p in run.params.items():
-                p.copy_(state[f"w:{key}"])
-                g = state.get(f"g:{key}") if grads else None
-                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
-                if optimizer and f"m:{key}" in state:
-                    run.optimizer.state[p] = {
-                        "step": state[f"s:{key}"].reshape(()).clone(),
-                        "exp_avg": state[f"m:{key}"].to(p.device).clone(),
-                        "exp_avg_sq": state[f"v:{key}"].to(p.device).clone(),
-                    }
-        if optimizer and "rng:cpu" in state:
-            run.rng_cpu = state["rng:cpu"].clone()
-            if "rng:cuda" in state and self.device.type == "cuda":
-                run.rng_cuda = state["rng:cuda"].clone()
-
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def snapshot(self, run_id: str, include_optimizer: bool = True) -> ckpt.RunSnapshot:
@@ -641,66 +459,19 @@ class TransformersBackend(TrainingBackend):
                                 has_optimizer=include_optimizer)
 
     def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo:
-        snap = self.snapshot(run_id, include_optimizer)
-        ckpt.write_snapshot(path, snap)
-        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=snap.step)
+        return write_checkpoint(path, self.snapshot(run_id, include_optimizer), state_file=True)
 
     def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo:
-        snap = self.snapshot(run_id, include_optimizer=False)
-        ckpt.write_snapshot(path, snap, state_file=False)
-        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=snap.step)
+        return write_checkpoint(path, self.snapshot(run_id, include_optimizer=False), state_file=False)
 
     def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None:
         run = self._resident(run_id)
-        path = ckpt.require_checkpoint(path)
-        doc = ckpt.read_state_file(path)
-        state = {f"w:{k}": v for k, v in load_file(os.path.join(path, ckpt.ADAPTER_WEIGHTS)).items()}
-        opt_file = os.path.join(path, ckpt.OPTIMIZER_STATE)
-        if include_optimizer:
-            if not os.path.isfile(opt_file):
-                raise UserError(
-                    "the checkpoint was saved without optimizer state; load it without the optimizer",
-                    field="include_optimizer",
-                )
-            state.update(load_file(opt_file))
+        state, step = read_checkpoint(path, include_optimizer)
         self._import(run, state, optimizer=include_optimizer, grads=False)
-        run.step = int(doc["step"]) if doc else 0
+        run.step = step
 
     def read_checkpoint_lora(self, path: str) -> LoraConfig:
         return read_checkpoint_lora(path)
-
-    # --- residency ------------------------------------------------------------------------------------
-
-    def offload(self, run_id: str) -> None:
-        run = self._get(run_id)
-        if not run.resident:
-            return
-        state = self._export(run, optimizer=True, grads=True)
-        if self.offload_to == "disk":
-            path = os.path.join(self._spill(), f"{run.name}.safetensors")
-            save_file(state, path)
-            run.parked = path
-        else:
-            run.parked = {k: v.pin_memory() if self.device.type == "cuda" else v for k, v in state.items()}
-        self._detach(run)
-
-    def ensure_resident(self, run_id: str) -> None:
-        self._resident(run_id)
-
-    def _restore(self, run: _Run) -> None:
-        state = load_file(run.parked) if isinstance(run.parked, str) else run.parked
-        self._attach(run)
-        self._import(run, state, optimizer=True, grads=True)
-        if isinstance(run.parked, str):
-            with contextlib.suppress(OSError):
-                os.remove(run.parked)
-        run.parked = None
-
-    def _spill(self) -> str:
-        if self._spill_dir is None:
-            self._spill_dir = tempfile.mkdtemp(prefix="twinkle-spill-")
-        os.makedirs(self._spill_dir, exist_ok=True)
-        return self._spill_dir
 
     # --- description ----------------------------------------------------------------------------------
 
@@ -713,8 +484,3 @@ class TransformersBackend(TrainingBackend):
             vocab_size=self.vocab_size,
             dp_size=1,
         )
-
-    def close(self) -> None:
-        if self._own_spill_dir and self._spill_dir:
-            shutil.rmtree(self._spill_dir, ignore_errors=True)
-            self._spill_dir = None

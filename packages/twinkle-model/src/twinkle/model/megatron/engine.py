@@ -22,20 +22,12 @@ drives the ranks); it obeys the ``TrainingBackend`` contract of ``backend.py`` f
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import secrets
-import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import partial
 
 import msgspec
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from twinkle.common.models import load_causal_lm, served_model_name
 from twinkle.common.wire import (
     AdamParams,
@@ -43,14 +35,13 @@ from twinkle.common.wire import (
     ForwardBackwardInput,
     ForwardBackwardOutput,
     LoraConfig,
-    NotFoundError,
     OptimStepOutput,
-    TensorData,
     UserError,
 )
 
 from .. import checkpoints as ckpt
-from ..backend import BackendInfo, TrainingBackend, run_slices, validate_adam, validate_lora
+from ..adapters import AdapterBackend, AdapterRun, pad_requests, per_datum_outputs, read_checkpoint, write_checkpoint
+from ..backend import BackendInfo, validate_adam, validate_lora
 from ..batching import micro_batches
 from ..losses import ValidatedRequest, loss_metrics, validate_request
 from .lora import LoraParam, replicated_a_gradients, wrap_model
@@ -58,21 +49,7 @@ from .lora import LoraParam, replicated_a_gradients, wrap_model
 _GROUPS = ("train_attn", "train_mlp", "train_unembed")
 
 
-@dataclass
-class _Run:
-    run_id: str
-    name: str
-    lora: LoraConfig
-    step: int = 0
-    params: dict[str, LoraParam] = field(default_factory=dict)  # PEFT key -> this rank's slice
-    optimizer: torch.optim.AdamW | None = None
-    rng_cpu: torch.Tensor | None = None
-    rng_cuda: torch.Tensor | None = None
-    resident: bool = True
-    parked: dict[str, torch.Tensor] | str | None = None
-
-
-class MegatronEngine(TrainingBackend):
+class MegatronEngine(AdapterBackend):
     def __init__(self, model_id: str, *, device: torch.device, spill_dir: str | None = None,
                  max_tokens_per_datum: int | None = None, token_budget: int | None = None) -> None:
         """Build this rank's stage of ``model_id`` under the current ``megatron.core.parallel_state``."""
@@ -81,7 +58,7 @@ class MegatronEngine(TrainingBackend):
         from . import bridge
 
         self.model_id = model_id
-        self.device = device
+        self._init_adapters(device, spill_dir=spill_dir)
         self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         self.pp_rank, self.pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -97,10 +74,7 @@ class MegatronEngine(TrainingBackend):
         if max_tokens_per_datum is not None:
             self.max_length = min(self.max_length or max_tokens_per_datum, max_tokens_per_datum)
         self.token_budget = token_budget or (65536 if device.type == "cuda" else 8192)
-        self.offload_to = "cpu" if device.type == "cuda" else "disk"
-        self._spill_dir, self._own_spill_dir = spill_dir, spill_dir is None
-        self._runs: dict[str, _Run] = {}
-        self._counter = 0
+        self._layout: dict[str, dict[str, LoraParam]] = {}  # run name -> where each of its tensors sits
 
     # --- adapters -------------------------------------------------------------------------------------
 
@@ -112,89 +86,32 @@ class MegatronEngine(TrainingBackend):
             raise UserError("the LoRA config trains no module group", field="lora.train_attn")
         if lora.seed is None:  # the driver fills it in so that every rank agrees; a lone engine does it here
             lora = msgspec.structs.replace(lora, seed=secrets.randbits(62))
-        self._counter += 1
-        run = _Run(run_id=run_id, name=f"run_{self._counter}", lora=lora)
-        self._attach(run)
-        seed = (lora.seed * 1_000_003 + self.dp_rank) % 2**63  # one stream per replica, shared by its TP/PP ranks
-        run.rng_cpu = torch.Generator().manual_seed(seed).get_state()
-        if self.device.type == "cuda":
-            with torch.random.fork_rng(devices=[self.device]):
-                torch.cuda.manual_seed(seed)
-                run.rng_cuda = torch.cuda.get_rng_state(self.device)
-        self._runs[run_id] = run
+        self._new_run(run_id, lora, stream_salt=self.dp_rank)  # one stream per replica, shared by its TP/PP ranks
         return lora
 
-    def _attach(self, run: _Run) -> None:
+    def _attach(self, run: AdapterRun) -> None:
         groups = {g for g in _GROUPS if getattr(run.lora, g)}
-        run.params = self.lora.attach(run.name, run.lora.rank, run.lora.alpha, run.lora.dropout, groups,
-                                      run.lora.seed, self.device)
-        for p in run.params.values():
-            p.tensor.requires_grad_(False)
-        # Placeholder hyper-parameters: optim_step writes the caller's before every step.
-        run.optimizer = torch.optim.AdamW([p.tensor for p in run.params.values()] or [torch.zeros(1)], lr=0.0,
-                                          eps=1e-12, weight_decay=0.0)
+        layout = self.lora.attach(run.name, run.lora.rank, run.lora.alpha, run.lora.dropout, groups,
+                                  run.lora.seed, self.device)
+        self._layout[run.name] = layout
+        run.params = {key: p.tensor for key, p in layout.items()}
+        for t in run.params.values():
+            t.requires_grad_(False)
+        run.optimizer = self._new_optimizer(run)
         run.resident = True
 
-    def _detach(self, run: _Run) -> None:
+    def _detach(self, run: AdapterRun) -> None:
         self.lora.detach(run.name)
+        self._layout.pop(run.name, None)
         run.params, run.optimizer, run.resident = {}, None, False
 
-    def delete_adapter(self, run_id: str) -> None:
-        run = self._get(run_id)
-        if run.resident:
-            self._detach(run)
-        if isinstance(run.parked, str):
-            with contextlib.suppress(OSError):
-                os.remove(run.parked)
-        del self._runs[run_id]
-
-    def has_run(self, run_id: str) -> bool:
-        return run_id in self._runs
-
-    def run_step(self, run_id: str) -> int:
-        return self._get(run_id).step
-
-    def is_resident(self, run_id: str) -> bool:
-        return self._get(run_id).resident
-
-    def _get(self, run_id: str) -> _Run:
-        run = self._runs.get(run_id)
-        if run is None:
-            raise NotFoundError(f"training run {run_id!r} not found", field="run_id")
-        return run
-
-    def _resident(self, run_id: str) -> _Run:
-        run = self._get(run_id)
-        if not run.resident:
-            self._restore(run)
-        return run
-
-    def _activate(self, run: _Run) -> None:
+    def _activate(self, run: AdapterRun) -> None:
         self.lora.activate(run.name)
         for other in self._runs.values():
-            for p in other.params.values():
-                p.tensor.requires_grad_(other is run)
-
-    @contextlib.contextmanager
-    def _run_rng(self, run: _Run, enabled: bool) -> Iterator[None]:
-        if not enabled:
-            yield
-            return
-        cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device] if cuda else []):
-            torch.set_rng_state(run.rng_cpu)
-            if cuda:
-                torch.cuda.set_rng_state(run.rng_cuda, self.device)
-            yield
-            run.rng_cpu = torch.get_rng_state()
-            if cuda:
-                run.rng_cuda = torch.cuda.get_rng_state(self.device)
+            for t in other.params.values():
+                t.requires_grad_(other is run)
 
     # --- the training step ----------------------------------------------------------------------------
-
-    def forward_backward(self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False
-                         ) -> ForwardBackwardOutput:
-        return run_slices(self.forward_backward_slices(run_id, inp, forward_only))
 
     def forward_backward_slices(self, run_id: str, inp: ForwardBackwardInput, forward_only: bool = False):
         req = validate_request(inp, vocab_size=self.vocab_size, max_length=self.max_length)
@@ -218,7 +135,7 @@ class MegatronEngine(TrainingBackend):
             self.lora.train(dropout)
             with self._run_rng(run, dropout):
                 part = req.subset(rows)
-                ids, valid, inputs = self._pad(part)
+                ids, valid, inputs = pad_requests([part], self.device)
                 # 2. Forward (and backward) through every stage; the last one computes the named loss.
                 lp, per_token = self._pass(ids, valid, inputs, part, forward_only)
             self.lora.train(False)
@@ -228,15 +145,9 @@ class MegatronEngine(TrainingBackend):
                 loss_all[rows, :width] = per_token.float().cpu()
         if not self.last_stage:
             return ForwardBackwardOutput(loss_fn_outputs=[], metrics={})
-        valid_all = torch.zeros_like(lp_all)
-        inputs_all = {name: torch.zeros_like(lp_all, dtype=torch.int64 if name == "target_tokens" else torch.float32)
-                      for d in req.inputs for name in d}
-        for i, (n, d) in enumerate(zip(lengths, req.inputs)):
-            valid_all[i, :n] = 1.0
-            for name, v in d.items():
-                inputs_all[name][i, :n] = v
+        _, valid_all, inputs_all = pad_requests([req], torch.device("cpu"))
         metrics = loss_metrics(req.spec, req.config, lp_all, inputs_all, loss_all, valid_all)
-        return ForwardBackwardOutput(loss_fn_outputs=_outputs(lp_all, loss_all, lengths), metrics=metrics)
+        return ForwardBackwardOutput(loss_fn_outputs=per_datum_outputs(lp_all, loss_all, lengths), metrics=metrics)
 
     def _pass(self, ids: torch.Tensor, valid: torch.Tensor, inputs: dict[str, torch.Tensor],
               req: ValidatedRequest, forward_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -264,36 +175,20 @@ class MegatronEngine(TrainingBackend):
             return None, None
         return store[0]["lp"], store[0]["per_token"]
 
-    def _pad(self, req: ValidatedRequest) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        lengths = req.lengths
-        b, t = len(lengths), max(lengths)
-        ids = torch.zeros((b, t), dtype=torch.int64)
-        valid = torch.zeros((b, t), dtype=torch.float32)
-        names = {name for d in req.inputs for name in d}
-        inputs = {n: torch.zeros((b, t), dtype=torch.int64 if n == "target_tokens" else torch.float32) for n in names}
-        for row, (tok, d) in enumerate(zip(req.tokens, req.inputs)):
-            n = len(tok)
-            ids[row, :n] = tok
-            valid[row, :n] = 1.0
-            for name, v in d.items():
-                inputs[name][row, :n] = v
-        dev = self.device
-        return ids.to(dev), valid.to(dev), {k: v.to(dev) for k, v in inputs.items()}
-
     def optim_step(self, run_id: str, params: AdamParams) -> OptimStepOutput:
         from megatron.core import parallel_state as ps
 
         validate_adam(params)
         run = self._resident(run_id)
-        tensors = [p.tensor for p in run.params.values()]
+        tensors, layout = list(run.params.values()), self._layout[run.name]
         # 1. Sum every replica's gradient (losses are sums, so this is the global batch's gradient); then
         #    the partial ones of this replica's TP ranks. Every rank takes part, with or without gradients.
         self._sum_grads(tensors, ps.get_data_parallel_group())
         if self.tp_size > 1:
-            _all_reduce_flat(replicated_a_gradients(run.params.values()), ps.get_tensor_model_parallel_group())
+            _all_reduce_flat(replicated_a_gradients(layout.values()), ps.get_tensor_model_parallel_group())
         # 2. The global norm: each slice once, each TP-replicated tensor once (from TP rank 0).
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in run.params.values():
+        for p in layout.values():
             if p.tensor.grad is not None and (not p.replicated_in_tp or self.tp_rank == 0):
                 sq += p.tensor.grad.double().pow(2).sum()
         if self.tp_size * self.pp_size > 1:
@@ -334,60 +229,12 @@ class MegatronEngine(TrainingBackend):
 
     # --- state: this rank's slices, and full tensors gathered over the model-parallel group -------------
 
-    def _export_local(self, run: _Run, *, optimizer: bool, grads: bool) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, p in run.params.items():
-            out[f"w:{key}"] = p.tensor.detach().to("cpu", copy=True).contiguous()
-            if grads and p.tensor.grad is not None:
-                out[f"g:{key}"] = p.tensor.grad.detach().to("cpu", copy=True).contiguous()
-            st = run.optimizer.state.get(p.tensor) if optimizer else None
-            if st:
-                out[f"m:{key}"] = st["exp_avg"].detach().to("cpu", copy=True).contiguous()
-                out[f"v:{key}"] = st["exp_avg_sq"].detach().to("cpu", copy=True).contiguous()
-                out[f"s:{key}"] = torch.as_tensor(st["step"]).detach().to("cpu", copy=True).reshape(1)
-        if optimizer:
-            out["rng:cpu"] = run.rng_cpu.clone()
-            if run.rng_cuda is not None:
-                out["rng:cuda"] = run.rng_cuda.clone()
-        return out
-
-    def _import_local(self, run: _Run, state: dict[str, torch.Tensor], *, optimizer: bool, grads: bool) -> None:
-        """Write this rank's slices (keys as ``_export_local``) into a resident run."""
-        expected, got = set(run.params), {k[2:] for k in state if k.startswith("w:")}
-        if got != expected:
-            missing, extra = sorted(expected - got), sorted(got - expected)
-            raise UserError(
-                "checkpoint does not match this run's LoRA config (rank / target modules): "
-                f"{len(missing)} weights missing{' e.g. ' + missing[0] if missing else ''}, "
-                f"{len(extra)} unexpected{' e.g. ' + extra[0] if extra else ''}", field="path")
-        for key, p in run.params.items():
-            if tuple(state[f"w:{key}"].shape) != tuple(p.tensor.shape):
-                raise UserError(f"checkpoint weight {key} has shape {list(state[f'w:{key}'].shape)}, this run "
-                                f"needs a slice of {list(p.shard.full_shape)} (different LoRA rank?)", field="path")
-        run.optimizer = torch.optim.AdamW([p.tensor for p in run.params.values()] or [torch.zeros(1)], lr=0.0,
-                                          eps=1e-12, weight_decay=0.0)
-        with torch.no_grad():
-            for key, p in run.params.items():
-                p.tensor.copy_(state[f"w:{key}"])
-                g = state.get(f"g:{key}") if grads else None
-                p.tensor.grad = None if g is None else g.to(self.device).clone()
-                if optimizer and f"m:{key}" in state:
-                    run.optimizer.state[p.tensor] = {
-                        "step": state[f"s:{key}"].reshape(()).clone(),
-                        "exp_avg": state[f"m:{key}"].to(self.device).clone(),
-                        "exp_avg_sq": state[f"v:{key}"].to(self.device).clone(),
-                    }
-        if optimizer and "rng:cpu" in state:
-            run.rng_cpu = state["rng:cpu"].clone()
-            if "rng:cuda" in state and self.device.type == "cuda":
-                run.rng_cuda = state["rng:cuda"].clone()
-
-    def _gather_full(self, run: _Run, *, optimizer: bool) -> dict[str, torch.Tensor] | None:
+    def _gather_full(self, run: AdapterRun, *, optimizer: bool) -> dict[str, torch.Tensor] | None:
         """Full PEFT tensors on the model-parallel group's first rank (None on the others). Collective."""
         from megatron.core import parallel_state as ps
 
-        local = self._export_local(run, optimizer=optimizer, grads=False)
-        dims = {key: p.shard.dim for key, p in run.params.items()}
+        local = self._export(run, optimizer=optimizer, grads=False)
+        dims = {key: p.shard.dim for key, p in self._layout[run.name].items()}
         mine = {k: (self.tp_rank, dims.get(k[2:]), v) for k, v in local.items()
                 if dims.get(k[2:]) is not None or self.tp_rank == 0}  # replicated tensors from TP rank 0 only
         if self.tp_size * self.pp_size == 1:
@@ -412,13 +259,13 @@ class MegatronEngine(TrainingBackend):
                 full[k] = torch.cat([e[2] for e in entries], dim=dim).contiguous()
         return full
 
-    def _slice_full(self, run: _Run, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's slices of full tensors (keys as ``_export_local``): its own weights, and any weight of
-        this stage it lacks (for ``_import_local`` to report); other stages' tensors are left out."""
+    def _slice_full(self, run: AdapterRun, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of full tensors (keys as ``_export``): its own weights, and any weight of
+        this stage it lacks (for ``_import`` to report); other stages' tensors are left out."""
         out = {}
         for k, v in full.items():
             kind, _, key = k.partition(":")
-            p = run.params.get(key)
+            p = self._layout[run.name].get(key)
             if kind == "rng" or (p is None and kind == "w" and not self._on_other_stage(key)):
                 out[k] = v
             elif p is not None:
@@ -439,7 +286,7 @@ class MegatronEngine(TrainingBackend):
             return False
         return index // layers_per_stage != self.pp_rank
 
-    def _adapter_config(self, run: _Run):
+    def _adapter_config(self, run: AdapterRun):
         from peft import LoraConfig as PeftLoraConfig
 
         from ..transformers_backend import TARGET_GROUPS
@@ -465,69 +312,23 @@ class MegatronEngine(TrainingBackend):
 
     def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo | None:
         snap = self.snapshot(run_id, include_optimizer)
-        return None if snap is None else self._write(path, snap, state_file=True)
+        # every replica holds the same state: one writes it
+        return write_checkpoint(path, snap, state_file=True) if snap is not None and self.dp_rank == 0 else None
 
     def save_sampler_weights(self, run_id: str, path: str) -> CheckpointInfo | None:
         snap = self.snapshot(run_id, include_optimizer=False)
-        return None if snap is None else self._write(path, snap, state_file=False)
-
-    def _write(self, path: str, snap: ckpt.RunSnapshot, *, state_file: bool) -> CheckpointInfo | None:
-        if self.dp_rank != 0:  # every replica holds the same state; one writes it
-            return None
-        ckpt.write_snapshot(path, snap, state_file=state_file)
-        return CheckpointInfo(path=os.path.abspath(path), size_bytes=ckpt.directory_size(path), step=snap.step)
+        return write_checkpoint(path, snap, state_file=False) if snap is not None and self.dp_rank == 0 else None
 
     def load_state(self, run_id: str, path: str, include_optimizer: bool) -> None:
         run = self._resident(run_id)
-        path = ckpt.require_checkpoint(path)
-        doc = ckpt.read_state_file(path)
-        full = {f"w:{k}": v for k, v in load_file(os.path.join(path, ckpt.ADAPTER_WEIGHTS)).items()}
-        opt_file = os.path.join(path, ckpt.OPTIMIZER_STATE)
-        if include_optimizer:
-            if not os.path.isfile(opt_file):
-                raise UserError("the checkpoint was saved without optimizer state; load it without the optimizer",
-                                field="include_optimizer")
-            full.update(load_file(opt_file))
-        self._import_local(run, self._slice_full(run, full), optimizer=include_optimizer, grads=False)
-        run.step = int(doc["step"]) if doc else 0
+        full, step = read_checkpoint(path, include_optimizer)
+        self._import(run, self._slice_full(run, full), optimizer=include_optimizer, grads=False)
+        run.step = step
 
     def read_checkpoint_lora(self, path: str) -> LoraConfig:
         from ..transformers_backend import read_checkpoint_lora
 
         return read_checkpoint_lora(path)
-
-    # --- residency ------------------------------------------------------------------------------------
-
-    def offload(self, run_id: str) -> None:
-        run = self._get(run_id)
-        if not run.resident:
-            return
-        state = self._export_local(run, optimizer=True, grads=True)
-        if self.offload_to == "disk":
-            path = os.path.join(self._spill(), f"{run.name}.safetensors")
-            save_file(state, path)
-            run.parked = path
-        else:
-            run.parked = {k: v.pin_memory() for k, v in state.items()}
-        self._detach(run)
-
-    def ensure_resident(self, run_id: str) -> None:
-        self._resident(run_id)
-
-    def _restore(self, run: _Run) -> None:
-        state = load_file(run.parked) if isinstance(run.parked, str) else run.parked
-        self._attach(run)
-        self._import_local(run, state, optimizer=True, grads=True)
-        if isinstance(run.parked, str):
-            with contextlib.suppress(OSError):
-                os.remove(run.parked)
-        run.parked = None
-
-    def _spill(self) -> str:
-        if self._spill_dir is None:
-            self._spill_dir = tempfile.mkdtemp(prefix="twinkle-spill-")
-        os.makedirs(self._spill_dir, exist_ok=True)
-        return self._spill_dir
 
     # --- description ----------------------------------------------------------------------------------
 
@@ -535,12 +336,6 @@ class MegatronEngine(TrainingBackend):
         return BackendInfo(model_name=served_model_name(self.model_id), model_id=self.model_id, backend="megatron",
                            max_context_length=self.max_length or 0, vocab_size=self.vocab_size,
                            dp_size=self.dp_size)
-
-    def close(self) -> None:
-        if self._own_spill_dir and self._spill_dir:
-            shutil.rmtree(self._spill_dir, ignore_errors=True)
-            self._spill_dir = None
-
 
 def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
     """SUM-all-reduce tensors in place over ``group`` through one flat buffer."""
@@ -552,10 +347,3 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
     for t in tensors:
         t.copy_(flat[offset: offset + t.numel()].view_as(t))
         offset += t.numel()
-
-
-def _outputs(lp: torch.Tensor, per_token: torch.Tensor, lengths: list[int]) -> list[dict[str, TensorData]]:
-    lp_rows, loss_rows = lp.tolist(), per_token.tolist()
-    return [{"logprobs": TensorData(data=lp_rows[i][:n], dtype="float32", shape=[n]),
-             "elementwise_loss": TensorData(data=loss_rows[i][:n], dtype="float32", shape=[n])}
-            for i, n in enumerate(lengths)]
