@@ -3,7 +3,8 @@
 A backend owns ONE base model and any number of LoRA adapters on it, one per training run (``run_id``). The
 service never touches torch; it calls these methods from its single executor thread (see ``scheduler.py``).
 
-Contract, for every implementation (``TransformersBackend``, ``DataParallelBackend``, a future megatron one):
+Contract, for every implementation (``TransformersBackend``, ``DataParallelBackend``, ``MegatronEngine``;
+the first and last share ``adapters.AdapterBackend``):
 
 - **Per adapter**: weights, gradient accumulator, optimizer (AdamW) state, step counter, LoRA config and the
   dropout RNG stream belong to one run. No operation on run B may change any of run A's state or results:

@@ -22,6 +22,9 @@ Layout:
 - Collectives happen only inside ``optim_step`` (every rank always takes part), never in forward/backward, so a
   rank with an empty shard simply returns nothing. Saving is done by rank 0 (all ranks hold the same weights);
   loading, offloading and creating run on every rank. Checkpoint paths must be on a filesystem all ranks see.
+- Model-parallel backends reuse the driver: each rank reports its ``Placement`` (its data-parallel replica,
+  whether it returns that replica's results, whether saves gather every rank's slices). Every rank of a
+  replica gets the replica's shard; the megatron backend's ranks are ``megatron.worker.MegatronWorker``.
 """
 
 from __future__ import annotations
