@@ -14,7 +14,7 @@ from twinkle.common.wire import ServiceHealth, ServiceInfo, WorkerInfo
 from twinkle.common.workers import InProcessWorker, WorkerSpec
 from twinkle.model import deployment
 from twinkle.model.backend import BackendInfo
-from twinkle.model.distributed import DataParallelBackend
+from twinkle.model.distributed import DataParallelBackend, Placement
 from twinkle.model.service import ModelService
 
 
@@ -24,16 +24,18 @@ def _spec(model_id: str, *workers: WorkerSpec) -> ComponentSpec:
 
 
 class _FakeActor:
-    """Stands in for a pinned Ray actor: records its constructor args, answers ``describe``."""
+    """Stands in for a pinned Ray actor: records its target and constructor args, answers ``placement`` and
+    ``describe``."""
 
-    def __init__(self, spec: WorkerSpec, args: tuple, kwargs: dict) -> None:
-        self.spec, self.args, self.kwargs = spec, args, kwargs
+    def __init__(self, target: str, spec: WorkerSpec, args: tuple, kwargs: dict) -> None:
+        self.target, self.spec, self.args, self.kwargs = target, spec, args, kwargs
 
     def submit(self, method: str, *args):
-        assert method == "describe"
+        answers = {"placement": Placement(dp_rank=self.spec.rank, dp_size=self.spec.world_size),
+                   "describe": BackendInfo(model_name="m", model_id=self.args[0], backend="transformers",
+                                           max_context_length=64, vocab_size=100)}
         future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(BackendInfo(model_name="m", model_id=self.args[0], backend="transformers",
-                                      max_context_length=64, vocab_size=100))
+        future.set_result(answers[method])
         return future
 
 
@@ -42,7 +44,7 @@ def planned_here(monkeypatch):
     """Ray's view of nodes without Ray: the replica runs on node "here"; actors are recorded, not started."""
     monkeypatch.setattr(binding, "on_this_node", lambda node_id: node_id in (None, "here"))
     monkeypatch.setattr(binding, "start_ray_workers",
-                        lambda target, specs, args_for: [_FakeActor(s, *args_for(s)) for s in specs])
+                        lambda target, specs, args_for: [_FakeActor(target, s, *args_for(s)) for s in specs])
 
 
 def test_a_cpu_worker_planned_on_the_replicas_node_runs_in_the_replica(planned_here, tiny_model_id):
@@ -67,6 +69,22 @@ def test_a_gpu_worker_is_an_actor_on_its_device(planned_here, tiny_model_id):
     gpu = WorkerSpec("m", 0, 1, node_id="here", cuda_visible_devices="3", num_gpus=1)
     (actor,), _ = deployment.start_model_workers(_spec(tiny_model_id, gpu))
     assert isinstance(actor, _FakeActor) and actor.kwargs["device"] is None  # the one GPU it sees
+    assert actor.target == "twinkle.model.distributed:ModelWorker" and "tp_size" not in actor.kwargs
+
+
+def test_a_megatron_application_starts_megatron_ranks_laid_out_by_its_mesh(planned_here, tiny_model_id, monkeypatch):
+    monkeypatch.setattr(deployment, "free_port_on_node", lambda node_id: ("10.0.0.7", 29500))  # rank 0's node
+    gpus = [WorkerSpec("m", r, 4, node_id="here", cuda_visible_devices=str(r), num_gpus=1) for r in range(4)]
+    spec = _spec(tiny_model_id, *gpus)
+    spec = ComponentSpec(**{**{f: getattr(spec, f) for f in spec.__struct_fields__},
+                            "args": {**spec.args, "backend": "megatron",
+                                     "device_mesh": {"dp_size": 2, "tp_size": 2, "pp_size": 1}}})
+    actors, backend = deployment.start_model_workers(spec)
+    assert [a.target for a in actors] == ["twinkle.model.megatron.worker:MegatronWorker"] * 4
+    assert [(a.kwargs["rank"], a.kwargs["world_size"], a.kwargs["tp_size"], a.kwargs["pp_size"]) for a in actors] == [
+        (r, 4, 2, 1) for r in range(4)]
+    assert {(a.kwargs["master_addr"], a.kwargs["master_port"]) for a in actors} == {("10.0.0.7", 29500)}
+    assert isinstance(backend, DataParallelBackend)
 
 
 async def test_info_and_health_are_typed_and_cross_processes_as_structs(backend, tiny_model_id):

@@ -166,3 +166,11 @@ def test_a_fresh_adapter_is_the_same_whatever_the_layout(tiny_model_id, tmp_path
     assert saved[0].keys() == saved[1].keys() and len(saved[0]) == 4 * 2 * 7 + 2
     for k in saved[0]:
         assert torch.equal(saved[0][k], saved[1][k]), k
+
+
+def test_without_cuda_or_the_shim_a_worker_refuses_to_start_and_says_why(tiny_model_id):
+    """megatron-core 0.16 cannot run on a plain CPU process: the worker fails at start-up naming the device."""
+    specs = [WorkerSpec(app="test-megatron-cpu", rank=0, world_size=1, threads=1)]
+    with pytest.raises(Exception, match="megatron-core cannot run on cpu here .*needs CUDA devices"):
+        start_process_workers("twinkle.model.megatron.worker:MegatronWorker", specs,
+                              lambda w: ((tiny_model_id, 0, 1, "127.0.0.1", 0, "cpu"), {}), ready_timeout=300)
