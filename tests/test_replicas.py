@@ -64,6 +64,15 @@ def _holders(stack: Stack, run_ids: list[str]) -> dict[str, str]:
     return {run_id: (leases / run_id).read_text() for run_id in run_ids}
 
 
+def _spread(stack: Stack, runs: list, more, run_id, limit: int = 24) -> list:
+    """``runs``, and more (``more(i)``) until both replicas hold one of them: a new run goes where rendezvous
+    hashing of its random id says, so six runs all land on one of two replicas 1 time in 32."""
+    while len(set(_holders(stack, [run_id(r) for r in runs]).values())) < 2:
+        assert len(runs) < limit, f"{limit} runs and all of them on one replica: the routing does not spread"
+        runs.append(more(len(runs)))
+    return runs
+
+
 def _wait_for_two_replicas(stack: Stack, app: str = APP, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while len(_replica_pids(stack, app)) < 2:
@@ -81,6 +90,8 @@ def test_runs_spread_over_two_replicas_and_survive_one_being_killed(stack):
         runs = [sc.create_lora_training_client(base_model="tiny-qwen2", rank=4, seed=5)
                 for sc in clients for _ in range(RUNS_PER_KEY)]
         runs = [r.result(timeout=CALL_TIMEOUT_S) for r in runs]
+        runs = _spread(stack, runs, lambda i: clients[i % len(clients)].create_lora_training_client(
+            base_model="tiny-qwen2", rank=4, seed=5).result(timeout=CALL_TIMEOUT_S), lambda tc: tc.model_id)
         losses: dict[int, list[float]] = {i: [] for i in range(len(runs))}
         for step in range(2):
             for i, tc in enumerate(runs):
@@ -166,6 +177,7 @@ def test_native_runs_spread_and_survive_a_killed_replica(native_stack):
             expected.append(reference.forward_backward(data).loss)
             reference.optim_step(learning_rate=1e-2)
         runs = [c.create_training_run(rank=4, seed=3) for c in clients for _ in range(3)]
+        runs = _spread(stack, runs, lambda i: clients[i % 2].create_training_run(rank=4, seed=3), lambda r: r.run_id)
         losses: dict[int, list[float]] = {i: [] for i in range(len(runs))}
 
         def step(i: int) -> None:

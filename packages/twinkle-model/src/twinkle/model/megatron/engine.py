@@ -73,7 +73,12 @@ class MegatronEngine(AdapterBackend):
         self.max_length = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
         if max_tokens_per_datum is not None:
             self.max_length = min(self.max_length or max_tokens_per_datum, max_tokens_per_datum)
-        self.token_budget = token_budget or (65536 if device.type == "cuda" else 8192)
+        # The last stage holds a micro-batch's logits over its vocabulary slice at once (vocab-parallel
+        # cross-entropy needs them whole): bound them to 2 GiB on CUDA, 512 MiB on CPU.
+        logits_bytes = 2**31 if device.type == "cuda" else 2**29
+        per_token = 4 * (self.vocab_size // self.tp_size)
+        self.token_budget = min(token_budget or (65536 if device.type == "cuda" else 8192),
+                                max(1, logits_bytes // per_token))
         self._layout: dict[str, dict[str, LoraParam]] = {}  # run name -> where each of its tensors sits
 
     # --- adapters -------------------------------------------------------------------------------------

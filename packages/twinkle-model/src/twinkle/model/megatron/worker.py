@@ -33,6 +33,7 @@ class MegatronWorker(ModelWorker):
         spill_dir: str | None = None,
         timeout_s: float = 1800.0,
         max_tokens_per_datum: int | None = None,
+        token_budget: int | None = None,
         seed: int = 1234,
     ) -> None:
         import torch.distributed as dist
@@ -60,7 +61,7 @@ class MegatronWorker(ModelWorker):
         from .engine import MegatronEngine
 
         self.backend = MegatronEngine(model_id, device=dev, spill_dir=spill_dir,
-                                      max_tokens_per_datum=max_tokens_per_datum)
+                                      max_tokens_per_datum=max_tokens_per_datum, token_budget=token_budget)
         self._placement = Placement(dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                                     returns_output=ps.get_tensor_model_parallel_rank() == 0
                                     and ps.is_pipeline_last_stage(), collective_saves=True)
