@@ -185,3 +185,24 @@ def test_without_cuda_or_the_shim_a_worker_refuses_to_start_and_says_why(tiny_mo
     with pytest.raises(Exception, match="megatron-core cannot run on cpu here .*needs CUDA devices"):
         start_process_workers("twinkle.model.megatron.worker:MegatronWorker", specs,
                               lambda w: ((tiny_model_id, 0, 1, "127.0.0.1", 0, "cpu"), {}), ready_timeout=300)
+
+
+def test_a_tied_embedding_model_trains_across_two_pipeline_stages(tiny_model_id, tmp_path):
+    """Tied input and output embeddings with the output layer's LoRA on the last stage, the embedding on the
+    first: the same results as the transformers backend on the same checkpoint directory."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    from twinkle.common.models import load_causal_lm
+    from twinkle.model.transformers_backend import TransformersBackend
+
+    base = load_causal_lm(tiny_model_id).config.to_dict()
+    cfg = Qwen2Config(**{**base, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    tied = tmp_path / "tied-qwen2"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tied)
+    reference = TransformersBackend(str(tied), device="cpu")
+    megatron = start_megatron(str(tied), 2, 1, 2)
+    try:
+        check_layout(reference, megatron, tmp_path, losses=("cross_entropy",), steps=2)
+    finally:
+        megatron.close()
+        reference.close()

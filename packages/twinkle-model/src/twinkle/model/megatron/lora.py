@@ -78,6 +78,16 @@ class LoraLayer(torch.nn.Module):
         self.adapters: dict[str, AdapterWeights] = {}
         self.active: str | None = None
 
+    def __getattr__(self, name: str):
+        """Everything else is the wrapped layer's (megatron reads e.g. ``output_layer.weight`` of a tied model)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     # the megatron linear's interface: forward returns (output, bias)
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
