@@ -36,6 +36,38 @@ from .backend import TrainingBackend, run_slices
 from .losses import ValidatedRequest
 
 
+# Module names per LoRA group, in the Llama/Qwen family's (PEFT) naming, which both backends' checkpoints use.
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "train_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "train_mlp": ("gate_proj", "up_proj", "down_proj"),
+    "train_unembed": ("lm_head",),
+}
+
+
+def lora_targets(lora: LoraConfig, available: dict[str, list[str]] | None = None) -> list[str]:
+    """The module names ``lora``'s groups train (of those ``available`` per group, if given)."""
+    groups = available or TARGET_GROUPS
+    return [m for g, mods in groups.items() if getattr(lora, g) for m in mods]
+
+
+def peft_config(lora: LoraConfig, targets: list[str]):
+    """``lora`` as a ``peft.LoraConfig`` over ``targets``."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(targets),
+                          bias="none", task_type="CAUSAL_LM")
+
+
+def saved_adapter_config(lora: LoraConfig, targets: list[str], model_id: str):
+    """The ``adapter_config.json`` a checkpoint carries: for inference, naming the served base model."""
+    from twinkle.common.models import served_model_name
+
+    cfg = peft_config(lora, targets)
+    cfg.inference_mode = True
+    cfg.base_model_name_or_path = served_model_name(model_id)
+    return cfg
+
+
 @dataclass
 class AdapterRun:
     run_id: str

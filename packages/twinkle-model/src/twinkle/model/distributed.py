@@ -65,31 +65,39 @@ def split(seq: Sequence, world_size: int) -> list[list]:
     return out
 
 
-def allreduce_gradients(params: list) -> None:
-    """SUM-all-reduce an adapter's gradients across the default process group, in one flat buffer.
+def allreduce_gradients(params: list, group=None) -> None:
+    """SUM-all-reduce an adapter's gradients across ``group`` (default: every rank), in one flat buffer.
 
     Ranks must agree on which tensors take part: if any rank has a gradient, every rank materialises zeros for
     missing ones (a rank whose shards were empty); if none has, nothing is reduced and the step sees no grads."""
     import torch
     import torch.distributed as dist
 
-    if not params:
+    if not params or dist.get_world_size(group) == 1:
         return
-    device = params[0].device
-    flag = torch.tensor([1.0 if any(p.grad is not None for p in params) else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = torch.tensor([1.0 if any(p.grad is not None for p in params) else 0.0], device=params[0].device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if flag.item() == 0:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    all_reduce_flat([p.grad for p in params], group)
+
+
+def all_reduce_flat(tensors: list, group=None) -> None:
+    """SUM-all-reduce tensors in place over ``group`` through one flat buffer."""
+    import torch
+    import torch.distributed as dist
+
+    if not tensors or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ nothing). Either way the adapter is removed from the live model and rebuilt bit-
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import logging
 import os
@@ -54,19 +53,24 @@ from twinkle.common.wire import (
 )
 
 from . import checkpoints as ckpt
-from .adapters import AdapterBackend, AdapterRun, pad_requests, per_datum_outputs, read_checkpoint, write_checkpoint
+from .adapters import (
+    TARGET_GROUPS,
+    AdapterBackend,
+    AdapterRun,
+    lora_targets,
+    pad_requests,
+    peft_config,
+    per_datum_outputs,
+    read_checkpoint,
+    saved_adapter_config,
+    write_checkpoint,
+)
 from .backend import BackendInfo, FusedItem, run_slices, validate_adam, validate_lora
 from .batching import micro_batches, target_logprobs
 from .losses import ValidatedRequest, loss_metrics, validate_request
 
 log = logging.getLogger(__name__)
 
-# Module names per LoRA group, for the Llama/Qwen family (and most decoder-only models in transformers).
-TARGET_GROUPS: dict[str, tuple[str, ...]] = {
-    "train_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "train_mlp": ("gate_proj", "up_proj", "down_proj"),
-    "train_unembed": ("lm_head",),
-}
 _PLACEHOLDER = "twinkle_placeholder"
 
 
@@ -216,28 +220,16 @@ class TransformersBackend(AdapterBackend):
 
     def _targets(self, lora: LoraConfig) -> list[str]:
         """The model's module names that ``lora``'s groups train."""
-        return [m for g, mods in self._available.items() if getattr(lora, g) for m in mods]
+        return lora_targets(lora, self._available)
 
     def _rng_devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
-
-    def _peft_config(self, run: AdapterRun):
-        from peft import LoraConfig as PeftLoraConfig
-
-        return PeftLoraConfig(
-            r=run.lora.rank,
-            lora_alpha=run.lora.alpha,
-            lora_dropout=run.lora.dropout,
-            target_modules=self._targets(run.lora),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
 
     def _attach(self, run: AdapterRun) -> None:
         """Insert the run's adapter into the live model (seeded init) and give it a fresh optimizer."""
         with torch.random.fork_rng(devices=self._rng_devices()):  # manual_seed also reseeds CUDA
             torch.manual_seed(run.lora.seed)
-            self.peft.add_adapter(run.name, self._peft_config(run))
+            self.peft.add_adapter(run.name, peft_config(run.lora, self._targets(run.lora)))
         marker = f".{run.name}."
         run.params = {}
         for pname, p in self.peft.named_parameters():
@@ -451,9 +443,7 @@ class TransformersBackend(AdapterBackend):
 
     def snapshot(self, run_id: str, include_optimizer: bool = True) -> ckpt.RunSnapshot:
         run = self._resident(run_id)
-        cfg = copy.deepcopy(self._peft_config(run))
-        cfg.inference_mode = True
-        cfg.base_model_name_or_path = served_model_name(self.model_id)
+        cfg = saved_adapter_config(run.lora, self._targets(run.lora), self.model_id)
         return ckpt.RunSnapshot(step=run.step, lora=run.lora, model=self.model_id, adapter_config=cfg,
                                 tensors=self._export(run, optimizer=include_optimizer, grads=False),
                                 has_optimizer=include_optimizer)

@@ -22,7 +22,6 @@ drives the ranks); it obeys the ``TrainingBackend`` contract of ``backend.py`` f
 
 from __future__ import annotations
 
-import copy
 import secrets
 
 import msgspec
@@ -40,14 +39,22 @@ from twinkle.common.wire import (
 )
 
 from .. import checkpoints as ckpt
-from ..adapters import AdapterBackend, AdapterRun, pad_requests, per_datum_outputs, read_checkpoint, write_checkpoint
+from ..adapters import (
+    TARGET_GROUPS,
+    AdapterBackend,
+    AdapterRun,
+    lora_targets,
+    pad_requests,
+    per_datum_outputs,
+    read_checkpoint,
+    saved_adapter_config,
+    write_checkpoint,
+)
 from ..backend import BackendInfo, validate_adam, validate_lora
 from ..batching import micro_batches
+from ..distributed import all_reduce_flat, allreduce_gradients
 from ..losses import ValidatedRequest, loss_metrics, validate_request
 from .lora import LoraParam, replicated_a_gradients, wrap_model
-
-_GROUPS = ("train_attn", "train_mlp", "train_unembed")
-
 
 class MegatronEngine(AdapterBackend):
     def __init__(self, model_id: str, *, device: torch.device, spill_dir: str | None = None,
@@ -87,7 +94,7 @@ class MegatronEngine(AdapterBackend):
         validate_lora(lora)
         if run_id in self._runs:
             raise UserError(f"training run {run_id!r} already exists", field="run_id", status=409)
-        if not any(getattr(lora, g) for g in _GROUPS):
+        if not any(getattr(lora, g) for g in TARGET_GROUPS):
             raise UserError("the LoRA config trains no module group", field="lora.train_attn")
         if lora.seed is None:  # the driver fills it in so that every rank agrees; a lone engine does it here
             lora = msgspec.structs.replace(lora, seed=secrets.randbits(62))
@@ -95,7 +102,7 @@ class MegatronEngine(AdapterBackend):
         return lora
 
     def _attach(self, run: AdapterRun) -> None:
-        groups = {g for g in _GROUPS if getattr(run.lora, g)}
+        groups = {g for g in TARGET_GROUPS if getattr(run.lora, g)}
         layout = self.lora.attach(run.name, run.lora.rank, run.lora.alpha, run.lora.dropout, groups,
                                   run.lora.seed, self.device)
         self._layout[run.name] = layout
@@ -188,9 +195,9 @@ class MegatronEngine(AdapterBackend):
         tensors, layout = list(run.params.values()), self._layout[run.name]
         # 1. Sum every replica's gradient (losses are sums, so this is the global batch's gradient); then
         #    the partial ones of this replica's TP ranks. Every rank takes part, with or without gradients.
-        self._sum_grads(tensors, ps.get_data_parallel_group())
+        allreduce_gradients(tensors, ps.get_data_parallel_group())
         if self.tp_size > 1:
-            _all_reduce_flat(replicated_a_gradients(layout.values()), ps.get_tensor_model_parallel_group())
+            all_reduce_flat(replicated_a_gradients(layout.values()), ps.get_tensor_model_parallel_group())
         # 2. The global norm: each slice once, each TP-replicated tensor once (from TP rank 0).
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in layout.values():
@@ -217,20 +224,6 @@ class MegatronEngine(AdapterBackend):
         run.step += 1
         return OptimStepOutput(metrics={"grad_norm:mean": grad_norm if has_grads else 0.0,
                                         "learning_rate:mean": params.learning_rate, "step:max": run.step})
-
-    def _sum_grads(self, tensors: list[torch.Tensor], group) -> None:
-        """SUM-all-reduce the gradients of ``tensors`` over ``group``. If any rank has one, a rank without
-        materialises zeros (its shard was empty); if none has, nothing is reduced."""
-        if dist.get_world_size(group) == 1 or not tensors:
-            return
-        flag = torch.tensor([1.0 if any(t.grad is not None for t in tensors) else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if flag.item() == 0:
-            return
-        for t in tensors:
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
-        _all_reduce_flat([t.grad for t in tensors], group)
 
     # --- state: this rank's slices, and full tensors gathered over the model-parallel group -------------
 
@@ -291,18 +284,6 @@ class MegatronEngine(AdapterBackend):
             return False
         return index // layers_per_stage != self.pp_rank
 
-    def _adapter_config(self, run: AdapterRun):
-        from peft import LoraConfig as PeftLoraConfig
-
-        from ..transformers_backend import TARGET_GROUPS
-
-        targets = [m for g in _GROUPS if getattr(run.lora, g) for m in TARGET_GROUPS[g]]
-        cfg = PeftLoraConfig(r=run.lora.rank, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
-                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
-        cfg.inference_mode = True
-        cfg.base_model_name_or_path = served_model_name(self.model_id)
-        return copy.deepcopy(cfg)
-
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def snapshot(self, run_id: str, include_optimizer: bool = True) -> ckpt.RunSnapshot | None:
@@ -312,7 +293,8 @@ class MegatronEngine(AdapterBackend):
         if tensors is None:
             return None
         return ckpt.RunSnapshot(step=run.step, lora=run.lora, model=self.model_id,
-                                adapter_config=self._adapter_config(run), tensors=tensors,
+                                adapter_config=saved_adapter_config(run.lora, lora_targets(run.lora), self.model_id),
+                                tensors=tensors,
                                 has_optimizer=include_optimizer)
 
     def save_state(self, run_id: str, path: str, include_optimizer: bool = True) -> CheckpointInfo | None:
@@ -341,14 +323,3 @@ class MegatronEngine(AdapterBackend):
         return BackendInfo(model_name=served_model_name(self.model_id), model_id=self.model_id, backend="megatron",
                            max_context_length=self.max_length or 0, vocab_size=self.vocab_size,
                            dp_size=self.dp_size)
-
-def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
-    """SUM-all-reduce tensors in place over ``group`` through one flat buffer."""
-    if not tensors or dist.get_world_size(group) == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
