@@ -75,7 +75,9 @@ def test_the_sdk_trains_with_tensor_parallel_megatron_and_samples_what_it_traine
     sc = tinker.ServiceClient(base_url=base, api_key=KEY)
     caps = sc.get_server_capabilities()
     assert "tiny-qwen2" in [m.model_name for m in caps.supported_models]
-    tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=8)
+    # a fixed seed and a learning rate that trains every seed steadily: at 2e-2 about one seed in eight
+    # overshoots within six steps, and the loss check failed by chance
+    tc = sc.create_lora_training_client(base_model="tiny-qwen2", rank=8, seed=0)
     tokens = [5, 17, 23, 42, 8, 99, 64, 3, 12, 77, 31, 9]
     datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
                         loss_fn_inputs={"target_tokens": tokens[1:]})
@@ -83,7 +85,7 @@ def test_the_sdk_trains_with_tensor_parallel_megatron_and_samples_what_it_traine
     for _ in range(6):
         fb = tc.forward_backward([datum], "cross_entropy").result()
         losses.append(fb.metrics["loss:sum"])
-        tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
     assert losses[-1] < 0.7 * losses[0], losses
     # the trainer's logprobs of the sequence, and the torch sampler's of the same sequence with the saved adapter
     trained = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()

@@ -198,7 +198,7 @@ def test_bad_rows_and_bad_requests_get_clear_errors(alice, tmp_path):
     pages = list(alice.encode_dataset(bad, on_error="skip"))
     assert [err.where for err in pages[0].errors] == ["line 3", "line 4"] and len(pages[0].data) == 1
 
-    run = alice.create_training_run(rank=4)
+    run = alice.create_training_run(rank=4, seed=0)
     good = [Datum.supervised([11, 12, 13], [14, 15])]
     with pytest.raises(TwinkleUserError) as e:
         run.forward_backward(good, loss_fn="no_such_loss")
