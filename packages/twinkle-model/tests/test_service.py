@@ -216,3 +216,27 @@ async def test_fused_service_matches_unfused(tiny_model_id, backend):
     finally:
         await svc.close()
         await ref.close()
+
+
+async def test_a_request_split_into_passes_goes_after_a_one_pass_request(tiny_model_id):
+    """The service marks a forward_backward the backend must split (more padded tokens than one pass) as
+    bulk work: queued together, another tenant's one-pass request finishes first, although that tenant has
+    had more model time (which alone would let the split request's slices all go first)."""
+    svc = ModelService(tiny_model_id, backend=TransformersBackend(tiny_model_id, device="cpu", token_budget=16),
+                       adapter_timeout_s=None)
+    try:
+        await svc.create_run("split", "alice", LoraConfig(rank=2, seed=1))
+        await svc.create_run("whole", "bob", LoraConfig(rank=2, seed=2))
+        for seq in (1, 2, 3):
+            await svc.forward_backward("whole", "bob", seq, make_batch([15] * 8, seq), forward_only=True)
+        blocker = asyncio.create_task(svc.scheduler.run_exclusive(lambda: time.sleep(0.2)))
+        await asyncio.sleep(0.02)
+        split = asyncio.create_task(svc.forward_backward("split", "alice", 1, make_batch([12, 10, 9], 1)))
+        await asyncio.sleep(0.01)
+        whole = asyncio.create_task(svc.forward_backward("whole", "bob", 4, make_batch([4, 3], 2)))
+        done, _ = await asyncio.wait([split, whole], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {whole}
+        await asyncio.gather(blocker, split)
+        assert len(split.result().loss_fn_outputs) == 3
+    finally:
+        await svc.close()

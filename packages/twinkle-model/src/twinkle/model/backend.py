@@ -63,6 +63,7 @@ class BackendInfo:
     max_context_length: int
     vocab_size: int
     dp_size: int = 1
+    token_budget: int = 0  # padded tokens one pass takes on one replica (0: not known)
 
 
 @dataclass(frozen=True)

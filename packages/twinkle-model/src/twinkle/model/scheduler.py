@@ -30,6 +30,16 @@ The rules (also in the README):
   decaying with a half-life of ``fair_half_life_s``); runs of one tenant, and tenants within
   ``fair_quantum_s`` of the least, take turns. A tenant sending little waits for at most the slice running
   now, however much others send.
+- **Bulk work.** A job submitted with ``bulk=True`` (the service marks requests it must split into several
+  passes) runs after waiting one-pass work, except that bulk work as a whole keeps at least ``bulk_share`` of
+  the model time (decaying like the tenants' time) while it waits: so oversized requests cannot slow
+  well-sized ones much, and are never starved. Either kind alone gets the whole model.
+- **Anticipation.** A run of one-pass work that ran out of work a moment ago usually sends its next request
+  within its think time (its client reads the result, then sends the next step). When only bulk work is
+  waiting and not short of its share, the scheduler keeps the model idle for such a run, up to
+  ``min(anticipate_s, 2 x its mean think time)``, instead of starting a bulk slice the run would then wait
+  behind. Runs that think longer than ``anticipate_s`` are not waited for; one-pass work of others is never
+  held back this way (its jobs are short, and the wait would cost more than it saves).
 - **Slices.** A job whose ``fn`` returns a generator runs one slice per ``next()`` (a backend yields between
   micro-batches): after each slice the run's turn ends and other runs may go, while this run's later
   requests still wait for the job to finish. A slice must leave the shared model as it found it.
@@ -70,6 +80,7 @@ class Job:
     slices: Generator[None, None, Any] | None = None  # a sliced job under way
     arrived: float = field(default_factory=time.monotonic)
     started: bool = False
+    bulk: bool = False
 
 
 @dataclass
@@ -84,6 +95,9 @@ class _RunQueue:
     running: bool = False
     tenant: str = ""
     resume: Job | None = None  # a sliced job between two of its slices
+    idle_at: float | None = None  # when it last ran out of work
+    think_s: float | None = None  # mean time from running out of work to its next request
+    last_bulk: bool = False  # whether its last job was bulk work
 
     def head(self) -> Job | None:
         """The job that may run now, if any."""
@@ -110,11 +124,19 @@ class Scheduler:
         thread_name: str = "twinkle-model",
         fair_half_life_s: float = 30.0,
         fair_quantum_s: float = 0.05,
+        bulk_share: float = 0.25,
+        anticipate_s: float = 0.1,
     ) -> None:
+        if not 0.0 < bulk_share <= 1.0:
+            raise ValueError("bulk_share must be in (0, 1]")
         self.gap_timeout_s = gap_timeout_s
         self.fair_half_life_s = fair_half_life_s
         self.fair_quantum_s = fair_quantum_s
+        self.bulk_share = bulk_share
+        self.anticipate_s = anticipate_s
         self._served: dict[str, tuple[float, float]] = {}  # tenant -> (model seconds, when last updated)
+        self._served_bulk = (0.0, 0.0)  # model seconds of all work, of bulk work
+        self._served_at = time.monotonic()
         self.result_cache = result_cache
         self.batcher = batcher
         self.max_batch = max_batch
@@ -233,8 +255,10 @@ class Scheduler:
         *,
         batch_key: str | None = None,
         payload: Any = None,
+        bulk: bool = False,
     ) -> Any:
-        """Queue ``fn`` as request ``seq_id`` of ``run_id`` and wait for its result (see the module rules)."""
+        """Queue ``fn`` as request ``seq_id`` of ``run_id`` and wait for its result (see the module rules);
+        ``bulk``: the job is bulk work (see Bulk work)."""
         self._ensure_loop()
         q = self._runs.get(run_id)
         if q is None:
@@ -243,7 +267,8 @@ class Scheduler:
         if not q.pending() and not q.running:
             q.progress_at = time.monotonic()  # the gap timer of an idle run starts now
         if seq_id is None:
-            job = Job(fn, loop.create_future(), None, (q.highest_seen, next(self._arrivals)), batch_key, payload)
+            job = Job(fn, loop.create_future(), None, (q.highest_seen, next(self._arrivals)), batch_key, payload,
+                      bulk=bulk)
             q.unnumbered.append(job)
         else:
             if isinstance(seq_id, bool) or not isinstance(seq_id, int):
@@ -258,9 +283,10 @@ class Scheduler:
                     "request is never run twice",
                     field="seq_id",
                 )
-            job = Job(fn, loop.create_future(), seq_id, (seq_id, 0), batch_key, payload)
+            job = Job(fn, loop.create_future(), seq_id, (seq_id, 0), batch_key, payload, bulk=bulk)
             q.waiting[seq_id] = job
             q.highest_seen = max(q.highest_seen, seq_id)
+        self._note_arrival(q, job.arrived)
         self._wake()
         return await asyncio.shield(job.future)
 
@@ -290,11 +316,15 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while True:
             self._expire_gaps()
-            batch = self._pick()
+            batch, expected_until = self._pick()
             if not batch:
                 self._wakeup.clear()
+                timeout = self._next_deadline()
+                if expected_until is not None:  # keep the model for a run whose next request is due
+                    wait = max(0.0, expected_until - time.monotonic())
+                    timeout = wait if timeout is None else min(timeout, wait)
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._next_deadline())
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
                 except TimeoutError:
                     pass
                 continue
@@ -323,7 +353,7 @@ class Scheduler:
             finally:
                 self._busy_since = None
             now = time.monotonic()
-            self._charge([q.tenant for q in queues if q is not None], now - started, now)
+            self._charge([q.tenant for q in queues if q is not None], now - started, now, jobs[0].bulk)
             for job, q, (ok, value) in zip(jobs, queues, outcomes):
                 if ok is None:  # a slice of a sliced job: the run's turn ends, the job goes on later
                     if q is not None:
@@ -338,54 +368,93 @@ class Scheduler:
                 if q is not None:
                     q.running = False
                     q.progress_at = now
+                    if not q.pending():
+                        q.idle_at, q.last_bulk = now, job.bulk
             await asyncio.sleep(0)  # let awaiting callers run before the next job
 
-    def _charge(self, tenants: list[str], seconds: float, now: float) -> None:
-        """Add model time to the tenants that used it (split evenly in a fused pass)."""
+    def _charge(self, tenants: list[str], seconds: float, now: float, bulk: bool) -> None:
+        """Add model time to the tenants that used it (split evenly in a fused pass), and to its kind."""
         for tenant in tenants:
             self._served[tenant] = (self._service(tenant, now) + seconds / len(tenants), now)
         if len(self._served) > 4 * len(self._runs) + 64:  # forget tenants whose service has decayed away
             self._served = {t: v for t, v in self._served.items() if self._service(t, now) > 1e-6}
+        if not tenants:
+            return  # control work is nobody's share
+        decay = 0.5 ** ((now - self._served_at) / self.fair_half_life_s)
+        total, of_bulk = self._served_bulk
+        self._served_bulk = (total * decay + seconds, of_bulk * decay + (seconds if bulk else 0.0))
+        self._served_at = now
 
     def _service(self, tenant: str, now: float) -> float:
         """The tenant's model time, halved every ``fair_half_life_s``."""
         seconds, at = self._served.get(tenant, (0.0, now))
         return seconds * 0.5 ** ((now - at) / self.fair_half_life_s)
 
-    def _next_run(self) -> str | None:
-        """The runnable run whose tenant has had the least model time; in rotation order among those within
-        ``fair_quantum_s`` of the least (so that equal users simply take turns)."""
-        now = time.monotonic()
-        runnable = [(rid, self._service(self._runs[rid].tenant, now)) for rid in self._rotation
-                    if self._runs[rid].head() is not None]
-        if not runnable:
+    def _bulk_due(self) -> bool:
+        """Whether bulk work has had less than its share of the model time lately."""
+        total, of_bulk = self._served_bulk
+        return of_bulk < self.bulk_share * total
+
+    def _note_arrival(self, q: _RunQueue, now: float) -> None:
+        """A new request of an idle run: learn the run's think time (capped, so one pause costs a few steps)."""
+        if q.idle_at is None:
+            return
+        gap = min(max(0.0, now - q.idle_at), 4 * self.anticipate_s)
+        q.think_s = gap if q.think_s is None else 0.7 * q.think_s + 0.3 * gap
+        q.idle_at = None
+
+    def _expected_until(self, q: _RunQueue, now: float) -> float | None:
+        """Until when the idle run ``q`` is worth waiting for (see Anticipation), or None."""
+        if q.idle_at is None or q.last_bulk or q.think_s is None or q.think_s > self.anticipate_s:
             return None
-        least = min(service for _, service in runnable)
-        best = next(rid for rid, service in runnable if service <= least + self.fair_quantum_s)
+        until = q.idle_at + min(self.anticipate_s, 2 * q.think_s)
+        return until if now < until else None
+
+    def _next_run(self) -> tuple[str | None, float | None]:
+        """The run to go next: the kind of work due (one-pass, or bulk when it is short of its share), then
+        the run whose tenant has had the least model time, in rotation order among those within
+        ``fair_quantum_s`` of the least (so that equal users simply take turns). When only bulk work is here,
+        not due, and a one-pass run is expected back soon, the answer is (None, until when to wait for it)."""
+        now = time.monotonic()
+        runnable = [(rid, job.bulk) for rid in self._rotation if (job := self._runs[rid].head()) is not None]
+        if not runnable:
+            return None, None
+        kinds = {bulk for _, bulk in runnable}
+        bulk = kinds == {True}
+        if kinds == {True, False}:
+            bulk = self._bulk_due()
+        elif bulk and self.anticipate_s > 0 and not self._bulk_due():
+            expected = [until for q in self._runs.values() if (until := self._expected_until(q, now)) is not None]
+            if expected:
+                return None, min(expected)
+        services = [(rid, self._service(self._runs[rid].tenant, now)) for rid, b in runnable if b == bulk]
+        least = min(service for _, service in services)
+        best = next(rid for rid, service in services if service <= least + self.fair_quantum_s)
         self._rotation.remove(best)
         self._rotation.append(best)
-        return best
+        return best, None
 
-    def _pick(self) -> list[tuple[str | None, Job]]:
+    def _pick(self) -> tuple[list[tuple[str | None, Job]], float | None]:
+        """The jobs to run now (several when fused), or none and until when a run is expected back."""
         if self._control:
-            return [(None, self._control.popleft())]
-        rid = self._next_run()
-        if rid is not None:
-            q = self._runs[rid]
-            job = q.head()
-            picked = [(rid, self._take(q, job))]
-            if self.batcher is not None and job.batch_key is not None and job.slices is None:
-                for other in list(self._rotation):
-                    if len(picked) >= self.max_batch:
-                        break
-                    oq = self._runs[other]
-                    if other == rid:
-                        continue
-                    oj = oq.head()
-                    if oj is not None and oj.batch_key == job.batch_key and oj.slices is None:
-                        picked.append((other, self._take(oq, oj)))
-            return picked
-        return []
+            return [(None, self._control.popleft())], None
+        rid, expected_until = self._next_run()
+        if rid is None:
+            return [], expected_until
+        q = self._runs[rid]
+        job = q.head()
+        picked = [(rid, self._take(q, job))]
+        if self.batcher is not None and job.batch_key is not None and job.slices is None:
+            for other in list(self._rotation):
+                if len(picked) >= self.max_batch:
+                    break
+                oq = self._runs[other]
+                if other == rid:
+                    continue
+                oj = oq.head()
+                if oj is not None and oj.batch_key == job.batch_key and oj.slices is None and oj.bulk == job.bulk:
+                    picked.append((other, self._take(oq, oj)))
+        return picked, None
 
     def _take(self, q: _RunQueue, job: Job) -> Job:
         if job is q.resume:

@@ -55,6 +55,7 @@ from twinkle.common.wire import (
 )
 
 from .backend import FusedItem, TrainingBackend, validate_lora
+from .batching import micro_batches
 from .durability import RunLeases, RunStateStore, SavedRun
 from .scheduler import Scheduler
 
@@ -130,6 +131,8 @@ class ModelService:
             batcher=self._run_fused if fuse_batches else None,
             max_batch=max_fused,
         )
+        described = self.backend.describe()
+        self._pass_tokens = described.token_budget * described.dp_size  # what one pass of the service takes
         self._runs: dict[str, _RunRecord] = {}
         self.leases = RunLeases(state_dir, holder) if state_dir and holder else None
         self.durable = RunStateStore(state_dir, self.leases) if state_dir else None
@@ -266,7 +269,15 @@ class ModelService:
             lambda: self.backend.forward_backward_slices(run_id, inp, forward_only),
             batch_key="fb" if fusable else None,
             payload=FusedItem(run_id, inp),
+            bulk=self._needs_several_passes(inp),
         )
+
+    def _needs_several_passes(self, inp: ForwardBackwardInput) -> bool:
+        """Whether the backend will split this request into micro-batches: bulk work for the scheduler."""
+        if not self._pass_tokens or not isinstance(inp.data, list):
+            return False
+        lengths = [len(d.model_input) if isinstance(d.model_input, list) else 0 for d in inp.data]
+        return len(micro_batches(lengths, self._pass_tokens)) > 1
 
     async def optim_step(self, run_id: str, owner: str, seq_id: int | None, params: AdamParams) -> OptimStepOutput:
         rec = await self._resolve(run_id, owner)
@@ -563,7 +574,7 @@ class ModelService:
             "replica restarted (the run was restored at its last optim_step); run forward_backward again, then "
             "optim_step", field="seq_id", status=409)
 
-    async def _submit(self, run_id: str, seq_id: int | None, fn, *, batch_key=None, payload=None):
+    async def _submit(self, run_id: str, seq_id: int | None, fn, *, batch_key=None, payload=None, bulk=False):
         self._ensure_started()
         rec = self._runs.get(run_id)
         if rec is not None:
@@ -573,7 +584,7 @@ class ModelService:
             if rec.ready:
                 self._adapters["hits" if self._safe_resident(run_id) else "loads"] += 1
         try:
-            return await self.scheduler.submit(run_id, seq_id, fn, batch_key=batch_key, payload=payload)
+            return await self.scheduler.submit(run_id, seq_id, fn, batch_key=batch_key, payload=payload, bulk=bulk)
         finally:
             if rec is not None:
                 rec.last_used = time.monotonic()

@@ -473,4 +473,5 @@ class TransformersBackend(AdapterBackend):
             max_context_length=self.max_length or 0,
             vocab_size=self.vocab_size,
             dp_size=1,
+            token_budget=self.token_budget,
         )

@@ -322,4 +322,4 @@ class MegatronEngine(AdapterBackend):
     def describe(self) -> BackendInfo:
         return BackendInfo(model_name=served_model_name(self.model_id), model_id=self.model_id, backend="megatron",
                            max_context_length=self.max_length or 0, vocab_size=self.vocab_size,
-                           dp_size=self.dp_size)
+                           dp_size=self.dp_size, token_budget=self.token_budget)
