@@ -308,3 +308,34 @@ async def test_a_run_expected_back_soon_is_waited_for():
     with_anticipation = await _light_tenant_waits(anticipate_s=0.1)
     assert without > 0.03, without  # each light request waited for most of a heavy job
     assert with_anticipation < 0.5 * without, (with_anticipation, without)
+
+
+async def test_bulk_work_that_had_the_model_alone_is_not_starved_afterwards():
+    """The shares count only time when both kinds wait: bulk work that ran alone for a while still gets its
+    share at once when one-pass work arrives."""
+    s = Scheduler(bulk_share=0.25)
+    log: list[str] = []
+    s.add_run("big", tenant="heavy")
+    s.add_run("small", tenant="light")
+
+    def bulk_job(n: int, sleep: float):
+        for _ in range(n):
+            time.sleep(sleep)
+            log.append("bulk")
+            yield
+        return "done"
+
+    def one_pass():
+        time.sleep(0.01)
+        log.append("one-pass")
+
+    try:
+        assert await s.submit("big", 1, lambda: bulk_job(10, 0.03), bulk=True) == "done"  # alone: 0.3 s
+        log.clear()
+        big = asyncio.create_task(s.submit("big", 2, lambda: bulk_job(20, 0.01), bulk=True))
+        small = [asyncio.create_task(s.submit("small", seq, one_pass)) for seq in range(1, 31)]
+        await asyncio.gather(big, *small)
+        last = max(i for i, kind in enumerate(log) if kind == "one-pass")
+        assert log[:last].count("bulk") >= 5, log  # about a quarter of the 30 + n jobs while both waited
+    finally:
+        await s.close()

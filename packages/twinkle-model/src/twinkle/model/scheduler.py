@@ -32,8 +32,8 @@ The rules (also in the README):
   now, however much others send.
 - **Bulk work.** A job submitted with ``bulk=True`` (the service marks requests it must split into several
   passes) runs after waiting one-pass work, except that bulk work as a whole keeps at least ``bulk_share`` of
-  the model time (decaying like the tenants' time) while it waits: so oversized requests cannot slow
-  well-sized ones much, and are never starved. Either kind alone gets the whole model.
+  the model time while both kinds wait (counted only then, decaying like the tenants' time): so oversized
+  requests cannot slow well-sized ones much, and are never starved. Either kind alone gets the whole model.
 - **Anticipation.** A run of one-pass work that ran out of work a moment ago usually sends its next request
   within its think time (its client reads the result, then sends the next step). When only bulk work is
   waiting and not short of its share, the scheduler keeps the model idle for such a run, up to
@@ -316,7 +316,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while True:
             self._expire_gaps()
-            batch, expected_until = self._pick()
+            batch, expected_until, contended = self._pick()
             if not batch:
                 self._wakeup.clear()
                 timeout = self._next_deadline()
@@ -353,7 +353,8 @@ class Scheduler:
             finally:
                 self._busy_since = None
             now = time.monotonic()
-            self._charge([q.tenant for q in queues if q is not None], now - started, now, jobs[0].bulk)
+            kind = jobs[0].bulk if contended else None
+            self._charge([q.tenant for q in queues if q is not None], now - started, now, kind)
             for job, q, (ok, value) in zip(jobs, queues, outcomes):
                 if ok is None:  # a slice of a sliced job: the run's turn ends, the job goes on later
                     if q is not None:
@@ -372,14 +373,15 @@ class Scheduler:
                         q.idle_at, q.last_bulk = now, job.bulk
             await asyncio.sleep(0)  # let awaiting callers run before the next job
 
-    def _charge(self, tenants: list[str], seconds: float, now: float, bulk: bool) -> None:
-        """Add model time to the tenants that used it (split evenly in a fused pass), and to its kind."""
+    def _charge(self, tenants: list[str], seconds: float, now: float, bulk: bool | None) -> None:
+        """Add model time to the tenants that used it (split evenly in a fused pass), and to its kind (``bulk``
+        None: the other kind was not waiting, so the time is nobody's share)."""
         for tenant in tenants:
             self._served[tenant] = (self._service(tenant, now) + seconds / len(tenants), now)
         if len(self._served) > 4 * len(self._runs) + 64:  # forget tenants whose service has decayed away
             self._served = {t: v for t, v in self._served.items() if self._service(t, now) > 1e-6}
-        if not tenants:
-            return  # control work is nobody's share
+        if bulk is None:
+            return
         decay = 0.5 ** ((now - self._served_at) / self.fair_half_life_s)
         total, of_bulk = self._served_bulk
         self._served_bulk = (total * decay + seconds, of_bulk * decay + (seconds if bulk else 0.0))
@@ -410,37 +412,40 @@ class Scheduler:
         until = q.idle_at + min(self.anticipate_s, 2 * q.think_s)
         return until if now < until else None
 
-    def _next_run(self) -> tuple[str | None, float | None]:
+    def _next_run(self) -> tuple[str | None, float | None, bool]:
         """The run to go next: the kind of work due (one-pass, or bulk when it is short of its share), then
         the run whose tenant has had the least model time, in rotation order among those within
         ``fair_quantum_s`` of the least (so that equal users simply take turns). When only bulk work is here,
-        not due, and a one-pass run is expected back soon, the answer is (None, until when to wait for it)."""
+        not due, and a one-pass run is expected back soon, the answer is (None, until when to wait for it).
+        The last item says whether both kinds were waiting (only then does the time count to their shares)."""
         now = time.monotonic()
         runnable = [(rid, job.bulk) for rid in self._rotation if (job := self._runs[rid].head()) is not None]
         if not runnable:
-            return None, None
+            return None, None, False
         kinds = {bulk for _, bulk in runnable}
-        bulk = kinds == {True}
-        if kinds == {True, False}:
+        bulk, contended = kinds == {True}, len(kinds) == 2
+        if contended:
             bulk = self._bulk_due()
-        elif bulk and self.anticipate_s > 0 and not self._bulk_due():
+        elif bulk and self.anticipate_s > 0:
             expected = [until for q in self._runs.values() if (until := self._expected_until(q, now)) is not None]
-            if expected:
-                return None, min(expected)
+            contended = bool(expected)
+            if expected and not self._bulk_due():
+                return None, min(expected), True
         services = [(rid, self._service(self._runs[rid].tenant, now)) for rid, b in runnable if b == bulk]
         least = min(service for _, service in services)
         best = next(rid for rid, service in services if service <= least + self.fair_quantum_s)
         self._rotation.remove(best)
         self._rotation.append(best)
-        return best, None
+        return best, None, contended
 
-    def _pick(self) -> tuple[list[tuple[str | None, Job]], float | None]:
-        """The jobs to run now (several when fused), or none and until when a run is expected back."""
+    def _pick(self) -> tuple[list[tuple[str | None, Job]], float | None, bool]:
+        """The jobs to run now (several when fused), or none and until when a run is expected back; and
+        whether both kinds of work were waiting."""
         if self._control:
-            return [(None, self._control.popleft())], None
-        rid, expected_until = self._next_run()
+            return [(None, self._control.popleft())], None, False
+        rid, expected_until, contended = self._next_run()
         if rid is None:
-            return [], expected_until
+            return [], expected_until, contended
         q = self._runs[rid]
         job = q.head()
         picked = [(rid, self._take(q, job))]
@@ -454,7 +459,7 @@ class Scheduler:
                 oj = oq.head()
                 if oj is not None and oj.batch_key == job.batch_key and oj.slices is None and oj.bulk == job.bulk:
                     picked.append((other, self._take(oq, oj)))
-        return picked, None
+        return picked, None, contended
 
     def _take(self, q: _RunQueue, job: Job) -> Job:
         if job is q.resume:
