@@ -32,8 +32,9 @@ The rules (also in the README):
   now, however much others send.
 - **Bulk work.** A job submitted with ``bulk=True`` (the service marks requests it must split into several
   passes) runs after waiting one-pass work, except that bulk work as a whole keeps at least ``bulk_share`` of
-  the model time while both kinds wait (counted only then, decaying like the tenants' time): so oversized
-  requests cannot slow well-sized ones much, and are never starved. Either kind alone gets the whole model.
+  the model time while both kinds are about (waiting, or active within the last second; only that time
+  counts, decaying like the tenants' time): so oversized requests cannot slow well-sized ones much, and are
+  never starved. Either kind alone gets the whole model.
 - **Anticipation.** A run of one-pass work that ran out of work a moment ago usually sends its next request
   within its think time (its client reads the result, then sends the next step). When only bulk work is
   waiting and not short of its share, the scheduler keeps the model idle for such a run, up to
@@ -67,6 +68,8 @@ from typing import Any
 from twinkle.common.wire import NotFoundError, UserError
 
 log = logging.getLogger(__name__)
+
+_RECENT_S = 1.0  # a run idle this long is still "about" for the bulk/one-pass shares (clients think between steps)
 
 
 @dataclass
@@ -417,20 +420,22 @@ class Scheduler:
         the run whose tenant has had the least model time, in rotation order among those within
         ``fair_quantum_s`` of the least (so that equal users simply take turns). When only bulk work is here,
         not due, and a one-pass run is expected back soon, the answer is (None, until when to wait for it).
-        The last item says whether both kinds were waiting (only then does the time count to their shares)."""
+        The last item says whether the other kind is about too (waiting, or active within ``_RECENT_S``): only
+        then does the time count to the shares."""
         now = time.monotonic()
         runnable = [(rid, job.bulk) for rid in self._rotation if (job := self._runs[rid].head()) is not None]
         if not runnable:
             return None, None, False
         kinds = {bulk for _, bulk in runnable}
-        bulk, contended = kinds == {True}, len(kinds) == 2
-        if contended:
+        bulk = kinds == {True}
+        if len(kinds) == 2:
             bulk = self._bulk_due()
-        elif bulk and self.anticipate_s > 0:
+        elif bulk and self.anticipate_s > 0 and not self._bulk_due():
             expected = [until for q in self._runs.values() if (until := self._expected_until(q, now)) is not None]
-            contended = bool(expected)
-            if expected and not self._bulk_due():
+            if expected:
                 return None, min(expected), True
+        contended = len(kinds) == 2 or any(
+            q.idle_at is not None and q.last_bulk != bulk and now - q.idle_at < _RECENT_S for q in self._runs.values())
         services = [(rid, self._service(self._runs[rid].tenant, now)) for rid, b in runnable if b == bulk]
         least = min(service for _, service in services)
         best = next(rid for rid, service in services if service <= least + self.fair_quantum_s)
