@@ -385,15 +385,19 @@ class Scheduler:
             self._served = {t: v for t, v in self._served.items() if self._service(t, now) > 1e-6}
         if bulk is None:
             return
-        decay = 0.5 ** ((now - self._served_at) / self.fair_half_life_s)
         total, of_bulk = self._served_bulk
-        self._served_bulk = (total * decay + seconds, of_bulk * decay + (seconds if bulk else 0.0))
+        total, of_bulk = self._decayed(total, self._served_at, now), self._decayed(of_bulk, self._served_at, now)
+        self._served_bulk = (total + seconds, of_bulk + (seconds if bulk else 0.0))
         self._served_at = now
 
-    def _service(self, tenant: str, now: float) -> float:
-        """The tenant's model time, halved every ``fair_half_life_s``."""
-        seconds, at = self._served.get(tenant, (0.0, now))
+    def _decayed(self, seconds: float, at: float, now: float) -> float:
+        """Model time counted at ``at``, halved every ``fair_half_life_s`` since."""
         return seconds * 0.5 ** ((now - at) / self.fair_half_life_s)
+
+    def _service(self, tenant: str, now: float) -> float:
+        """The tenant's model time, decayed to ``now``."""
+        seconds, at = self._served.get(tenant, (0.0, now))
+        return self._decayed(seconds, at, now)
 
     def _bulk_due(self) -> bool:
         """Whether bulk work has had less than its share of the model time lately."""
