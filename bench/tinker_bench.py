@@ -11,10 +11,12 @@ unembedding; AdamW):
    would for a real user, so client and server do not share a GIL.
 
 The three are interleaved step by step (peft, service, server, peft, …) so that other load on the machine
-hits all of them alike, and the overhead is the median of the *paired* differences. On a shared machine
-these still move by tens of milliseconds, so the server's own timestamps split each server step exactly:
-client → request recorded (SDK + HTTP), recorded → optim_step finished (the Model service's work, queueing
-included), finished → result in the client's hands (long-poll wake-up + HTTP + SDK).
+hits all of them alike, and the overhead is the median of the *paired* differences. A short pause
+(``--settle``) follows each step, so that work one method leaves behind does not land on the next one's time
+(the deployed stack finishes its bookkeeping after the response: store writes, Serve's metrics and logs).
+On a shared machine these still move by tens of milliseconds, so the server's own timestamps split each
+server step exactly: client → request recorded (SDK + HTTP), recorded → optim_step finished (the Model
+service's work, queueing included), finished → result in the client's hands (long-poll wake-up + HTTP + SDK).
 
 Then ``retrieve_future`` latency for a request that has already finished (the cost of one poll: auth, the
 finished-result cache, rendering) over a keep-alive connection.
@@ -259,6 +261,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--polls", type=int, default=500)
+    p.add_argument("--settle", type=float, default=0.2,
+                   help="pause (s) after each step, so that work one method leaves behind does not land on the "
+                        "next method's time")
     p.add_argument("--deploy", action="store_true", help="measure against deploy/local-tinker.yaml on Ray Serve")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -298,6 +303,7 @@ def main() -> None:
         for _ in range(args.steps):
             for name, m in methods.items():
                 times[name] += timed(m.step, 1)
+                time.sleep(args.settle)
         cpu = cpu_per_step(methods["server"].step, min(10, args.steps)) if args.deploy else {}
         polls = retrieve_latency(base_url, args.polls)
         spans = methods["server"].spans
@@ -317,7 +323,8 @@ def main() -> None:
     split = _server_split(db, spans)
     where = "deployed on Ray Serve (deploy/local-tinker.yaml)" if args.deploy else "in a separate process"
     print(f"supervised step, {args.batch}x{args.seq} tokens, LoRA rank {args.rank}, tiny-qwen2 on "
-          f"{os.cpu_count()} CPU(s); {args.steps} steps each, interleaved step by step; server {where}; "
+          f"{os.cpu_count()} CPU(s); {args.steps} steps each, interleaved step by step ({args.settle:g} s pause after "
+          f"each); server {where}; "
           f"in-process service {'with durable run state, as deployed' if state_dir else 'in memory, as served'}")
     for k in methods:
         q = statistics.quantiles(times[k], n=10)
