@@ -10,7 +10,7 @@ import pytest
 import torch
 from model_testutil import make_batch
 from twinkle.common.wire import LoraConfig, UserError
-from twinkle.model.batching import micro_batches
+from twinkle.model.batching import micro_batches, one_pass
 
 LOSSES = [("cross_entropy", {}), ("importance_sampling", {}), ("ppo", {}), ("cispo", {}), ("dro", {}),
           ("gspo", {}), ("stable_reinforce", {})]
@@ -26,6 +26,17 @@ def test_micro_batches_respect_the_budget_shortest_first():
     assert micro_batches([5, 5], 10) == [[0, 1]]
     with pytest.raises(ValueError):
         micro_batches([1], 0)
+
+
+def test_one_pass_agrees_with_the_grouping():
+    import random
+
+    rng = random.Random(0)
+    cases = [[], [0], [900], [0, 0, 0], [5, 5], [5, 6], [512] + [1] * 100]
+    cases += [[rng.randrange(0, 40) for _ in range(rng.randrange(1, 12))] for _ in range(500)]
+    for lengths in cases:
+        for budget in (1, 10, 64, 256):
+            assert one_pass(lengths, budget) == (len(micro_batches(lengths, budget)) <= 1), (lengths, budget)
 
 
 def _grads(backend, run_id):

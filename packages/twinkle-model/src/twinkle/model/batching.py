@@ -37,6 +37,12 @@ def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return groups
 
 
+def one_pass(lengths: Sequence[int], token_budget: int) -> bool:
+    """Whether ``micro_batches(lengths, token_budget)`` is a single group, in O(n) without grouping: all rows
+    padded to the longest fit the budget (a lone datum always runs as one pass)."""
+    return len(lengths) <= 1 or len(lengths) * max(lengths) <= token_budget
+
+
 def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
     return -F.cross_entropy(logits, targets, reduction="none")

@@ -378,7 +378,7 @@ class Scheduler:
 
     def _charge(self, tenants: list[str], seconds: float, now: float, bulk: bool | None) -> None:
         """Add model time to the tenants that used it (split evenly in a fused pass), and to its kind (``bulk``
-        None: the other kind was not waiting, so the time is nobody's share)."""
+        None: the other kind was not about, so the time is nobody's share)."""
         for tenant in tenants:
             self._served[tenant] = (self._service(tenant, now) + seconds / len(tenants), now)
         if len(self._served) > 4 * len(self._runs) + 64:  # forget tenants whose service has decayed away
@@ -449,7 +449,7 @@ class Scheduler:
 
     def _pick(self) -> tuple[list[tuple[str | None, Job]], float | None, bool]:
         """The jobs to run now (several when fused), or none and until when a run is expected back; and
-        whether both kinds of work were waiting."""
+        whether the other kind of work is about too (see ``_next_run``)."""
         if self._control:
             return [(None, self._control.popleft())], None, False
         rid, expected_until, contended = self._next_run()

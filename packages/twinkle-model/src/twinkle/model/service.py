@@ -55,7 +55,7 @@ from twinkle.common.wire import (
 )
 
 from .backend import FusedItem, TrainingBackend, validate_lora
-from .batching import micro_batches
+from .batching import one_pass
 from .durability import RunLeases, RunStateStore, SavedRun
 from .scheduler import Scheduler
 
@@ -274,10 +274,9 @@ class ModelService:
 
     def _needs_several_passes(self, inp: ForwardBackwardInput) -> bool:
         """Whether the backend will split this request into micro-batches: bulk work for the scheduler."""
-        if not self._pass_tokens or not isinstance(inp.data, list):
+        if not self._pass_tokens:
             return False
-        lengths = [len(d.model_input) if isinstance(d.model_input, list) else 0 for d in inp.data]
-        return len(micro_batches(lengths, self._pass_tokens)) > 1
+        return not one_pass([len(d.model_input) for d in inp.data], self._pass_tokens)
 
     async def optim_step(self, run_id: str, owner: str, seq_id: int | None, params: AdamParams) -> OptimStepOutput:
         rec = await self._resolve(run_id, owner)
