@@ -22,10 +22,11 @@ Then ``retrieve_future`` latency for a request that has already finished (the co
 finished-result cache, rendering) over a keep-alive connection.
 
 With ``--deploy`` the ``server`` step goes to ``deploy/local-tinker.yaml`` deployed on Ray Serve (launched
-here, on a free port, state in a temporary directory): the Serve proxy, the central replica and a handle
-call to the model replica are then on the path, as for a real user.
+here, on a free port, state in a temporary directory): the central replica answering HTTP itself
+(``ingress: gateway``; ``--ingress serve`` puts Serve's proxy in front instead) and a handle call to the model
+replica are then on the path, as for a real user.
 
-    python bench/tinker_bench.py [--deploy] [--steps 40] [--batch 8] [--seq 128] [--rank 8]
+    python bench/tinker_bench.py [--deploy [--ingress gateway|serve]] [--steps 40] [--batch 8] [--seq 128] [--rank 8]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -265,6 +267,8 @@ def main() -> None:
                    help="pause (s) after each step, so that work one method leaves behind does not land on the "
                         "next method's time")
     p.add_argument("--deploy", action="store_true", help="measure against deploy/local-tinker.yaml on Ray Serve")
+    p.add_argument("--ingress", choices=("gateway", "serve"),
+                   help="with --deploy: who answers HTTP (default: as deploy/local-tinker.yaml says)")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -283,7 +287,8 @@ def main() -> None:
     port = free_port()
     root = tempfile.mkdtemp(prefix="tinker-bench-")
     if args.deploy:
-        server = deploy(port, root)
+        server = deploy(port, root, edit=None if args.ingress is None else
+                        lambda text: re.sub(r"(?m)^ingress: \w+$", f"ingress: {args.ingress}", text))
     else:
         server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--root", root],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -321,7 +326,8 @@ def main() -> None:
     gateway = statistics.median(a - b for a, b in zip(times["server"], times["service"]))
     db = os.path.join(root, "state.sqlite" if args.deploy else os.path.join("ckpt", "twinkle-state.sqlite"))
     split = _server_split(db, spans)
-    where = "deployed on Ray Serve (deploy/local-tinker.yaml)" if args.deploy else "in a separate process"
+    where = (f"deployed on Ray Serve (deploy/local-tinker.yaml, ingress: {args.ingress or 'as written'})"
+             if args.deploy else "in a separate process")
     print(f"supervised step, {args.batch}x{args.seq} tokens, LoRA rank {args.rank}, tiny-qwen2 on "
           f"{os.cpu_count()} CPU(s); {args.steps} steps each, interleaved step by step ({args.settle:g} s pause after "
           f"each); server {where}; "

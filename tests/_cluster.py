@@ -55,6 +55,19 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s}s: {last}")
 
 
+def wait_launched(log_path, timeout_s: float, proc: subprocess.Popen) -> None:
+    """Wait until the launcher logged that every application is running (``... is up at ...``); under
+    ``ingress: gateway`` only the server application answers HTTP, so no route can tell."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was up")
+        if " is up at " in Path(log_path).read_text(errors="replace"):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"the server was not up within {timeout_s}s")
+
+
 def ray_processes(marker: str) -> list[str]:
     """``"<pid> <command line>"`` of live processes whose command line mentions ``marker`` (a per-test temp
     dir or session). Read from /proc: ``ps`` cuts lines to $COLUMNS, which test runners set."""

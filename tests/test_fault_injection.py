@@ -17,14 +17,13 @@ import time
 import httpx
 import pytest
 
-from _cluster import REPO, base_env, free_port, terminate, wait_http
+from _cluster import REPO, base_env, free_port, terminate, wait_http, wait_launched
 
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
 pytestmark = pytest.mark.acceptance
 
-MODEL_PREFIX = "/api/v1/model/tiny-qwen2"
 ADAM = types.AdamParams(learning_rate=1e-2)
 CALL_TIMEOUT_S = 90  # the issue's bound is 60 s for an in-flight call; the SDK's own retries add to it
 
@@ -50,7 +49,7 @@ class Stack:
     """One deployed stack; ``launch()`` again after ``stop()`` restarts it on the same port and storage."""
 
     def __init__(self, base: str, cfg, env: dict, root,
-                 health: tuple[str, ...] = ("/api/v1/healthz", f"{MODEL_PREFIX}/healthz")) -> None:
+                 health: tuple[str, ...] = ("/api/v1/healthz",)) -> None:
         self.base, self.cfg, self.env, self.root, self.health = base, cfg, env, root, health
         self.proc: subprocess.Popen | None = None
         self.launches = 0
@@ -62,6 +61,7 @@ class Stack:
                                      env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         for path in self.health:
             wait_http(f"{self.base}{path}", 300, self.proc)
+        wait_launched(self.root / f"server-{self.launches}.log", 300, self.proc)
 
     def stop(self) -> int | None:
         return None if self.proc is None else terminate(self.proc, timeout_s=90)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from _cluster import REPO, base_env, free_port, terminate, wait_http
+from _cluster import REPO, base_env, free_port, terminate, wait_http, wait_launched
 
 pytest.importorskip("megatron.core", reason="megatron-core is an optional extra (pip install twinkle-model[megatron])")
 tinker = pytest.importorskip("tinker")
@@ -60,8 +60,7 @@ def deployed(tmp_path_factory):
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/api/v1/healthz", 300, proc)
-        for prefix in ("/api/v1/model/tiny-qwen2", "/api/v1/sampler/tiny-qwen2"):
-            wait_http(f"{base}{prefix}/healthz", 300, proc)
+        wait_launched(root / "server.log", 300, proc)
         yield base, root
     finally:
         terminate(proc, timeout_s=90)

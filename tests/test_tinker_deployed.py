@@ -14,7 +14,7 @@ import sys
 import pytest
 import tinker
 
-from _cluster import REPO, base_env, free_port, terminate, wait_http
+from _cluster import REPO, base_env, free_port, terminate, wait_http, wait_launched
 
 pytestmark = pytest.mark.acceptance
 
@@ -37,8 +37,7 @@ def deployed(tmp_path_factory):
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/api/v1/healthz", 300, proc)
-        for prefix in ("/api/v1/model/tiny-qwen2", "/api/v1/sampler/tiny-qwen2"):
-            wait_http(f"{base}{prefix}/healthz", 120, proc)
+        wait_launched(root / "server.log", 120, proc)
         yield base, env, root
     finally:
         terminate(proc, timeout_s=90)
@@ -245,8 +244,22 @@ def test_the_launcher_logs_json_lines_and_start_up_progress(deployed):
     assert all(name in messages[progress[0]] for name in ("server", "models-tiny-qwen2", "sampler-tiny-qwen2"))
 
 
+def test_the_server_application_answers_http_itself(deployed):
+    """``ingress: gateway``: no Serve proxy in front (its route table is not there), the component apps are
+    reached through the server only, and the launcher says so."""
+    import httpx
+
+    base, _, root = deployed
+    assert httpx.get(f"{base}/api/v1/healthz", timeout=10).status_code == 200
+    key = {"X-API-Key": "tml-ingress-check"}
+    for path in ("/-/routes", "/-/healthz", "/api/v1/model/tiny-qwen2/healthz"):
+        assert httpx.get(f"{base}{path}", headers=key, timeout=10).status_code == 404, path
+    log = (root / "server.log").read_text()
+    assert "sampler-tiny-qwen2" in log and "(through the server application)" in log
+
+
 def test_metrics_at_the_server_root_count_each_keys_tokens(deployed, trained_checkpoint):
-    """Scraped from loopback without a key, through the Serve proxy; the OpenAI requests above and a new one
+    """Scraped from loopback without a key, straight from the server application; the OpenAI requests above and a new one
     are per-key counters with latency histograms."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families

@@ -120,7 +120,7 @@ def test_base_of_the_mistake_table_loads():
 
 def test_transformers_example_values():
     cfg = load_config(EXAMPLES / "twinkle-transformers.yaml")
-    assert (cfg.server_type, cfg.proxy_location) == ("twinkle", "EveryNode")
+    assert (cfg.server_type, cfg.proxy_location, cfg.ingress) == ("twinkle", "EveryNode", "serve")
     assert (cfg.http_options.host, cfg.http_options.port) == ("0.0.0.0", 8000)
     server, model, processor = cfg.applications
     assert isinstance(server.args, ServerArgs)
@@ -284,13 +284,33 @@ def test_omitted_server_deployment_is_named_after_the_protocol(server_type: str,
 def test_defaults_of_an_almost_empty_config():
     cfg = load_config_text("applications: []\n")
     assert cfg == ServerConfig()
-    assert (cfg.server_type, cfg.proxy_location, cfg.http_options.host, cfg.http_options.port) == (
+    assert (cfg.server_type, cfg.serve_proxy_location, cfg.http_options.host, cfg.http_options.port) == (
         "twinkle",
         "EveryNode",
         "127.0.0.1",
         8000,
     )
     assert (cfg.ray_namespace, cfg.checkpoint_dir, cfg.state_db) == (None, None, None)
+
+
+def test_ingress_gateway_turns_serves_proxy_off_and_refuses_what_it_cannot_honour():
+    tinker = "server_type: tinker\ningress: gateway\napplications: []\n"
+    cfg = load_config_text(tinker)
+    assert (cfg.ingress, cfg.proxy_location, cfg.serve_proxy_location) == ("gateway", None, "Disabled")
+    assert load_config_text(tinker + "proxy_location: Disabled\n").serve_proxy_location == "Disabled"
+    assert load_config_text("applications: []\nproxy_location: HeadOnly\n").serve_proxy_location == "HeadOnly"
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(tinker + "proxy_location: HeadOnly\n")
+    assert caught.value.path == "proxy_location" and "Serve's proxy is not started" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config_text("ingress: gateway\napplications: []\n")  # server_type twinkle
+    assert caught.value.path == "ingress" and "server_type: tinker" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(tinker).with_server_type("twinkle")
+    assert caught.value.path == "ingress"
+    with pytest.raises(ConfigError) as caught:
+        load_config_text("ingress: proxy\napplications: []\n")
+    assert caught.value.path == "ingress"
 
 
 def test_server_args_defaults():

@@ -27,13 +27,18 @@ DEFAULT_REPLICA_CPUS = 0.1
 DEFAULT_MAX_ONGOING_REQUESTS = 4096
 
 
-def deployment_options(deployment: Any | None, default_name: str) -> tuple[str, dict[str, Any]]:
+def deployment_options(deployment: Any | None, default_name: str,
+                       on_node: str | None = None) -> tuple[str, dict[str, Any]]:
     """The Serve deployment name and ``.options(...)`` for a component: the YAML's values, over defaults
-    that suit Twinkle (fractional CPUs, many concurrent requests, a short graceful shutdown)."""
+    that suit Twinkle (fractional CPUs, many concurrent requests, a short graceful shutdown); ``on_node``
+    (an IP address) pins its replicas to that machine."""
     options: dict[str, Any] = deployment.serve_options() if deployment is not None else {}
     name = getattr(deployment, "name", None) or default_name
     actor_options = dict(options.pop("ray_actor_options", None) or {})
     actor_options.setdefault("num_cpus", DEFAULT_REPLICA_CPUS)
+    if on_node is not None:
+        # Ray gives every node the resource ``node:<its IP>`` (1.0); asking a sliver of it pins the actor.
+        actor_options["resources"] = {**(actor_options.get("resources") or {}), f"node:{on_node}": 0.001}
     runtime_env = dict(actor_options.get("runtime_env") or {})
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env_vars.update(runtime_env.get("env_vars") or {})  # the YAML wins
@@ -52,11 +57,12 @@ def deployment_options(deployment: Any | None, default_name: str) -> tuple[str, 
 
 
 def bind_component(cls: type, spec: ComponentSpec, deployment: Any | None, default_name: str,
-                   **extra_options: Any):
-    """Return the Serve ``Application`` for one component (``extra_options``: the component's own)."""
+                   on_node: str | None = None, **extra_options: Any):
+    """Return the Serve ``Application`` for one component (``extra_options``: the component's own;
+    ``on_node``: see :func:`deployment_options`)."""
     from ray import serve
 
-    name, options = deployment_options(deployment, default_name)
+    name, options = deployment_options(deployment, default_name, on_node)
     return serve.deployment(cls).options(name=name, **options, **extra_options).bind(spec)
 
 

@@ -30,6 +30,24 @@ class ComponentSpec(msgspec.Struct, frozen=True):
     central: "PeerApp | None" = None
     # The most replicas Serve may run of this application (the YAML's num_replicas or autoscaling max).
     max_replicas: int = 1
+    # For the central server under ``ingress: gateway``: it answers HTTP itself, where this says.
+    listen: "Listen | None" = None
+
+
+class Listen(msgspec.Struct, frozen=True):
+    """The ``http_options`` the central server's replica serves HTTP with (``ingress: gateway``), and the
+    machine it must run on: the one the launcher runs on, whose address the YAML's ``host`` names."""
+
+    host: str
+    port: int
+    node_ip: str
+    root_path: str = ""
+    request_timeout_s: float | None = None
+    keep_alive_timeout_s: int | None = None
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
 
 
 class PeerApp(msgspec.Struct, frozen=True):

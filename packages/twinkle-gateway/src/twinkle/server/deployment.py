@@ -45,7 +45,14 @@ class CentralServer:
 
     def __serve_build_asgi_app__(self) -> Litestar:
         if self.spec.server_type == "tinker":
-            return build_tinker_app(self.spec)
+            app = build_tinker_app(self.spec)
+            if self.spec.listen is not None:
+                from .listener import GatewayListener
+
+                listener = GatewayListener(app, self.spec.listen)
+                app.on_startup.append(listener.start)
+                app.on_shutdown.insert(0, listener.stop)
+            return app
         if self.native is not None:
             from .native import create_twinkle_app
 
@@ -124,4 +131,6 @@ def build_native_service(spec: ComponentSpec):
 
 
 def build_application(spec: ComponentSpec, deployment: Any, default_name: str):
-    return bind_component(CentralServer, spec, deployment, default_name)
+    # ingress: gateway: the replica answers HTTP on the launcher's machine, so it runs there
+    node_ip = spec.listen.node_ip if spec.listen is not None else None
+    return bind_component(CentralServer, spec, deployment, default_name, on_node=node_ip)

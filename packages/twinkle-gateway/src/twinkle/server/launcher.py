@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twinkle.common.component import ComponentSpec, PeerApp
+from twinkle.common.component import ComponentSpec, Listen, PeerApp
 from twinkle.common.config import ServerConfig, load_config
 from twinkle.common.models import served_model_name
 from twinkle.common.placement import PlacementPlan, device_count_from_env, plan_for_config
@@ -49,18 +49,13 @@ class LaunchError(RuntimeError):
 
 def _check_port_free(host: str, port: int) -> None:
     """An embedded Ray would start, then Serve's proxy would fail to bind with a traceback; say it first."""
-    import socket
+    from .listener import bind_socket
 
-    bind_host = "" if host in ("0.0.0.0", "::") else host
-    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # as a server binds: TIME_WAIT sockets of a stopped server's connections must not look like a listener
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((bind_host, port))
-        except OSError as e:
-            raise LaunchError(f"http_options: {host}:{port} is not available ({e.strerror}); is another server "
-                              "running? Stop it or set http_options.port to a free port") from None
+    try:
+        bind_socket(host, port).close()
+    except OSError as e:
+        raise LaunchError(f"http_options: {host}:{port} is not available ({e.strerror}); is another server "
+                          "running? Stop it or set http_options.port to a free port") from None
 
 
 class LaunchedServer:
@@ -76,7 +71,8 @@ class LaunchedServer:
     def base_url(self) -> str:
         host = self.config.http_options.host
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        return f"http://{host}:{self.config.http_options.port}"
+        scheme = "https" if self.config.http_options.ssl_certfile else "http"
+        return f"{scheme}://{host}:{self.config.http_options.port}"
 
     def shutdown(self) -> None:
         shutdown(embedded=self.embedded)
@@ -139,7 +135,10 @@ def launch_server(
     log.info("Twinkle (%s) is up at %s after %.1f s (%s)", config.server_type, server.base_url,
              server.started_s, conn.describe())
     for app in config.applications:
-        log.info("  %-10s %-40s %s%s", app.import_path, app.name, server.base_url, app.route_prefix)
+        if config.ingress == "gateway" and app.import_path != "server":
+            log.info("  %-10s %-40s (through the server application)", app.import_path, app.name)
+        else:
+            log.info("  %-10s %-40s %s%s", app.import_path, app.name, server.base_url, app.route_prefix)
     if stop is not None:
         lost = _watch_applications(stop, [app.name for app in config.applications])
         log.info("shutting down")
@@ -311,9 +310,29 @@ def component_specs(config: ServerConfig, plan: PlacementPlan, settings: dict[st
                 http_host=config.http_options.host,
                 central=central if app.import_path != "server" else None,
                 max_replicas=app.deployment.max_replicas() or 1,
+                listen=_gateway_listen(config) if app.import_path == "server" else None,
             )
         )
     return specs
+
+
+def _gateway_listen(config: ServerConfig) -> Listen | None:
+    """Where the central replica answers HTTP under ``ingress: gateway``: the YAML's ``http_options``, on
+    this machine."""
+    if config.ingress != "gateway":
+        return None
+    import ray
+
+    # the address this machine's raylet registered, which names its ``node:<ip>`` resource (the driver's own
+    # guess of its address may differ, e.g. on a cluster started with --node-ip-address)
+    node_id = ray.get_runtime_context().get_node_id()
+    node_ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+    options = config.http_options
+    return Listen(host=options.host, port=options.port, node_ip=node_ip,
+                  root_path=options.root_path, request_timeout_s=options.request_timeout_s,
+                  keep_alive_timeout_s=options.keep_alive_timeout_s, ssl_keyfile=options.ssl_keyfile,
+                  ssl_certfile=options.ssl_certfile, ssl_keyfile_password=options.ssl_keyfile_password,
+                  ssl_ca_certs=options.ssl_ca_certs)
 
 
 def _launcher_keys(server_args: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -343,7 +362,7 @@ def _deploy(config: ServerConfig, plan: PlacementPlan, settings: dict[str, str])
 
     from .deployment import central_mount
 
-    serve.start(http_options=config.http_options.serve_options(), proxy_location=config.proxy_location)
+    serve.start(http_options=config.http_options.serve_options(), proxy_location=config.serve_proxy_location)
     targets = []
     for app, spec in zip(config.applications, component_specs(config, plan, settings)):
         builder_path, default_name = _COMPONENTS[app.import_path]

@@ -58,7 +58,8 @@ def _normalize_device_type(value: str, path: str) -> DeviceType:
 
 
 class HttpOptions(_Strict):
-    """Ray Serve's HTTP proxy settings (``serve.start(http_options=...)``); Serve's defaults otherwise."""
+    """Where and how HTTP is served: Ray Serve's proxy settings (``serve.start(http_options=...)``, Serve's
+    defaults otherwise), which the server application's own listener honours alike under ``ingress: gateway``."""
 
     host: NonEmptyStr = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65535)] = 8000
@@ -584,7 +585,14 @@ class ServerConfig(_Strict):
     """A whole server deployment: protocol, HTTP proxy, where state lives, and the applications."""
 
     server_type: ServerType = "twinkle"
-    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
+    ingress: Literal["serve", "gateway"] = "serve"
+    """Who answers HTTP on ``http_options``. ``serve``: Ray Serve's proxy, which routes every application's
+    ``route_prefix``. ``gateway`` (``server_type: tinker`` only): the server application's replica itself,
+    placed on the launcher's machine, with no proxy hop in front of it; only the server application's
+    routes are served over HTTP (Tinker clients need no other), and Serve's proxy is not started."""
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] | None = None
+    """Where Serve runs its HTTP proxy; unset: ``EveryNode`` (Serve's default), ``Disabled`` under
+    ``ingress: gateway`` (which refuses any other value)."""
     http_options: HttpOptions = field(default_factory=HttpOptions)
     ray_namespace: NonEmptyStr | None = None
     """Ray namespace of the deployment; None lets the launcher choose (CLI ``--namespace`` overrides)."""
@@ -599,7 +607,7 @@ class ServerConfig(_Strict):
     applications: list[Application] = []
 
     def __post_init__(self) -> None:
-        problems = self._application_problems()
+        problems = self._ingress_problems() + self._application_problems()
         if problems:
             raise ConfigError.collect(problems)
         force_setattr(self, "applications", [self._with_deployment(app) for app in self.applications])
@@ -610,6 +618,27 @@ class ServerConfig(_Strict):
             return app
         default = Deployment(name=default_deployment_name(app.import_path, self.server_type))
         return msgspec.structs.replace(app, deployments=[default])
+
+    @property
+    def serve_proxy_location(self) -> str:
+        """Where Serve's proxy runs, ``proxy_location`` resolved (see there)."""
+        if self.proxy_location is not None:
+            return self.proxy_location
+        return "Disabled" if self.ingress == "gateway" else "EveryNode"
+
+    def _ingress_problems(self) -> list[ConfigError]:
+        if self.ingress != "gateway":
+            return []
+        problems = []
+        if self.server_type != "tinker":
+            problems.append(_fail("ingress", f"gateway serves only the server application's routes, and a "
+                                  f"{self.server_type} server's clients also call the model, sampler and processor "
+                                  "applications' routes; use ingress: serve, or server_type: tinker"))
+        if self.proxy_location not in (None, "Disabled"):
+            problems.append(_fail("proxy_location", f"{self.proxy_location}: under ingress: gateway the server "
+                                  "application answers on http_options and Serve's proxy is not started; leave "
+                                  "proxy_location out (or Disabled), or use ingress: serve"))
+        return problems
 
     def _application_problems(self) -> list[ConfigError]:
         problems: list[ConfigError] = []
