@@ -11,6 +11,7 @@ import pytest
 from litestar import Litestar, Request, get
 
 from twinkle.common.component import Listen
+from twinkle.common.config import HttpOptions
 from twinkle.server import listener as listener_module
 from twinkle.server.listener import GatewayListener, bind_socket
 
@@ -33,7 +34,7 @@ def _free_port() -> int:
 
 
 def _listen(port: int, **options) -> Listen:
-    return Listen(host="127.0.0.1", port=port, node_ip="127.0.0.1", **options)
+    return Listen(http_options=HttpOptions(host="127.0.0.1", port=port, **options), node_ip="127.0.0.1")
 
 
 async def _get(port: int, path: str, **kwargs) -> httpx.Response:

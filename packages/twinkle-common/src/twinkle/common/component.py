@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from .config.schema import HttpOptions
 from .workers import WorkerSpec
 
 
@@ -36,18 +37,11 @@ class ComponentSpec(msgspec.Struct, frozen=True):
 
 class Listen(msgspec.Struct, frozen=True):
     """The ``http_options`` the central server's replica serves HTTP with (``ingress: gateway``), and the
-    machine it must run on: the one the launcher runs on, whose address the YAML's ``host`` names."""
+    machine it must run on: the launcher's, whose address the YAML's ``host`` names (``node_ip``: the address
+    its raylet registered)."""
 
-    host: str
-    port: int
+    http_options: HttpOptions
     node_ip: str
-    root_path: str = ""
-    request_timeout_s: float | None = None
-    keep_alive_timeout_s: int | None = None
-    ssl_keyfile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile_password: str | None = None
-    ssl_ca_certs: str | None = None
 
 
 class PeerApp(msgspec.Struct, frozen=True):

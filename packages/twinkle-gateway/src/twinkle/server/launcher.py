@@ -327,12 +327,7 @@ def _gateway_listen(config: ServerConfig) -> Listen | None:
     # guess of its address may differ, e.g. on a cluster started with --node-ip-address)
     node_id = ray.get_runtime_context().get_node_id()
     node_ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
-    options = config.http_options
-    return Listen(host=options.host, port=options.port, node_ip=node_ip,
-                  root_path=options.root_path, request_timeout_s=options.request_timeout_s,
-                  keep_alive_timeout_s=options.keep_alive_timeout_s, ssl_keyfile=options.ssl_keyfile,
-                  ssl_certfile=options.ssl_certfile, ssl_keyfile_password=options.ssl_keyfile_password,
-                  ssl_ca_certs=options.ssl_ca_certs)
+    return Listen(http_options=config.http_options, node_ip=node_ip)
 
 
 def _launcher_keys(server_args: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -61,8 +61,8 @@ class GatewayListener:
     shutdown hooks (after the control plane has started, before it closes)."""
 
     def __init__(self, app: Any, listen: Listen) -> None:
-        self.listen = listen
-        asgi = app if listen.request_timeout_s is None else _with_request_timeout(app, listen.request_timeout_s)
+        self.options = options = listen.http_options
+        asgi = app if options.request_timeout_s is None else _with_request_timeout(app, options.request_timeout_s)
         self._config = uvicorn.Config(
             asgi,
             lifespan="off",  # Serve runs the app's lifespan; this is a second door into the same app
@@ -71,13 +71,13 @@ class GatewayListener:
             proxy_headers=False,  # the client's address is the peer's, not a header it may write
             server_header=False,
             ws="none",
-            root_path=listen.root_path,
-            timeout_keep_alive=listen.keep_alive_timeout_s or DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+            root_path=options.root_path,
+            timeout_keep_alive=options.keep_alive_timeout_s or DEFAULT_KEEP_ALIVE_TIMEOUT_S,
             timeout_graceful_shutdown=5,
-            ssl_keyfile=listen.ssl_keyfile,
-            ssl_certfile=listen.ssl_certfile,
-            ssl_keyfile_password=listen.ssl_keyfile_password,
-            ssl_ca_certs=listen.ssl_ca_certs,
+            ssl_keyfile=options.ssl_keyfile,
+            ssl_certfile=options.ssl_certfile,
+            ssl_keyfile_password=options.ssl_keyfile_password,
+            ssl_ca_certs=options.ssl_ca_certs,
         )
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task | None = None
@@ -91,7 +91,7 @@ class GatewayListener:
                 self._task.result()
                 raise RuntimeError("the HTTP listener stopped while starting")
             await asyncio.sleep(0.01)
-        log.info("serving HTTP on %s:%d", self.listen.host, self.listen.port)
+        log.info("serving HTTP on %s:%d", self.options.host, self.options.port)
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:
@@ -107,10 +107,10 @@ class GatewayListener:
         deadline = time.monotonic() + BIND_RETRY_S
         while True:
             try:
-                return bind_socket(self.listen.host, self.listen.port)
+                return bind_socket(self.options.host, self.options.port)
             except OSError as e:
                 if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                    raise RuntimeError(f"http_options: cannot serve on {self.listen.host}:{self.listen.port} "
+                    raise RuntimeError(f"http_options: cannot serve on {self.options.host}:{self.options.port} "
                                        f"({e.strerror})") from None
             await asyncio.sleep(0.5)
 
