@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Litestar, Request, Response, Router, delete, get, post
+from litestar import Litestar, Request, Response, delete, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
@@ -38,11 +38,10 @@ from twinkle.common.http import EXCEPTION_HANDLERS, distribution_version
 from twinkle.common.native import FutureRef, decode
 
 from ..auth import ApiKeyMiddleware, caller_id
-from ..core.admin import ADMIN_ROUTES
 from ..console import PREFIX as CONSOLE_PREFIX
-from ..console import ConsoleSessions, console_router
-from ..core.metrics import Metrics, MetricsMiddleware, metrics_route
-from ..oai import OAI_PREFIX, OpenAIServing, oai_router
+from ..core.metrics import MetricsMiddleware
+from ..mounts import central_mounts
+from ..oai import OAI_PREFIX
 from . import protocol as P
 from .serving import NativeService
 
@@ -177,23 +176,15 @@ def create_twinkle_app(service: NativeService, *, path_prefix: str = "", oai_pre
     """A fresh TwinkleServer app over ``service``, with the OpenAI-compatible surface at ``oai_prefix`` (None:
     without it); its lifespan runs the control plane."""
 
-    handlers: list[Any] = [*ROUTES, *ADMIN_ROUTES]
-    if path_prefix:
-        handlers = [Router(path=path_prefix, route_handlers=handlers)]
-    if oai_prefix is not None:
-        handlers.append(oai_router(oai_prefix))
-    metrics = Metrics("twinkle")
-    service.plane.observers.append(metrics.finished)
-    handlers += [metrics_route, console_router()]
+    handlers, metrics, shared = central_mounts("twinkle", service.plane, ROUTES, path_prefix=path_prefix,
+                                               oai_prefix=oai_prefix, scheme="twinkle://")
     docs = f"{path_prefix}/docs"
     return Litestar(
         route_handlers=handlers,
         middleware=[MetricsMiddleware(metrics), DefineMiddleware(ApiKeyMiddleware, public=(docs, CONSOLE_PREFIX))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[service.plane.lifespan],
-        state=State({"service": service, "keyring": None, "oai": OpenAIServing(service.plane, scheme="twinkle://"),
-                     "metrics": metrics, "plane": service.plane,
-                     "console": ConsoleSessions(service.plane), "console_scheme": "twinkle://"}),
+        state=State({**shared, "service": service}),
         request_max_body_size=service.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Twinkle server", version=distribution_version("twinkle-gateway"),
                                      path=docs),

@@ -18,7 +18,7 @@ import os
 from typing import Any, Callable
 
 import msgspec
-from litestar import Litestar, Request, Response, Router, delete, get, post, put, route
+from litestar import Litestar, Request, Response, delete, get, post, put, route
 from litestar.datastructures import State
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.middleware import ASGIMiddleware, DefineMiddleware
@@ -29,12 +29,11 @@ from twinkle.common.wire import UserError
 
 from ..auth import ApiKeyMiddleware, Principal, caller_id
 from ..core import ControlPlane
-from ..core.admin import ADMIN_ROUTES
 from ..core.checkpoints import parse_checkpoint_id
 from ..console import PREFIX as CONSOLE_PREFIX
-from ..console import ConsoleSessions, console_router
-from ..core.metrics import Metrics, MetricsMiddleware, metrics_route
-from ..oai import OAI_PREFIX, OpenAIServing, oai_router
+from ..core.metrics import MetricsMiddleware
+from ..mounts import central_mounts
+from ..oai import OAI_PREFIX
 from ..core.ports import ModelPort, SamplerPort
 from . import protocol as P
 from .errors import EXCEPTION_HANDLERS, validation_detail
@@ -553,25 +552,17 @@ def create_tinker_app(settings: TinkerSettings, models: dict[str, ModelPort], sa
     sampling = TinkerSampling(settings, plane, stability)
     export = TinkerExport(settings, plane, service)
 
-    handlers: list[Any] = [*ROUTES, *ADMIN_ROUTES]
-    if path_prefix:
-        handlers = [Router(path=path_prefix, route_handlers=handlers)]
-    if oai_prefix is not None:
-        handlers.append(oai_router(oai_prefix))
-    metrics = Metrics("tinker")
-    plane.observers.append(metrics.finished)
-    handlers += [metrics_route, console_router()]
+    handlers, metrics, shared = central_mounts("tinker", plane, ROUTES, path_prefix=path_prefix,
+                                               oai_prefix=oai_prefix, scheme="tinker://")
     return Litestar(
         route_handlers=handlers,
         middleware=[MetricsMiddleware(metrics), ZstdRequestMiddleware(settings.max_body_bytes),
                     DefineMiddleware(ApiKeyMiddleware, public=(CONSOLE_PREFIX,))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[plane.lifespan],
-        state=State({"max_body_bytes": settings.max_body_bytes, "keyring": None, "service": service,
+        state=State({**shared, "max_body_bytes": settings.max_body_bytes, "service": service,
                      "sampling": sampling, "export": export, "path_prefix": path_prefix,
-                     "oai": OpenAIServing(plane), "metrics": metrics, "plane": plane,
-                     "usage": TinkerUsage(plane), "console": ConsoleSessions(plane),
-                     "console_scheme": "tinker://"}),
+                     "usage": TinkerUsage(plane)}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=debug,
