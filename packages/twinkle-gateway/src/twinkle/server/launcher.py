@@ -48,7 +48,8 @@ class LaunchError(RuntimeError):
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """An embedded Ray would start, then Serve's proxy would fail to bind with a traceback; say it first."""
+    """An embedded Ray would start, then Serve's proxy (under ``ingress: gateway``, the server application)
+    would fail to bind with a traceback; say it first."""
     from .listener import bind_socket
 
     try:
