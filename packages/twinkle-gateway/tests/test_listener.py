@@ -4,6 +4,7 @@ says clearly when it cannot bind, and stops without leaving the port taken."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import httpx
@@ -148,4 +149,35 @@ async def test_tls_options_are_honoured(tmp_path):
         with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
             await _get(port, "/fast")
     finally:
+        await listener.stop()
+
+
+async def test_stalled_and_malformed_clients_do_not_hold_up_others():
+    """What a hostile client can do to the listener's other users: connections that never finish their
+    headers, and a header far over the parser's limit, leave a well-formed request answered at once."""
+    port = _free_port()
+    listener = GatewayListener(Litestar([fast]), _listen(port))
+    await listener.start()
+    stalled = []
+    try:
+        for _ in range(50):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finished
+            await writer.drain()
+            stalled.append(writer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4_000_000 + b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(200), 10)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer  # refused or cut, never served
+        writer.close()
+        r = await asyncio.wait_for(_get(port, "/fast"), 5)
+        assert r.status_code == 200
+    finally:
+        for writer in stalled:
+            writer.close()
         await listener.stop()

@@ -28,13 +28,20 @@ log = logging.getLogger(__name__)
 DEFAULT_KEEP_ALIVE_TIMEOUT_S = 90
 # A replica restarted while its predecessor still drains finds the port taken for a few seconds.
 BIND_RETRY_S = 20.0
+# The most a request line and headers may take; httptools buffers them without a bound, so a client could
+# fill the replica's memory (every tenant's control plane) with one header. h11 refuses more with a 4xx.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` as a server binds it (``0.0.0.0``/``::``: every interface).
     Raises ``OSError`` when the address is taken or not this machine's."""
-    bind_host = None if host in ("0.0.0.0", "::", "") else host
-    family = socket.AF_INET6 if host == "::" else socket.AF_UNSPEC if bind_host else socket.AF_INET
+    if host in ("", "0.0.0.0"):
+        bind_host, family = None, socket.AF_INET
+    elif host == "::":
+        bind_host, family = None, socket.AF_INET6
+    else:
+        bind_host, family = host, socket.AF_UNSPEC
     info = socket.getaddrinfo(bind_host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     family, kind, proto, _, address = info[0]
     sock = socket.socket(family, kind, proto)
@@ -71,6 +78,8 @@ class GatewayListener:
             proxy_headers=False,  # the client's address is the peer's, not a header it may write
             server_header=False,
             ws="none",
+            http="h11",
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             root_path=options.root_path,
             timeout_keep_alive=options.keep_alive_timeout_s or DEFAULT_KEEP_ALIVE_TIMEOUT_S,
             timeout_graceful_shutdown=5,
