@@ -69,6 +69,9 @@ class Stack:
     def log(self) -> str:
         return (self.root / f"server-{self.launches}.log").read_text()
 
+    def log_tail(self, lines: int = 200) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
 
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}

@@ -259,6 +259,9 @@ class ControlPlane:
             try:
                 await asyncio.wait_for(port.health(), timeout_s)
                 return None
+            except asyncio.TimeoutError:
+                log.warning("health check of %s failed: no answer within %g s", name, timeout_s)
+                return name
             except Exception:  # noqa: BLE001 - any failure means "not serving"; the reason goes to the log
                 log.warning("health check of %s failed", name, exc_info=True)
                 return name
