@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,7 +169,6 @@ def test_the_port_probe_ignores_time_wait_sockets_of_a_stopped_server():
     """Right after a server with client traffic stops, its port has TIME_WAIT sockets but no listener: a
     restart must not be refused."""
     import socket
-    import threading
 
     from twinkle.server.launcher import _check_port_free
 
@@ -199,3 +201,37 @@ def test_start_up_progress_names_each_application_with_its_replica_counts():
             "models": app("DEPLOYING", {ReplicaState.RUNNING: 1, ReplicaState.STARTING: 2})}
     assert start_up_summary(apps, ["server", "models", "sampler"]) == (
         "server RUNNING 1/1 running; models DEPLOYING 1/3 running (2 starting); sampler waiting")
+
+
+def test_a_lost_deployment_whose_shutdown_hangs_still_ends_the_launcher_with_its_reason_logged():
+    """Ray can hang tearing down a cluster whose control store is gone; the launcher then exits anyway."""
+    script = (
+        "import logging, threading, time\n"
+        "from twinkle.server import launcher\n"
+        "logging.basicConfig(level='INFO')\n"
+        "launcher.LOST_SHUTDOWN_S = 0.5\n"
+        "class Hung:\n"
+        "    def shutdown(self):\n"
+        "        threading.Event().wait()\n"
+        "launcher._shutdown_lost(Hung())\n"
+        "print('not reached')\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "not reached" not in done.stdout
+    assert "Ray did not shut down within 0.5 s" in done.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_lost_deployment_that_shuts_down_returns_to_the_caller():
+    from twinkle.server import launcher
+
+    calls = []
+
+    class Quick:
+        def shutdown(self):
+            calls.append("shutdown")
+
+    launcher._shutdown_lost(Quick())
+    assert calls == ["shutdown"]

@@ -142,11 +142,33 @@ def launch_server(
             log.info("  %-10s %-40s %s%s", app.import_path, app.name, server.base_url, app.route_prefix)
     if stop is not None:
         lost = _watch_applications(stop, [app.name for app in config.applications])
-        log.info("shutting down")
-        server.shutdown()
-        if lost:
-            raise LaunchError(f"the deployment was lost ({lost}); exiting so that a supervisor restarts it")
+        if lost is None:
+            log.info("shutting down")
+            server.shutdown()
+            return server
+        reason = f"the deployment was lost ({lost}); exiting so that a supervisor restarts it"
+        # Said before shutting down: Ray may end this process itself while it tears down a cluster whose
+        # control store is gone, and the reason must be in the log either way.
+        log.error(reason)
+        _shutdown_lost(server)
+        raise LaunchError(reason)
     return server
+
+
+def _shutdown_lost(server: LaunchedServer) -> None:
+    """Shut down what is left of a lost deployment, for at most ``LOST_SHUTDOWN_S``: a Ray whose control
+    store is gone can hang in its shutdown, and then this process ends without it (exit status 1)."""
+    done = threading.Thread(target=server.shutdown, name="twinkle-shutdown", daemon=True)
+    done.start()
+    done.join(LOST_SHUTDOWN_S)
+    if done.is_alive():
+        log.error("Ray did not shut down within %g s; exiting without it", LOST_SHUTDOWN_S)
+        logging.shutdown()
+        os._exit(1)  # Ray's exit hook would wait for the same shutdown
+
+
+# How long the launcher waits for Ray to shut down after the deployment was lost.
+LOST_SHUTDOWN_S = 30.0
 
 
 def _watch_applications(stop: threading.Event, names: list[str]) -> str | None:
