@@ -206,7 +206,7 @@ def test_start_up_progress_names_each_application_with_its_replica_counts():
 def test_a_lost_deployment_whose_shutdown_hangs_still_ends_the_launcher_with_its_reason_logged():
     """Ray can hang tearing down a cluster whose control store is gone; the launcher then exits anyway."""
     script = (
-        "import logging, threading, time\n"
+        "import logging, threading\n"
         "from twinkle.server import launcher\n"
         "logging.basicConfig(level='INFO')\n"
         "launcher.LOST_SHUTDOWN_S = 0.5\n"

@@ -155,6 +155,10 @@ def launch_server(
     return server
 
 
+# How long the launcher waits for Ray to shut down after the deployment was lost.
+LOST_SHUTDOWN_S = 30.0
+
+
 def _shutdown_lost(server: LaunchedServer) -> None:
     """Shut down what is left of a lost deployment, for at most ``LOST_SHUTDOWN_S``: a Ray whose control
     store is gone can hang in its shutdown, and then this process ends without it (exit status 1)."""
@@ -165,10 +169,6 @@ def _shutdown_lost(server: LaunchedServer) -> None:
         log.error("Ray did not shut down within %g s; exiting without it", LOST_SHUTDOWN_S)
         logging.shutdown()
         os._exit(1)  # Ray's exit hook would wait for the same shutdown
-
-
-# How long the launcher waits for Ray to shut down after the deployment was lost.
-LOST_SHUTDOWN_S = 30.0
 
 
 def _watch_applications(stop: threading.Event, names: list[str]) -> str | None:
